@@ -1,0 +1,350 @@
+"""RunConfig: every setting of a run, its default, its flag, the TOML file, validation, ladder math.
+
+Precedence: defaults < ``--config FILE.toml`` < flags. Each option is declared once, in
+``OPTIONS``; cli.py builds its flags from that table and TOML keys are the same names with
+``_`` or ``-``. Errors are ``ConfigError`` with one line naming the flag or file key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+DEFAULT_LADDER = (16, 12, 8)
+PRESETS = ("tiny", "chatlm-mini")
+ON_OOM = ("ask", "auto", "stop")
+
+
+class ConfigError(Exception):
+    """Bad usage, config or input: the CLI prints the message on one line and exits 2."""
+
+
+@dataclass
+class RunConfig:
+    model: str = "tiny"
+    data: str = "demo"
+    eval_data: str | None = None
+    batch: int | str = 16  # an int, or "auto"
+    ladder: list[int] = field(default_factory=lambda: list(DEFAULT_LADDER))
+    grad_accum: int = 1
+    effective_batch: int | None = None
+    epochs: int = 1
+    max_steps: int | None = None
+    max_len: int = 256
+    lr: float | None = None  # None: the model preset's default (see trainer/model.py)
+    warmup: float = 0.03
+    weight_decay: float = 0.0
+    seed: int = 42
+    gpus: list[int] | None = None
+    cpu: bool = False
+    num_processes: int = 1
+    name: str | None = None
+    on_oom: str | None = None  # None: ask while a TUI is attached, auto otherwise
+    oom_timeout: float = 30.0
+    max_oom_restarts: int = 5
+    hang_timeout: float = 600.0
+    notify: str | None = None
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    record_samples: bool = False
+    log_every: int = 10
+    eval_every: int = 100
+    gradient_checkpointing: bool = False
+    dataloader_workers: int = 1
+    compile: bool = False
+    mem_fraction: list[float] | None = None
+    inject_oom_at_step: int | None = None
+    inject_oom_rank: int = 0
+    skip_bad_rows: bool = False
+    peak_tflops: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    # --- derived values ---
+
+    @property
+    def world_size(self) -> int:
+        if self.cpu:
+            return self.num_processes
+        return len(self.gpus) if self.gpus else 1
+
+    def notify_argv(self) -> list[str] | None:
+        return shlex.split(self.notify) if self.notify else None
+
+
+# --- option table -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str           # RunConfig field
+    parse: Callable[[str, str], Any]  # (text, where) -> value; raises ConfigError
+    help: str
+    metavar: str | None = None
+    is_flag: bool = False  # boolean switch: --x sets True (and --no-x False when negatable)
+    negatable: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _int(lo: int = 1) -> Callable[[str, str], int]:
+    def parse(text: str, where: str) -> int:
+        try:
+            value = int(str(text).strip())
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer >= {lo}, got {text!r}") from None
+        if value < lo:
+            raise ConfigError(f"{where}: expected an integer >= {lo}, got {value}")
+        return value
+
+    return parse
+
+
+def _float(lo: float = 0.0, hi: float | None = None, lo_open: bool = False) -> Callable[[str, str], float]:
+    def parse(text: str, where: str) -> float:
+        try:
+            value = float(str(text).strip())
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {text!r}") from None
+        if value != value or value < lo or (lo_open and value == lo) or (hi is not None and value > hi):
+            rng = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
+            raise ConfigError(f"{where}: expected a number {rng}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _str(text: str, where: str) -> str:
+    text = str(text)
+    if not text.strip():
+        raise ConfigError(f"{where}: must not be empty")
+    return text
+
+
+def _batch(text: str, where: str) -> int | str:
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise ConfigError(f"{where}: expected a positive integer or 'auto', got {text!r}") from None
+    if value < 1:
+        raise ConfigError(f"{where}: expected a positive integer or 'auto', got {value}")
+    return value
+
+
+def _int_list(text: str, where: str) -> list[int]:
+    parts = [p.strip() for p in str(text).split(",")] if not isinstance(text, list) else [str(p) for p in text]
+    if not parts or any(p == "" for p in parts):
+        raise ConfigError(f"{where}: expected a comma-separated list of integers, got {text!r}")
+    return [_int(0)(p, where) for p in parts]
+
+
+def _ladder(text: str, where: str) -> list[int]:
+    rungs = _int_list(text, where)
+    if any(r < 1 for r in rungs):
+        raise ConfigError(f"{where}: batch sizes must be positive, got {text!r}")
+    if any(a <= b for a, b in zip(rungs, rungs[1:])):
+        raise ConfigError(f"{where}: the ladder must be strictly descending (e.g. 16,12,8), got {text!r}")
+    return rungs
+
+
+def _fractions(text: str, where: str) -> list[float]:
+    parts = [p.strip() for p in str(text).split(",")] if not isinstance(text, list) else [str(p) for p in text]
+    return [_float(0.0, 1.0, lo_open=True)(p, where) for p in parts]
+
+
+def _choice(*choices: str) -> Callable[[str, str], str]:
+    def parse(text: str, where: str) -> str:
+        if str(text) not in choices:
+            raise ConfigError(f"{where}: expected one of {', '.join(choices)}, got {text!r}")
+        return str(text)
+
+    return parse
+
+
+def _bool(text: Any, where: str) -> bool:
+    if isinstance(text, bool):
+        return text
+    raise ConfigError(f"{where}: expected true or false, got {text!r}")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("model", _str, "tiny, chatlm-mini, or a local Hugging Face model directory (default: tiny)", "NAME|PATH"),
+    Option("data", _str, "demo, or a JSONL/JSON/Parquet file (prompt/response, Alpaca or chat messages)", "demo|PATH"),
+    Option("eval_data", _str, "held-out data in the same formats; evaluated every --eval-every steps", "PATH"),
+    Option("batch", _batch, "per-GPU batch size (default: 16); it is put on the ladder", "N"),
+    Option("ladder", _ladder, "descending batch sizes to fall back through on out-of-memory (default: 16,12,8)", "16,12,8"),
+    Option("grad_accum", _int(), "gradient accumulation steps (default: 1)", "N"),
+    Option("effective_batch", _int(), "target batch × GPUs × accumulation; accumulation is recomputed per rung", "N"),
+    Option("epochs", _int(), "passes over the data (default: 1)", "N"),
+    Option("max_steps", _int(), "stop after N optimizer steps' worth of samples (wins over --epochs)", "N"),
+    Option("max_len", _int(8), "maximum tokens per example; longer prompts are cut from the left (default: 256)", "N"),
+    Option("lr", _float(0.0, lo_open=True), "peak learning rate (default: the model preset's)", "F"),
+    Option("warmup", _float(0.0, 1.0), "warm-up as a fraction of the samples of the run (default: 0.03)", "F"),
+    Option("weight_decay", _float(0.0), "AdamW weight decay (default: 0)", "F"),
+    Option("seed", _int(0), "random seed of the sample order and initialisation (default: 42)", "N"),
+    Option("gpus", _int_list, "GPU indices to use (default: all visible)", "0,1"),
+    Option("cpu", _bool, "train on the CPU (gloo ranks)", is_flag=True),
+    Option("num_processes", _int(), "with --cpu: number of ranks (default: 1)", "N"),
+    Option("name", _str, "run name, used in the run directory's name (default: the data's name)", "NAME"),
+    Option("on_oom", _choice(*ON_OOM), "on CUDA OOM: ask (TUI attached), auto (next rung), stop", "ask|auto|stop"),
+    Option("oom_timeout", _float(0.0), "seconds an OOM question waits before deciding as auto (default: 30)", "SECONDS"),
+    Option("max_oom_restarts", _int(0), "OOM restarts allowed per run (default: 5)", "N"),
+    Option("hang_timeout", _float(1.0), "seconds without a step or heartbeat before an attempt is a hang (default: 600)", "SECONDS"),
+    Option("notify", _str, "command run (no shell) with the event as JSON on stdin at decision_needed and run_end", "CMD"),
+    Option("checkpoint_every", _int(0), "optimizer steps between checkpoints; 0 = only at the end (default: 500)", "N"),
+    Option("keep_checkpoints", _int(1), "checkpoints kept (default: 2)", "K"),
+    Option("record_samples", _bool, "write samples.jsonl: the sample ids of every step", is_flag=True),
+    Option("log_every", _int(), "steps between log lines and rank_stats (default: 10)", "N"),
+    Option("eval_every", _int(), "steps between evaluations with --eval-data (default: 100)", "N"),
+    Option("gradient_checkpointing", _bool, "trade compute for activation memory", is_flag=True),
+    Option("dataloader_workers", _int(0), "background processes preparing batches (default: 1)", "N"),
+    Option("compile", _bool, "torch.compile the model (GPU)", is_flag=True, negatable=True),
+    Option("mem_fraction", _fractions, "cap each rank's CUDA memory (one value, or one per rank)", "F[,F...]"),
+    Option("inject_oom_at_step", _int(), "raise a real torch.OutOfMemoryError in step N of the first attempt", "N"),
+    Option("inject_oom_rank", _int(0), "the rank that raises it (default: 0)", "R"),
+    Option("skip_bad_rows", _bool, "skip unusable data rows (and count them) instead of stopping", is_flag=True),
+    Option("peak_tflops", _float(0.0, lo_open=True), "the card's dense bf16 peak for MFU, when it is not in the table", "F"),
+)
+OPTION_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    """Read a config file into RunConfig values, naming the file and key in every error."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--config: {path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config: {path}: is a directory") from None
+    except PermissionError:
+        raise ConfigError(f"--config: {path}: permission denied") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        option = OPTION_BY_NAME.get(name)
+        where = f"{path}: {key}"
+        if option is None:
+            raise ConfigError(f"{where}: unknown setting")
+        if isinstance(value, (dict, list)) and name not in ("ladder", "gpus", "mem_fraction"):
+            raise ConfigError(f"{where}: expected a single value")
+        if option.is_flag:
+            values[name] = _bool(value, where)
+        elif isinstance(value, bool):
+            raise ConfigError(f"{where}: expected {option.metavar or 'a value'}, got {value!r}")
+        elif isinstance(value, list):
+            values[name] = option.parse(",".join(str(v) for v in value), where)
+        else:
+            values[name] = option.parse(value if isinstance(value, str) else str(value), where)
+    return values
+
+
+def build(flag_values: dict[str, Any], config_file: str | None = None) -> RunConfig:
+    """Defaults < config file < flags, then the cross-field checks."""
+    values: dict[str, Any] = {}
+    if config_file:
+        values.update(load_toml(config_file))
+    values.update(flag_values)
+    cfg = RunConfig(**values)
+    validate(cfg, flag_values.keys())
+    return cfg
+
+
+def validate(cfg: RunConfig, given: Any = ()) -> None:
+    """Checks that involve several settings (each flag alone was checked when parsed)."""
+    if cfg.batch != "auto":
+        cfg.ladder = ladder_with(cfg.ladder, int(cfg.batch))
+    if cfg.effective_batch is not None and "grad_accum" in given:
+        raise ConfigError("--grad-accum and --effective-batch: give one or the other")
+    if cfg.num_processes > 1 and not cfg.cpu:
+        raise ConfigError("--num-processes: only with --cpu (on GPUs, one process runs per GPU of --gpus)")
+    if cfg.cpu and cfg.gpus:
+        raise ConfigError("--cpu and --gpus: give one or the other")
+    if cfg.gpus is not None and len(set(cfg.gpus)) != len(cfg.gpus):
+        raise ConfigError(f"--gpus: a GPU is listed twice: {','.join(map(str, cfg.gpus))}")
+    if cfg.mem_fraction is not None and len(cfg.mem_fraction) not in (1, cfg.world_size):
+        raise ConfigError(f"--mem-fraction: give one value or one per rank ({cfg.world_size}), got {len(cfg.mem_fraction)}")
+    if cfg.inject_oom_rank >= cfg.world_size:
+        raise ConfigError(f"--inject-oom-rank: {cfg.inject_oom_rank} is not a rank of a run of {cfg.world_size}")
+    if cfg.notify is not None:
+        try:
+            argv = shlex.split(cfg.notify)
+        except ValueError as e:
+            raise ConfigError(f"--notify: {e}") from None
+        if not argv:
+            raise ConfigError("--notify: empty command")
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """The inputs that exist on disk: data files and a model directory (no rows read here)."""
+    for name in ("data", "eval_data"):
+        value = getattr(cfg, name)
+        if value is None or (name == "data" and value == "demo"):
+            continue
+        flag = OPTION_BY_NAME[name].flag
+        p = Path(value)
+        if not p.exists():
+            raise ConfigError(f"{flag}: {value}: no such file")
+        if p.is_dir():
+            raise ConfigError(f"{flag}: {value}: is a directory, expected a .jsonl, .json or .parquet file")
+        if not os.access(p, os.R_OK):
+            raise ConfigError(f"{flag}: {value}: permission denied")
+    if cfg.model not in PRESETS:
+        p = Path(cfg.model)
+        if not p.is_dir():
+            raise ConfigError(f"--model: {cfg.model}: not a preset ({', '.join(PRESETS)}) nor a directory")
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"--model: {cfg.model}: no config.json (expected a save_pretrained directory)")
+
+
+# --- ladder math --------------------------------------------------------------------------------
+
+
+def ladder_with(ladder: list[int], batch: int) -> list[int]:
+    """The ladder with ``batch`` on it (inserted in order when missing)."""
+    return sorted(set(ladder) | {batch}, reverse=True)
+
+
+def next_rung(ladder: list[int], batch: int) -> int | None:
+    """The next smaller batch on the ladder, or None at the bottom."""
+    smaller = [b for b in ladder if b < batch]
+    return max(smaller) if smaller else None
+
+
+def rung_above(ladder: list[int], batch: int) -> int | None:
+    larger = [b for b in ladder if b > batch]
+    return min(larger) if larger else None
+
+
+def grad_accum_for(cfg: RunConfig, batch: int) -> int:
+    """Accumulation steps at this per-GPU batch: fixed, or as close to --effective-batch as it gets."""
+    if cfg.effective_batch is None:
+        return cfg.grad_accum
+    return max(1, round(cfg.effective_batch / (batch * cfg.world_size)))
