@@ -132,6 +132,9 @@ def _float(lo: float = 0.0, hi: float | None = None, lo_open: bool = False) -> C
     return parse
 
 
+positive_int = _int()
+
+
 def _str(text: str, where: str) -> str:
     text = str(text)
     if not text.strip():

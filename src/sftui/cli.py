@@ -1,0 +1,400 @@
+"""The command line: argument parsing and the subcommands. No training or UI logic here.
+
+Heavy modules (textual, torch) are imported only by the subcommands that need them, so that
+`run --headless`, `status` and `stop` start fast and work where textual is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+from sftui import __version__
+from sftui import config as cfgmod
+from sftui import events as ev
+from sftui.config import OPTIONS, ConfigError, RunConfig
+from sftui.rundir import RunDir, lock_is_held, read_json, write_json_atomic
+
+RESUME_MUTABLE = {
+    "batch", "ladder", "on_oom", "oom_timeout", "max_oom_restarts", "hang_timeout", "notify", "checkpoint_every",
+    "keep_checkpoints", "log_every", "eval_every", "dataloader_workers", "compile", "gpus", "cpu",
+    "num_processes", "mem_fraction", "record_samples", "skip_bad_rows", "peak_tflops",
+}
+START_TIMEOUT_S = 15.0
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(ev.EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def fail(message: str) -> NoReturn:
+    print(f"sftui: {message}", file=sys.stderr)
+    raise SystemExit(ev.EXIT_USAGE)
+
+
+# --- parser -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(
+        prog="sftui",
+        description="Supervise supervised fine-tuning runs: a live screen of GPUs, memory and loss; "
+        "a worker that survives SSH drops; restarts at a smaller batch after CUDA out-of-memory.",
+        epilog="`sftui run` with no arguments trains the built-in tiny model on the built-in demo data.",
+    )
+    p.add_argument("--version", action="version", version=f"sftui {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    run = sub.add_parser("run", help="start a run (the TUI in a terminal, a plain log otherwise)",
+                         description="Validate the inputs, start the supervisor and show the run.")
+    run.add_argument("--config", metavar="FILE.toml", help="settings file; flags override it")
+    for opt in OPTIONS:
+        if opt.is_flag and opt.negatable:
+            run.add_argument(opt.flag, dest=opt.name, action=argparse.BooleanOptionalAction,
+                             default=argparse.SUPPRESS, help=opt.help)
+        elif opt.is_flag:
+            run.add_argument(opt.flag, dest=opt.name, action="store_true", default=argparse.SUPPRESS, help=opt.help)
+        else:
+            run.add_argument(opt.flag, dest=opt.name, metavar=opt.metavar, default=argparse.SUPPRESS, help=opt.help)
+    run.add_argument("--run-dir", metavar="DIR", help="the run directory (default: ./runs/NAME-YYYYmmdd-HHMMSS)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or failed run from its latest checkpoint")
+    run.add_argument("--headless", action="store_true", help="print a plain log instead of the TUI (implied without a TTY)")
+    run.add_argument("--detach", action="store_true", help="start the run in the background, print its directory, exit")
+
+    attach = sub.add_parser("attach", help="show a run in the TUI (live or finished)")
+    attach.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="default: the newest run under ./runs")
+
+    status = sub.add_parser("status", help="one-shot summary of a run")
+    status.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="default: the newest run under ./runs")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    for name, text in (("stop", "stop a run gracefully (checkpoint, then exit; resumable)"),
+                       ("checkpoint", "write a checkpoint now")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("run_dir", metavar="RUN_DIR")
+
+    sb = sub.add_parser("set-batch", help="switch the per-GPU batch size at the next step boundary")
+    sb.add_argument("run_dir", metavar="RUN_DIR")
+    sb.add_argument("batch_size", metavar="N")
+
+    d = sub.add_parser("decide", help="answer a pending out-of-memory question: restart [N] or stop")
+    d.add_argument("run_dir", metavar="RUN_DIR")
+    d.add_argument("action", choices=("restart", "stop"))
+    d.add_argument("batch_size", nargs="?", metavar="N")
+
+    runs = sub.add_parser("runs", help="list runs with status, step, batch and last event")
+    runs.add_argument("--root", default="runs", metavar="DIR", help="where runs live (default: ./runs)")
+
+    sup = sub.add_parser("_supervise", help=argparse.SUPPRESS)  # the background supervisor
+    sup.add_argument("run_dir")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    handler = {
+        "run": cmd_run, "attach": cmd_attach, "status": cmd_status, "stop": cmd_control, "checkpoint": cmd_control,
+        "set-batch": cmd_control, "decide": cmd_control, "runs": cmd_runs, "_supervise": cmd_supervise,
+    }[args.command]
+    try:
+        return handler(args)
+    except ConfigError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        return ev.EXIT_INTERRUPTED
+
+
+# --- run ----------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    flags = {o.name: getattr(args, o.name) for o in OPTIONS if hasattr(args, o.name)}
+    values: dict[str, Any] = {}
+    for name, text in flags.items():
+        opt = cfgmod.OPTION_BY_NAME[name]
+        values[name] = text if opt.is_flag else opt.parse(text, opt.flag)
+    if args.resume:
+        run = prepare_resume(args, values)
+    else:
+        cfg = cfgmod.build(values, args.config)
+        run = prepare_new(args, cfg)
+    headless = args.headless or (not args.detach and not sys.stdout.isatty())
+    if args.detach:
+        start_detached(run)
+        print(run.path)
+        return ev.EXIT_FINISHED
+    if headless:
+        return run_headless(run)
+    start_detached(run)
+    return attach_tui(run)
+
+
+def resolve_devices(cfg: RunConfig) -> None:
+    """GPUs: all visible by default; --gpus picks among the visible ones. No GPU: the CPU."""
+    if cfg.cpu:
+        return
+    from sftui.telemetry import visible_gpus
+
+    visible, why = visible_gpus()
+    if cfg.gpus is None:
+        if visible:
+            cfg.gpus = visible
+        else:
+            cfg.cpu = True
+            print(f"sftui: {why}; training on the CPU", file=sys.stderr)
+        return
+    if not visible:
+        raise ConfigError(f"--gpus: {why}")
+    bad = [g for g in cfg.gpus if g >= len(visible)]
+    if bad:
+        raise ConfigError(f"--gpus: no GPU {bad[0]} ({len(visible)} visible: 0-{len(visible) - 1})")
+    cfg.gpus = [visible[g] for g in cfg.gpus]
+
+
+def check_data(cfg: RunConfig) -> str:
+    """Read every data row in the foreground (a bad row stops us before anything is written)."""
+    from sftui.trainer import data
+
+    for path in (cfg.data, cfg.eval_data):
+        if path is not None and path != "demo":
+            data.validate_file(path, cfg.skip_bad_rows)
+    return data.fingerprint(cfg.data)
+
+
+def prepare_new(args: argparse.Namespace, cfg: RunConfig) -> RunDir:
+    from sftui.supervisor import new_run_json
+
+    if cfg.batch == "auto":
+        raise ConfigError("--batch auto: needs the probe, which this version does not have; give a number")
+    resolve_devices(cfg)
+    cfgmod.validate(cfg)
+    cfgmod.check_paths(cfg)
+    fingerprint = check_data(cfg)
+    if cfg.lr is None:
+        from sftui.trainer.model import default_lr
+
+        cfg.lr = default_lr(cfg.model)
+    name = cfg.name or (Path(cfg.data).stem if cfg.data != "demo" else "demo")
+    path = Path(args.run_dir) if args.run_dir else default_run_dir(name)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if (path / "run.json").exists():
+            raise ConfigError(f"--run-dir: {path}: already holds a run (continue it with --resume {path})")
+        raise ConfigError(f"--run-dir: {path}: exists and is not an empty directory")
+    from sftui import rundir
+
+    try:
+        run = rundir.create(path)
+    except OSError as e:
+        raise ConfigError(f"--run-dir: {path}: {e.strerror or e}") from None
+    write_json_atomic(run.run_json, new_run_json(cfg, name, fingerprint))
+    return run
+
+
+def default_run_dir(name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path("runs") / f"{name}-{stamp}"
+    n = 2
+    while path.exists():
+        path = Path("runs") / f"{name}-{stamp}-{n}"
+        n += 1
+    return path
+
+
+def prepare_resume(args: argparse.Namespace, values: dict[str, Any]) -> RunDir:
+    run = RunDir(Path(args.resume))
+    if not run.is_run():
+        raise ConfigError(f"--resume: {args.resume}: not a run directory (no run.json)")
+    if lock_is_held(run):
+        raise ConfigError(f"--resume: {args.resume}: in use by a live supervisor (attach with: sftui attach {args.resume})")
+    try:
+        state = read_json(run.run_json)
+        cfg = RunConfig.from_dict(state["config"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--resume: {run.run_json}: unreadable run.json ({e})") from None
+    if state.get("status") == "finished":
+        raise ConfigError(f"--resume: {args.resume}: this run has already finished")
+    if args.config:
+        raise ConfigError("--config: not with --resume (the run keeps its settings; pass flags to change them)")
+    for name, value in values.items():
+        if name in RESUME_MUTABLE:
+            setattr(cfg, name, value)
+        elif value != getattr(cfg, name):
+            flag = cfgmod.OPTION_BY_NAME[name].flag
+            raise ConfigError(f"{flag}: cannot change on --resume (the run has {getattr(cfg, name)!r})")
+    if "gpus" in values or "cpu" in values:
+        if "cpu" in values:
+            cfg.gpus = None
+        else:
+            cfg.cpu = False
+        if "num_processes" not in values and "cpu" not in values:
+            cfg.num_processes = 1
+        resolve_devices(cfg)
+    if "batch" in values:
+        state["batch_size"] = int(cfg.batch)
+    cfg.ladder = cfgmod.ladder_with(cfg.ladder, int(state["batch_size"]))
+    cfgmod.validate(cfg)
+    cfgmod.check_paths(cfg)
+    fingerprint = check_data(cfg)
+    if fingerprint != state.get("data_fingerprint"):
+        raise ConfigError(f"--resume: the data changed since the run started ({cfg.data}); refusing to resume")
+    state.update(config=cfg.to_dict(), status="starting", ladder=cfg.ladder, world_size=cfg.world_size,
+                 pending_decision=None, exit_code=None, reason=None)
+    write_json_atomic(run.run_json, state)
+    return run
+
+
+def run_headless(run: RunDir) -> int:
+    from sftui.headless import HeadlessLog
+    from sftui.supervisor import Supervisor
+
+    print(f"sftui: run directory {run.path}", flush=True)
+    sup = Supervisor(run)
+    sup.observers.append(HeadlessLog(run, sup.sampler.latest))
+    return sup.run_forever()
+
+
+def start_detached(run: RunDir) -> None:
+    """Start the supervisor in a new session, so that it outlives this terminal and SSH."""
+    log = open(run.supervisor_log, "ab")
+    subprocess.Popen(
+        [sys.executable, "-m", "sftui", "_supervise", str(run.path)],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+        env={**os.environ, "PYTHONPATH": _package_root() + os.pathsep + os.environ.get("PYTHONPATH", "")},
+    )
+    log.close()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if lock_is_held(run) or read_json(run.run_json).get("status") not in ("starting",):
+            return
+        time.sleep(0.05)
+    fail(f"the supervisor did not start within {START_TIMEOUT_S:g} s; see {run.supervisor_log}")
+
+
+def _package_root() -> str:
+    return str(Path(__file__).resolve().parent.parent)
+
+
+def cmd_supervise(args: argparse.Namespace) -> int:
+    from sftui.supervisor import main_detached
+
+    return main_detached(args.run_dir)
+
+
+# --- clients ------------------------------------------------------------------------------------
+
+
+def resolve_run(arg: str | None) -> RunDir:
+    from sftui.runstate import newest_run
+
+    if arg is None:
+        newest = newest_run(Path("runs"))
+        if newest is None:
+            fail("no runs under ./runs; give a RUN_DIR")
+        return RunDir(newest)
+    run = RunDir(Path(arg))
+    if not run.is_run():
+        fail(f"{arg}: not a run directory (no run.json)")
+    return run
+
+
+def attach_tui(run: RunDir) -> int:
+    try:
+        from sftui.tui.app import run_tui
+    except ImportError as e:
+        print(f"sftui: the TUI needs textual ({e}); training goes on in the background.\n"
+              f"  follow it with: sftui status {run.path}   or stop it with: sftui stop {run.path}", file=sys.stderr)
+        return ev.EXIT_USAGE
+    return run_tui(run.path)
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    return attach_tui(resolve_run(args.run_dir))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from sftui.headless import memory_text
+    from sftui.runstate import RunWatcher, fmt_duration, fmt_num, rung_text
+
+    watcher = RunWatcher(resolve_run(args.run_dir).path)
+    watcher.poll()
+    s = watcher.state
+    if args.json:
+        print(json.dumps({
+            "run_dir": str(s.path), "name": s.name, "status": s.display_status, "attempt": s.attempt,
+            "batch_size": s.batch_size, "grad_accum": s.grad_accum, "world_size": s.world_size,
+            "effective_batch": s.effective_batch, "step": s.step, "total_steps": s.total_steps, "epoch": s.epoch,
+            "loss": s.loss, "samples_per_s": s.samples_per_s, "eta_s": s.eta_s, "ladder": s.ladder,
+            "oom_rungs": s.oom_rungs, "pending_decision": s.pending_decision, "exit_code": s.exit_code,
+            "reason": s.reason, "telemetry": s.telemetry,
+        }, indent=2, default=str))
+        return 0
+    print(f"{s.name}  {s.display_status}  attempt {s.attempt}  batch {rung_text(s.batch_size, s.world_size, s.grad_accum)}")
+    print(f"  step {s.step}/{s.total_steps if s.total_steps is not None else '?'}  epoch {s.epoch:.2f}  "
+          f"loss {fmt_num(s.loss, '.4f')}  {fmt_num(s.samples_per_s, '.1f')} samples/s  ETA {fmt_duration(s.eta_s)}")
+    mem = memory_text(s.telemetry)
+    if mem:
+        print(f"  {mem}")
+    if s.telemetry:
+        for g in s.telemetry.get("gpus") or []:
+            print(f"  GPU{g['index']} {g.get('name') or 'n/a'}{' *' if g.get('in_run') else ''}  "
+                  f"util {fmt_num(g.get('util'), '.0f')}%  temp {fmt_num(g.get('temp'), '.0f')}C  "
+                  f"power {fmt_num(g.get('power_w'), '.0f')} W")
+        if s.telemetry.get("gpu_error"):
+            print(f"  GPU: {s.telemetry['gpu_error']}")
+    if s.pending_decision:
+        print(f"  waiting for a decision: sftui decide {s.path} restart [N] | stop")
+    if s.reason:
+        print(f"  {s.reason}")
+    if s.log:
+        print(f"  last event: {s.log[-1].splitlines()[0]}")
+    return 0
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    from sftui.control import ControlError, request
+
+    run = resolve_run(args.run_dir)
+    payload: dict[str, Any] = {"cmd": args.command.replace("-", "_")}
+    if args.command == "set-batch":
+        payload["batch_size"] = cfgmod.positive_int(args.batch_size, "N")
+    if args.command == "decide":
+        payload["action"] = args.action
+        if args.batch_size is not None:
+            payload["batch_size"] = cfgmod.positive_int(args.batch_size, "N")
+    try:
+        reply = request(run, payload)
+    except ControlError as e:
+        fail(str(e))
+    print(reply.get("message", "ok"))
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from sftui.runstate import RunWatcher, find_runs, rung_text
+
+    runs = find_runs(Path(args.root))
+    if not runs:
+        print(f"no runs under {args.root}")
+        return 0
+    print(f"{'RUN':40} {'STATUS':9} {'STEP':>11} {'BATCH':>12}  LAST EVENT")
+    for path in runs:
+        w = RunWatcher(path)
+        w.poll()
+        s = w.state
+        last = s.log[-1].splitlines()[0] if s.log else ""
+        step = f"{s.step}/{s.total_steps if s.total_steps is not None else '?'}"
+        print(f"{str(path):40} {s.display_status:9} {step:>11} {rung_text(s.batch_size, s.world_size, s.grad_accum):>12}  {last[:60]}")
+    return 0

@@ -1,0 +1,298 @@
+"""One run as its readers see it: run.json, events.jsonl and telemetry.jsonl folded into a RunState.
+
+The headless log, ``status``, ``runs`` and the TUI all read a run through this module, so they
+agree on what they show (status, rung, step, ETA, readable event lines). No textual, no torch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sftui.rundir import JsonlTail, RunDir, lock_is_held, read_json, tail_lines
+
+LIVE_STATUSES = ("starting", "running", "waiting")
+GIB = 1024**3
+
+
+# --- formatting shared by every view ------------------------------------------------------------
+
+
+def fmt_gib(n: float | None, digits: int = 1) -> str:
+    return "n/a" if n is None else f"{n / GIB:.{digits}f}"
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds < 0 or seconds == float("inf"):
+        return "--:--"
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def fmt_num(x: float | None, spec: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def rung_text(batch: int | None, world: int | None, accum: int | None) -> str:
+    """batch × GPUs × accum = effective batch: the form every screen and log uses."""
+    if batch is None:
+        return "n/a"
+    world = world or 1
+    accum = accum or 1
+    return f"{batch}×{world}×{accum}={batch * world * accum}"
+
+
+def describe_event(e: dict[str, Any]) -> str | None:
+    """A readable one-line form of an event, or None for the ones shown otherwise (step, rank_stats)."""
+    k = e.get("kind")
+    g = e.get
+    if k == "run_start":
+        cfg = g("config") or {}
+        return f"run started: model {cfg.get('model')}, data {cfg.get('data')}"
+    if k == "phase":
+        p = g("progress")
+        return f"phase {g('phase')}" + (f" {p * 100:.0f}%" if isinstance(p, (int, float)) else "")
+    if k == "attempt_start":
+        resume = g("resume_step")
+        return (f"attempt {g('attempt')} at batch {rung_text(g('batch_size'), g('world_size'), g('grad_accum'))}, "
+                + (f"resuming after step {resume}" if resume is not None else "from scratch"))
+    if k == "rank_start":
+        gpu = g("gpu_uuid")
+        return f"rank {g('rank')} started (pid {g('pid')} on {g('host')}" + (f", {gpu})" if gpu else ", CPU)")
+    if k == "checkpoint":
+        return f"checkpoint step {g('step')} ({g('reason')}): {fmt_gib(g('bytes'), 2)} GiB in {fmt_num(g('seconds'), '.1f')} s"
+    if k == "eval":
+        return f"eval at step {g('step')}: loss {fmt_num(g('loss'), '.4f')} over {g('samples')} samples"
+    if k == "oom":
+        ck = g("emergency_checkpoint")
+        return (f"OUT OF MEMORY at step {g('step')}, batch {g('batch_size')}, rank {g('rank')} ({g('where')})"
+                + (" [injected]" if g("injected") else "")
+                + (f"; emergency checkpoint at step {ck}" if ck is not None else "; no emergency checkpoint"))
+    if k == "worker_exit":
+        return f"rank {g('rank')} exited: {g('reason')} at step {g('step')}"
+    if k == "decision_needed":
+        prop = g("proposed_batch")
+        left = max(0.0, (g("deadline") or 0) - time.time())
+        return (f"decision needed after OOM: " + (f"restart at batch {prop}?" if prop else "bottom of the ladder")
+                + f" (auto in {left:.0f} s)")
+    if k == "decision":
+        return f"decision by {g('by')}: {g('action')}" + (f" at batch {g('batch_size')}" if g("batch_size") else "")
+    if k == "batch_change":
+        src = g("from")
+        return f"batch {src if src is not None else '(auto)'} → {g('to')} (by {g('by')})"
+    if k == "attempt_end":
+        text = f"attempt {g('attempt')} ended: {g('outcome')} after step {g('last_step')}"
+        tail = g("log_tail") or []
+        return text + ("".join("\n    " + line for line in tail) if tail else "")
+    if k == "log":
+        return f"{g('level')}: {g('message')}"
+    if k == "run_end":
+        return f"run {g('status')}: {g('reason')} (exit {g('exit_code')})"
+    return None
+
+
+# --- the state ----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunState:
+    path: Path
+    name: str = ""
+    status: str = "unknown"
+    config: dict[str, Any] = field(default_factory=dict)
+    attempt: int | None = None
+    batch_size: int | None = None
+    grad_accum: int | None = None
+    world_size: int | None = None
+    ladder: list[int] = field(default_factory=list)
+    oom_rungs: list[int] = field(default_factory=list)
+    pending_decision: dict[str, Any] | None = None
+    exit_code: int | None = None
+    reason: str | None = None
+    supervisor_alive: bool = False
+    # from step events
+    step: int = 0
+    total_steps: int | None = None
+    epoch: float = 0.0
+    epochs: int | None = None
+    samples_seen: int = 0
+    loss: float | None = None
+    lr: float | None = None
+    grad_norm: float | None = None
+    samples_per_s: float | None = None
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    phase: str | None = None
+    phase_progress: float | None = None
+    last_oom: dict[str, Any] | None = None
+    mem_peak: dict[int, int] = field(default_factory=dict)  # rank -> bytes, current attempt
+    rung_peaks: dict[int, int] = field(default_factory=dict)  # batch -> max peak reserved bytes seen
+    crash_tail: list[str] = field(default_factory=list)
+    last_event: dict[str, Any] | None = None
+    log: deque[str] = field(default_factory=lambda: deque(maxlen=200))
+    telemetry: dict[str, Any] | None = None
+    telemetry_history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=120))
+
+    @property
+    def display_status(self) -> str:
+        """run.json's status, except ``lost`` when it says live but no supervisor holds the lock."""
+        if self.status in LIVE_STATUSES and not self.supervisor_alive:
+            return "lost"
+        return self.status
+
+    @property
+    def effective_batch(self) -> int | None:
+        if self.batch_size is None:
+            return None
+        return self.batch_size * (self.world_size or 1) * (self.grad_accum or 1)
+
+    @property
+    def eta_s(self) -> float | None:
+        eff = self.effective_batch
+        if not self.samples_per_s or not eff or self.total_steps is None:
+            return None
+        return max(0, self.total_steps - self.step) * eff / self.samples_per_s
+
+    def load_run_json(self) -> None:
+        try:
+            data = read_json(RunDir(self.path).run_json)
+        except (OSError, ValueError):
+            return
+        self.name = data.get("name") or self.path.name
+        self.status = data.get("status", "unknown")
+        self.config = data.get("config") or {}
+        self.attempt = data.get("attempt")
+        self.batch_size = data.get("batch_size")
+        self.grad_accum = data.get("grad_accum")
+        self.world_size = data.get("world_size")
+        self.ladder = list(data.get("ladder") or [])
+        self.oom_rungs = list(data.get("oom_rungs") or [])
+        self.pending_decision = data.get("pending_decision")
+        self.exit_code = data.get("exit_code")
+        self.reason = data.get("reason")
+
+    def apply(self, e: dict[str, Any]) -> str | None:
+        """Fold one event in; return its readable line (None for step/rank_stats)."""
+        k = e.get("kind")
+        self.last_event = e
+        if k == "step":
+            self.step = e.get("step", self.step)
+            for name in ("total_steps", "epoch", "epochs", "samples_seen", "loss", "lr", "grad_norm",
+                         "samples_per_s", "tokens_per_s", "mfu", "batch_size", "grad_accum"):
+                if name in e:
+                    setattr(self, name, e[name])
+            if isinstance(e.get("loss"), (int, float)):
+                self.losses.append((self.step, float(e["loss"])))
+            self.phase = "training"
+            self.phase_progress = None
+            return None
+        if k == "rank_stats":
+            peak = e.get("mem_reserved_bytes") or e.get("mem_peak_bytes")
+            if isinstance(peak, int) and self.batch_size:
+                self.mem_peak[e.get("rank", 0)] = peak
+                self.rung_peaks[self.batch_size] = max(peak, self.rung_peaks.get(self.batch_size, 0))
+            return None
+        if k == "phase":
+            self.phase = e.get("phase")
+            self.phase_progress = e.get("progress")
+        elif k == "attempt_start":
+            self.attempt = e.get("attempt", self.attempt)
+            self.batch_size = e.get("batch_size", self.batch_size)
+            self.grad_accum = e.get("grad_accum", self.grad_accum)
+            self.world_size = e.get("world_size", self.world_size)
+            self.mem_peak = {}
+            self.crash_tail = []
+        elif k == "eval" and isinstance(e.get("loss"), (int, float)):
+            self.eval_losses.append((e.get("step", self.step), float(e["loss"])))
+        elif k == "oom":
+            self.last_oom = e
+            if e.get("batch_size") and e["batch_size"] not in self.oom_rungs:
+                self.oom_rungs.append(e["batch_size"])
+        elif k == "decision_needed":
+            self.pending_decision = e
+        elif k == "decision":
+            self.pending_decision = None
+        elif k == "batch_change":
+            self.batch_size = e.get("to", self.batch_size)
+        elif k == "attempt_end":
+            if e.get("outcome") in ("crash", "hang", "host_oom"):
+                self.crash_tail = list(e.get("log_tail") or [])
+        elif k == "run_end":
+            self.status = e.get("status", self.status)
+            self.exit_code = e.get("exit_code")
+            self.reason = e.get("reason")
+        line = describe_event(e)
+        if line is not None:
+            self.log.append(line)
+        return line
+
+    def apply_telemetry(self, sample: dict[str, Any]) -> None:
+        self.telemetry = sample
+        self.telemetry_history.append(sample)
+
+
+class RunWatcher:
+    """Keeps a RunState up to date by tailing the run directory; ``poll()`` is cheap when idle."""
+
+    def __init__(self, path: Path, history: bool = True):
+        self.run = RunDir(Path(path))
+        self.state = RunState(self.run.path)
+        self._events = JsonlTail(self.run.events)
+        self._telemetry = JsonlTail(self.run.telemetry)
+        self._run_json_mtime: float | None = None
+        if not history:  # start at the end: a live view that needs no replay
+            self._events.offset = _size(self.run.events)
+            self._telemetry.offset = _size(self.run.telemetry)
+
+    def poll(self) -> list[dict[str, Any]]:
+        """Read what is new; return the new events (already applied)."""
+        self._reload_run_json()
+        new = self._events.read()
+        for e in new:
+            self.state.apply(e)
+        for sample in self._telemetry.read():
+            self.state.apply_telemetry(sample)
+        self.state.supervisor_alive = lock_is_held(self.run)
+        return new
+
+    def _reload_run_json(self) -> None:
+        try:
+            mtime = os.stat(self.run.run_json).st_mtime_ns
+        except OSError:
+            return
+        if mtime != self._run_json_mtime:
+            self._run_json_mtime = mtime
+            self.state.load_run_json()
+
+    def attempt_log_tail(self, n: int = 20) -> list[str]:
+        if self.state.attempt is None:
+            return []
+        return tail_lines(self.run.attempt_log(self.state.attempt), n)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Run directories directly under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    runs = [p for p in root.iterdir() if (p / "run.json").is_file()]
+    return sorted(runs, key=lambda p: (p / "run.json").stat().st_ctime)
+
+
+def newest_run(root: Path) -> Path | None:
+    runs = find_runs(root)
+    return runs[-1] if runs else None

@@ -1,0 +1,73 @@
+"""config.py: defaults, TOML, flags, validation messages and the ladder math."""
+
+from __future__ import annotations
+
+import pytest
+
+from sftui import config as c
+from sftui.config import ConfigError, RunConfig
+
+
+def test_defaults_put_batch_on_the_ladder():
+    cfg = c.build({})
+    assert cfg.batch == 16 and cfg.ladder == [16, 12, 8]
+    cfg = c.build({"batch": 10})
+    assert cfg.ladder == [16, 12, 10, 8]
+
+
+def test_toml_then_flags(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('batch = 12\nladder = [12, 6]\nlr = 2e-4\nrecord-samples = true\n')
+    cfg = c.build({"lr": 1e-3}, str(f))
+    assert cfg.batch == 12 and cfg.ladder == [12, 6] and cfg.lr == 1e-3 and cfg.record_samples
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("batch = 0\n", "batch: expected a positive integer"),
+    ("ladder = [8, 12]\n", "strictly descending"),
+    ("bogus = 1\n", "bogus: unknown setting"),
+    ("batch = \n", "invalid TOML"),
+    ("cpu = 3\n", "cpu: expected true or false"),
+])
+def test_toml_errors_name_the_file_and_key(tmp_path, text, needle):
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        c.build({}, str(f))
+    assert str(f) in str(e.value) and needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_flag_parsers():
+    opt = c.OPTION_BY_NAME
+    assert opt["batch"].parse("auto", "--batch") == "auto"
+    assert opt["ladder"].parse("16,12,8", "--ladder") == [16, 12, 8]
+    assert opt["mem_fraction"].parse("0.5,0.25", "--mem-fraction") == [0.5, 0.25]
+    for name, bad in [("batch", "-1"), ("batch", "x"), ("ladder", "8,8"), ("mem_fraction", "1.5"), ("epochs", "0")]:
+        with pytest.raises(ConfigError, match=opt[name].flag.replace("-", r"\-")):
+            opt[name].parse(bad, opt[name].flag)
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="--grad-accum and --effective-batch"):
+        c.build({"grad_accum": 2, "effective_batch": 64})
+    with pytest.raises(ConfigError, match="--num-processes"):
+        c.build({"num_processes": 2})
+    with pytest.raises(ConfigError, match="--inject-oom-rank"):
+        c.build({"cpu": True, "num_processes": 2, "inject_oom_rank": 2})
+    with pytest.raises(ConfigError, match="--mem-fraction"):
+        c.build({"gpus": [0, 1], "mem_fraction": [0.5, 0.5, 0.5]})
+
+
+def test_ladder_math():
+    assert c.next_rung([16, 12, 8], 16) == 12
+    assert c.next_rung([16, 12, 8], 8) is None
+    assert c.rung_above([16, 12, 8], 12) == 16
+    cfg = RunConfig(effective_batch=64, cpu=True, num_processes=2)
+    assert [c.grad_accum_for(cfg, b) for b in (16, 12, 8)] == [2, 3, 4]
+    assert c.grad_accum_for(RunConfig(grad_accum=3), 8) == 3
+
+
+def test_round_trip_through_run_json():
+    cfg = c.build({"batch": 12, "cpu": True, "num_processes": 2})
+    assert RunConfig.from_dict(cfg.to_dict() | {"unknown_key": 1}) == cfg
