@@ -94,12 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     runs = sub.add_parser("runs", help="list runs with status, step, batch and last event")
     runs.add_argument("--root", default="runs", metavar="DIR", help="where runs live (default: ./runs)")
 
-    sup = sub.add_parser("_supervise", help=argparse.SUPPRESS)  # the background supervisor
-    sup.add_argument("run_dir")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_supervise"] and len(argv) == 2:  # the background supervisor; not a user command
+        from sftui.supervisor import main_detached
+
+        return main_detached(argv[1])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     handler = {
         "run": cmd_run, "attach": cmd_attach, "status": cmd_status, "stop": cmd_control, "checkpoint": cmd_control,
-        "set-batch": cmd_control, "decide": cmd_control, "runs": cmd_runs, "_supervise": cmd_supervise,
+        "set-batch": cmd_control, "decide": cmd_control, "runs": cmd_runs,
     }[args.command]
     try:
         return handler(args)
@@ -142,26 +145,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     return attach_tui(run)
 
 
-def resolve_devices(cfg: RunConfig) -> None:
-    """GPUs: all visible by default; --gpus picks among the visible ones. No GPU: the CPU."""
+def resolve_devices(cfg: RunConfig) -> str | None:
+    """GPUs: all visible by default; --gpus picks among the visible ones. No GPU: the CPU (a note)."""
     if cfg.cpu:
-        return
+        return None
     from sftui.telemetry import visible_gpus
 
     visible, why = visible_gpus()
     if cfg.gpus is None:
         if visible:
             cfg.gpus = visible
-        else:
-            cfg.cpu = True
-            print(f"sftui: {why}; training on the CPU", file=sys.stderr)
-        return
+            return None
+        cfg.cpu = True
+        return f"{why}; training on the CPU"
     if not visible:
         raise ConfigError(f"--gpus: {why}")
     bad = [g for g in cfg.gpus if g >= len(visible)]
     if bad:
         raise ConfigError(f"--gpus: no GPU {bad[0]} ({len(visible)} visible: 0-{len(visible) - 1})")
     cfg.gpus = [visible[g] for g in cfg.gpus]
+    return None
 
 
 def check_data(cfg: RunConfig) -> str:
@@ -179,9 +182,9 @@ def prepare_new(args: argparse.Namespace, cfg: RunConfig) -> RunDir:
 
     if cfg.batch == "auto":
         raise ConfigError("--batch auto: needs the probe, which this version does not have; give a number")
-    resolve_devices(cfg)
-    cfgmod.validate(cfg)
     cfgmod.check_paths(cfg)
+    note = resolve_devices(cfg)
+    cfgmod.validate(cfg)
     fingerprint = check_data(cfg)
     if cfg.lr is None:
         from sftui.trainer.model import default_lr
@@ -200,6 +203,8 @@ def prepare_new(args: argparse.Namespace, cfg: RunConfig) -> RunDir:
     except OSError as e:
         raise ConfigError(f"--run-dir: {path}: {e.strerror or e}") from None
     write_json_atomic(run.run_json, new_run_json(cfg, name, fingerprint))
+    if note:
+        print(f"sftui: {note}", file=sys.stderr)
     return run
 
 
@@ -285,12 +290,6 @@ def start_detached(run: RunDir) -> None:
 
 def _package_root() -> str:
     return str(Path(__file__).resolve().parent.parent)
-
-
-def cmd_supervise(args: argparse.Namespace) -> int:
-    from sftui.supervisor import main_detached
-
-    return main_detached(args.run_dir)
 
 
 # --- clients ------------------------------------------------------------------------------------

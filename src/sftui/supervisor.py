@@ -260,15 +260,16 @@ class Supervisor:
         clean_since: float | None = None
         next_telemetry = 0.0
         while attempt.running():
-            self._pump(watch)
+            codes = attempt.poll()
+            self._pump(watch)  # after poll: a rank's last events are in the file before it exits
             now = time.monotonic()
             if now >= next_telemetry:
                 self._write_telemetry()
                 next_telemetry = now + TELEMETRY_EVERY_S
-            codes = attempt.poll()
-            if any(c is not None and (c != ev.WORKER_OK or r not in watch.worker_exits) for r, c in enumerate(codes)):
-                abnormal_since = abnormal_since or now
-            elif any(c is not None for c in codes):
+            abnormal = any(c is not None and (c != ev.WORKER_OK or r not in watch.worker_exits)
+                           for r, c in enumerate(codes))
+            abnormal_since = (abnormal_since or now) if abnormal else None
+            if any(c is not None for c in codes) and not abnormal:
                 clean_since = clean_since or now
             if self._force or (abnormal_since and now - abnormal_since >= TEARDOWN_AFTER_ABNORMAL_S) \
                     or (clean_since and now - clean_since >= CLEAN_EXIT_WAIT_S):
@@ -278,7 +279,7 @@ class Supervisor:
                 hung = True
                 attempt.terminate()
                 break
-            if self._stop_reason and not watch.trained and now - watch.last_progress > 0:
+            if self._stop_reason and not watch.trained:
                 attempt.terminate()  # nothing trained yet in this attempt: nothing to save
                 break
             time.sleep(TICK_S)
