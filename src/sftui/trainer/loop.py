@@ -1,0 +1,510 @@
+"""The training loop of one rank, on accelerate: read the run, prepare data and model, train
+step by step from the sample plan, checkpoint, and leave with a ``worker_exit`` event.
+
+Read it top to bottom: ``train`` is the whole story; the helpers below it are the details.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import socket
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+from torch.utils.data import DataLoader
+
+from sftui import events as ev
+from sftui.config import ConfigError, RunConfig
+from sftui.rundir import EventLog, RunDir, read_json, write_json_atomic
+from sftui.trainer import checkpoint, data, model as models
+
+OOM_MARKERS = ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+               "CUDNN_STATUS_NOT_ALLOCATED", "CUDNN_STATUS_NOT_ALLOC")
+# Dense bf16 datasheet peaks (TFLOP/s) by a substring of torch.cuda.get_device_name().
+PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("A100", 312.0), ("A800", 312.0),
+               ("L40S", 362.0), ("L40", 181.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("A10G", 70.0),
+               ("A6000", 155.0), ("L4", 121.0), ("V100", 125.0))
+ACTIONS = ("switch", "stop", "checkpoint")
+CLIP_NORM = 1.0
+
+
+@dataclass(frozen=True)
+class Rank:
+    """Where this process stands: torchrun's environment plus the attempt number."""
+
+    rank: int
+    world: int
+    local_rank: int
+    attempt: int
+
+    @classmethod
+    def from_env(cls) -> "Rank":
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
+                   int(env.get("SFTUI_ATTEMPT", 1)))
+
+
+class Exit(Exception):
+    """Leave the loop with this worker exit code (the events are already written)."""
+
+    def __init__(self, code: int):
+        self.code = code
+
+
+def train(run: RunDir, log: EventLog, me: Rank) -> int:
+    spec = read_json(run.run_json)
+    cfg = RunConfig.from_dict(spec["config"])
+    batch, accum = int(spec["batch_size"]), int(spec["grad_accum"])
+    lead = me.rank == 0
+
+    def phase(name: str, progress: float | None = None) -> None:
+        if lead:
+            log.emit("phase", phase=name, progress=progress)
+
+    # --- the process group and the device ---
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(me.local_rank)
+        if cfg.mem_fraction:
+            fraction = cfg.mem_fraction[me.rank] if len(cfg.mem_fraction) > 1 else cfg.mem_fraction[0]
+            torch.cuda.set_per_process_memory_fraction(fraction, me.local_rank)
+    accelerator = Accelerator(
+        cpu=not cuda,
+        mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no",
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=max(60.0, cfg.hang_timeout)))],
+    )
+    device = accelerator.device
+    gpu_uuid = _gpu_uuid(device)
+    log.emit("rank_start", rank=me.rank, pid=os.getpid(), host=socket.gethostname(), gpu_uuid=gpu_uuid)
+
+    # --- resume point: refuse a checkpoint made from other data or another max length ---
+    resume = run.latest_checkpoint()
+    start = checkpoint.read_state(resume) if resume else None
+    if start and start.data_fingerprint != spec["data_fingerprint"]:
+        raise ConfigError(f"{resume}: the data changed since this checkpoint was written "
+                          f"(fingerprint {start.data_fingerprint[:12]} there, {spec['data_fingerprint'][:12]} now)")
+    if start and start.max_len != cfg.max_len:
+        raise ConfigError(f"{resume}: written with --max-len {start.max_len}, this run has {cfg.max_len}")
+
+    # --- data: rank 0 validates and tokenizes (once per run: cached), the others wait ---
+    phase("validating")
+    tok, train_data, eval_data = _prepare_data(run, cfg, spec["data_fingerprint"], me, phase)
+    seq2seq = train_data.seq2seq
+    target = int(spec["sample_budget"]) if spec.get("sample_budget") else cfg.epochs * train_data.n
+    plan = data.Plan(train_data.n, cfg.seed, target)
+
+    # --- the model, the optimizer, and the state to resume from ---
+    phase("loading_model")
+    net = models.build_model(cfg.model, tok, cfg.seed, cfg.max_len)
+    if cfg.gradient_checkpointing:
+        net.config.use_cache = False
+        net.gradient_checkpointing_enable()
+    net.to(device)
+    peak_lr = cfg.lr if cfg.lr is not None else models.default_lr(cfg.model)
+    opt = torch.optim.AdamW(net.parameters(), lr=peak_lr, weight_decay=cfg.weight_decay, fused=cuda)
+    step, seen = 0, 0
+    if resume is not None:
+        start, _ = checkpoint.load(resume, net, opt)
+        step, seen = start.step, start.samples_seen
+    resume_step = step if resume is not None else None
+    schedule = Schedule(peak_lr, cfg.warmup * plan.target, plan.target)
+    enc_fpt, dec_fpt = models.flops_per_token(net, seq2seq)
+    decoder_start = net.config.decoder_start_token_id if seq2seq else None
+    model, optimizer = accelerator.prepare(net, opt)
+    if cfg.compile and cuda:
+        phase("compiling")
+        model = torch.compile(model)
+    elif cfg.compile:
+        log.emit("log", level="warning", message="--compile is ignored on the CPU")
+
+    # --- the steps of this attempt, prepared by the DataLoader's workers from the plan ---
+    per_step = batch * me.world * accum
+    steps = plan.steps(seen, per_step)
+    total_steps = step + len(steps)
+    loader = DataLoader(
+        data.StepBatches(train_data, plan, steps, me.rank, batch, accum, tok.pad_token_id),
+        batch_size=None, num_workers=cfg.dataloader_workers,
+        prefetch_factor=2 if cfg.dataloader_workers else None, pin_memory=cuda,
+    )
+    requests = Requests(run, int(spec.get("request_seq") or 0), lead, me.world, device)
+    inject = cfg.inject_oom_at_step if me.attempt == 1 and me.rank == cfg.inject_oom_rank else None
+    samples_log = os.open(run.samples, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600) \
+        if lead and cfg.record_samples else None
+    peak_tflops = cfg.peak_tflops or _peak_tflops(cuda)
+
+    def save(reason: str, at_step: int, alone: bool = False) -> None:
+        """A checkpoint of the state after ``at_step``: rank 0 writes and the others wait, or
+        (emergency) this rank writes alone, with no collective."""
+        if lead or alone:
+            phase("checkpointing")
+            state = checkpoint.State(at_step, seen, seen // plan.n, batch, accum, me.world, spec["data_fingerprint"],
+                                     cfg.max_len, cfg.seed)
+            path, size, seconds = checkpoint.save(run, accelerator.unwrap_model(model), opt, schedule.state_dict(seen),
+                                                  state, cfg.keep_checkpoints, tag=f"r{me.rank}-{os.getpid()}")
+            log.emit("checkpoint", step=at_step, path=str(path.relative_to(run.path)), seconds=round(seconds, 3),
+                     bytes=size, reason=reason)
+        if not alone:
+            accelerator.wait_for_everyone()
+
+    # --- training ---
+    phase("training")
+    model.train()
+    meter = Meter(device)
+    for item in loader:
+        step += 1
+        torch.manual_seed(_step_seed(cfg.seed, step, me.rank))
+        for group in opt.param_groups:
+            group["lr"] = schedule.lr(item["seen"] + item["size"])
+        oom: tuple[str, str] | None = None
+        where = "forward"
+        try:
+            for m, micro in enumerate(item["micro"]):
+                micro = {k: v.to(device, non_blocking=True) for k, v in micro.items()}
+                last = m == len(item["micro"]) - 1
+                with nullcontext() if last else accelerator.no_sync(model):
+                    where = "forward"
+                    if step == inject:
+                        raise torch.OutOfMemoryError(
+                            f"CUDA out of memory (injected by --inject-oom-at-step {step} on rank {me.rank})")
+                    loss_sum = token_loss_sum(model, micro, decoder_start)
+                    where = "backward"
+                    accelerator.backward(scaled_loss(loss_sum, item["n_target"], me.world))
+                meter.loss += loss_sum.detach() / max(1, item["n_target"])
+            where = "optimizer"
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), CLIP_NORM)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            oom = (where, str(e).splitlines()[0][:500])
+        if oom is not None:
+            # Outside the except block: the exception's frames no longer pin the batch's tensors.
+            micro = loss_sum = None  # noqa: F841
+            opt.zero_grad(set_to_none=True)
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+            emergency = _emergency_checkpoint(step, oom[0], resume_step, save, log, me.rank)
+            log.emit("oom", step=step, batch_size=batch, rank=me.rank, gpu_uuid=gpu_uuid, where=oom[0],
+                     message=oom[1], emergency_checkpoint=emergency, injected=inject == step)
+            log.emit("worker_exit", rank=me.rank, reason="oom", step=step - 1)
+            return ev.WORKER_OOM
+        seen += item["size"]
+        meter.add(item, grad_norm)
+        if samples_log is not None:
+            os.write(samples_log, (json.dumps({"attempt": me.attempt, "step": step, "epoch": item["epoch"],
+                                               "ids": item["row_ids"]}) + "\n").encode())
+
+        action = requests.exchange()
+        last_step = step == total_steps
+        if action is not None or last_step or step == (resume_step or 0) + 1 or step % cfg.log_every == 0:
+            loss, norm, per_s = meter.read(me.world)
+            if lead:
+                log.emit("step", step=step, total_steps=total_steps, epoch=round(seen / plan.n, 6), epochs=cfg.epochs,
+                         samples_seen=seen, loss=loss, lr=opt.param_groups[0]["lr"], grad_norm=norm,
+                         samples_per_s=per_s["samples"], tokens_per_s=per_s["tokens"], batch_size=batch,
+                         grad_accum=accum, mfu=_mfu(per_s, enc_fpt, dec_fpt, net.config, peak_tflops, me.world))
+        if step % cfg.log_every == 0:
+            log.emit("rank_stats", rank=me.rank, gpu_uuid=gpu_uuid,
+                     mem_peak_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
+                     mem_reserved_bytes=torch.cuda.memory_reserved(device) if cuda else None)
+        if eval_data is not None and step % cfg.eval_every == 0:
+            _evaluate(model, eval_data, batch, me, tok.pad_token_id, decoder_start, device, log, step)
+
+        if action is not None and action[0] in ("switch", "stop"):
+            save(action[0], step)
+            log.emit("worker_exit", rank=me.rank, reason=action[0], step=step)
+            return ev.WORKER_OK
+        if action is not None:
+            save("request", step)
+        elif cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not last_step:
+            save("periodic", step)
+
+    # --- the run is complete ---
+    save("final", step)
+    if lead:
+        models.save_final(accelerator.unwrap_model(model), tok, run.final)
+    accelerator.wait_for_everyone()
+    log.emit("worker_exit", rank=me.rank, reason="finished", step=step)
+    return ev.WORKER_OK
+
+
+def _emergency_checkpoint(step: int, where: str, resume_step: int | None, save: Any, log: EventLog,
+                          rank: int) -> int | None:
+    """DESIGN.md's emergency checkpoint: the state after the last completed step, saved by this
+    rank alone. None after an OOM in the optimizer step (part of the parameters may have been
+    updated) or when no step has completed yet."""
+    last = step - 1
+    if where == "optimizer" or last == 0:
+        return None
+    if last == resume_step:
+        return last  # the checkpoint this attempt started from already holds that state
+    try:
+        save("oom", last, alone=True)
+    except Exception as e:  # noqa: BLE001 - the oom event must be written whatever happens here
+        log.emit("log", level="error", message=f"rank {rank}: emergency checkpoint failed: {e}")
+        return None
+    return last
+
+
+def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], decoder_start: int | None) -> torch.Tensor:
+    """Sum (not mean) of the cross-entropy over the target tokens of a micro-batch.
+
+    ``decoder_start`` is None for a causal LM (labels are the inputs, shifted by one) and the
+    decoder's start token for an encoder-decoder model (labels feed the decoder, shifted right).
+    """
+    labels = batch["labels"]
+    if decoder_start is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = labels[:, 1:]
+    else:
+        decoder_input_ids = torch.cat([torch.full_like(labels[:, :1], decoder_start), labels[:, :-1]], dim=1)
+        decoder_input_ids = decoder_input_ids.masked_fill(decoder_input_ids == -100, decoder_start)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       decoder_input_ids=decoder_input_ids).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+
+
+def scaled_loss(loss_sum: torch.Tensor, step_targets: int, world: int) -> torch.Tensor:
+    """What a micro-batch backpropagates: its token-loss sum over the step's global target
+    count, × world because DDP averages the ranks' gradients."""
+    return loss_sum * (world / max(1, step_targets))
+
+
+def is_oom(e: BaseException) -> bool:
+    """CUDA out of memory, from the allocator or from the driver/cuBLAS/cuDNN."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in OOM_MARKERS)
+
+
+class Schedule:
+    """Linear warm-up then cosine decay, on samples seen (not steps): a batch change does not
+    bend it."""
+
+    def __init__(self, peak: float, warmup_samples: float, target: int):
+        self.peak, self.warmup, self.target = peak, warmup_samples, target
+
+    def lr(self, seen: int) -> float:
+        if seen < self.warmup:
+            return self.peak * seen / self.warmup
+        progress = (seen - self.warmup) / max(1.0, self.target - self.warmup)
+        return self.peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    def state_dict(self, seen: int) -> dict[str, Any]:
+        return {"samples_seen": seen, "peak_lr": self.peak, "warmup_samples": self.warmup, "target_samples": self.target}
+
+
+class Requests:
+    """request.json, seen by all ranks at the same step.
+
+    Rank 0 stats the file at every step boundary (reads it only when it changed); one integer
+    all-reduce (MAX) tells every rank. On CUDA the integer comes back through pinned memory
+    and an event, read one step late, so the check never waits for the GPU to drain.
+    """
+
+    def __init__(self, run: RunDir, handled_seq: int, lead: bool, world: int, device: torch.device):
+        self.path, self.handled, self.lead, self.world, self.device = run.request, handled_seq, lead, world, device
+        self._stat: tuple[float, int] | None = None
+        self._value = 0
+        self._cuda = device.type == "cuda" and world > 1
+        self._inflight: tuple[torch.Tensor, torch.cuda.Event] | None = None
+
+    def _poll_file(self) -> int:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return self._value
+        if (st.st_mtime, st.st_size) != self._stat:
+            self._stat = (st.st_mtime, st.st_size)
+            try:
+                req = read_json(self.path)
+                seq, action = int(req["seq"]), ACTIONS.index(req["action"]) + 1
+                self._value = seq * 8 + action
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # written atomically by the supervisor; anything else is not a request
+        return self._value
+
+    def exchange(self) -> tuple[str, int] | None:
+        """(action, seq) of a request newer than any handled, the same on every rank, or None."""
+        value = self._poll_file() if self.lead else 0
+        if self.world > 1:
+            value = self._all_reduce(value)
+        seq, action = divmod(value, 8)
+        if seq <= self.handled or not action:
+            return None
+        self.handled = seq
+        return ACTIONS[action - 1], seq
+
+    def _all_reduce(self, value: int) -> int:
+        if not self._cuda:
+            t = torch.tensor([value], dtype=torch.int64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            return int(t.item())
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        host = torch.empty(1, dtype=torch.int64, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        previous, self._inflight = self._inflight, (host, done)
+        if previous is None:
+            return 0
+        previous[1].synchronize()
+        return int(previous[0].item())
+
+
+class Meter:
+    """Loss, grad norm and throughput since the last log line; the loss stays on the device
+    until it is read, so logging does not force a GPU sync every step."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), device=device)
+        self.grad_norm: torch.Tensor | float | None = None
+        self.steps = self.samples = self.tokens = self.enc_tokens = 0
+        self.since = time.monotonic()
+
+    def add(self, item: dict[str, Any], grad_norm: torch.Tensor | float) -> None:
+        self.steps += 1
+        self.samples += item["size"]
+        self.tokens += item["n_tokens"]
+        self.enc_tokens += item["n_enc"]
+        self.grad_norm = grad_norm
+
+    def read(self, world: int) -> tuple[float, float | None, dict[str, float]]:
+        """(mean step loss, last grad norm, rates) over the interval; a collective when world > 1."""
+        loss = self.loss
+        if world > 1:
+            dist.all_reduce(loss)
+        now = time.monotonic()
+        seconds = max(1e-9, now - self.since)
+        rates = {"samples": round(self.samples / seconds, 3), "tokens": round(self.tokens / seconds, 1),
+                 "enc_tokens": self.enc_tokens / seconds, "dec_tokens": (self.tokens - self.enc_tokens) / seconds,
+                 "seconds": seconds, "steps": self.steps}
+        mean = float(loss.item()) / max(1, self.steps)
+        norm = None if self.grad_norm is None else float(self.grad_norm)
+        self.loss = torch.zeros_like(self.loss)
+        self.steps = self.samples = self.tokens = self.enc_tokens = 0
+        self.since = now
+        return round(mean, 6), None if norm is None else round(norm, 6), rates
+
+
+def _mfu(rates: dict[str, float], enc_fpt: float, dec_fpt: float, config: Any, peak_tflops: float | None,
+         world: int) -> float | None:
+    """Achieved FLOP/s over the cards' dense bf16 peak; None without a known peak (the CPU)."""
+    if not peak_tflops:
+        return None
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", 0)
+    width = getattr(config, "hidden_size", None) or getattr(config, "d_model", 0)
+    per_sample = (rates["enc_tokens"] + rates["dec_tokens"]) / max(1e-9, rates["samples"])
+    attention = 12.0 * layers * width * per_sample  # per token, over an average context
+    flops = enc_fpt * rates["enc_tokens"] + dec_fpt * rates["dec_tokens"] + attention * (rates["enc_tokens"] + rates["dec_tokens"])
+    return round(flops / (peak_tflops * 1e12 * world), 4)
+
+
+def _peak_tflops(cuda: bool) -> float | None:
+    if not cuda:
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+
+
+def _gpu_uuid(device: torch.device) -> str | None:
+    """NVML's spelling of the GPU's UUID ("GPU-xxxxxxxx-..."), so the supervisor can match it."""
+    if device.type != "cuda":
+        return None
+    uuid = str(torch.cuda.get_device_properties(device).uuid)
+    return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    """Per-rank random state from (seed, step, rank): the same at any world size or attempt."""
+    return ((seed * 1_000_003 + step) * 10_007 + rank) % (2**63)
+
+
+def _evaluate(model: Any, eval_data: data.Tokenized, batch: int, me: Rank, pad_id: int, decoder_start: int | None,
+              device: torch.device, log: EventLog, step: int) -> None:
+    """Mean token loss over the eval set, each rank taking every world-th row."""
+    import numpy as np
+
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    mine = np.arange(me.rank, eval_data.n, me.world)
+    with torch.no_grad():
+        for i in range(0, len(mine), batch):
+            part = mine[i:i + batch]
+            micro = {k: v.to(device) for k, v in data.collate(eval_data, part, pad_id).items()}
+            total[0] += token_loss_sum(model, micro, decoder_start).double()
+            total[1] += int(eval_data.n_target[part].sum())
+    if me.world > 1:
+        dist.all_reduce(total)
+    model.train()
+    if me.rank == 0:
+        loss_sum, count = total.tolist()
+        log.emit("eval", step=step, loss=round(loss_sum / max(1.0, count), 6), samples=eval_data.n)
+
+
+def _prepare_data(run: RunDir, cfg: RunConfig, expected_fingerprint: str, me: Rank,
+                  phase: Any) -> tuple[Any, data.Tokenized, data.Tokenized | None]:
+    """The tokenizer and the tokenized train (and eval) data. Rank 0 builds what is missing
+    (the preset's character tokenizer under RUN_DIR/tokenizer, the cache under RUN_DIR/cache)
+    and then writes a ready marker for this attempt; the other ranks wait for it."""
+    ready = run.cache / f"ready-attempt-{me.attempt}.json"
+    seq2seq = models.is_seq2seq(cfg.model)
+    tok_dir = run.path / "tokenizer" if models.is_preset(cfg.model) else Path(cfg.model)
+    if me.rank != 0:
+        while not ready.exists():
+            time.sleep(0.1)
+        keys = json.loads(ready.read_text())
+        tok = models.load_tokenizer(tok_dir)
+        train_data = data.Tokenized.open(run.cache / keys["train"])
+        return tok, train_data, data.Tokenized.open(run.cache / keys["eval"]) if keys["eval"] else None
+
+    run.cache.mkdir(exist_ok=True)
+    found = data.fingerprint(cfg.data)
+    if found != expected_fingerprint:
+        raise ConfigError(f"--data: {cfg.data} changed since the run started (sha256 {found[:12]}, "
+                          f"run.json has {expected_fingerprint[:12]})")
+    if models.is_preset(cfg.model) and not tok_dir.exists():
+        models.build_char_tokenizer(data.char_counts(cfg.data, cfg.skip_bad_rows), tok_dir, models.max_vocab(cfg.model))
+    tok = models.load_tokenizer(tok_dir)
+    tok_fp = models.tokenizer_fingerprint(tok)
+    keys: dict[str, str | None] = {"eval": None}
+    last_beat = [0.0]
+
+    def progress(fraction: float) -> None:
+        if time.monotonic() - last_beat[0] > 1.0 or fraction >= 1.0:
+            last_beat[0] = time.monotonic()
+            phase("tokenizing", round(fraction, 4))
+
+    out: list[data.Tokenized | None] = []
+    for name, path, fp in (("train", cfg.data, found), ("eval", cfg.eval_data, None)):
+        if path is None:
+            out.append(None)
+            continue
+        fp = fp or data.fingerprint(path)
+        key = data.cache_key(fp, tok_fp, cfg.max_len, seq2seq, cfg.skip_bad_rows)
+        directory = run.cache / key
+        if not directory.exists():
+            rows, skipped = data.validate_file(path, cfg.skip_bad_rows)
+            phase("tokenizing", 0.0)
+            data.tokenize_to_cache(path, tok, cfg.max_len, seq2seq, cfg.skip_bad_rows, directory, rows + skipped,
+                                   progress if name == "train" else (lambda f: None))
+        keys[name] = key
+        out.append(data.Tokenized.open(directory))
+    write_json_atomic(ready, keys)
+    return tok, out[0], out[1]

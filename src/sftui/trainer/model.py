@@ -1,0 +1,158 @@
+"""Models and tokenizers: local Hugging Face directories and the built-in presets.
+
+Nothing is downloaded. ``tiny`` (a ~3M-parameter Llama-shaped causal LM) and ``chatlm-mini``
+(ChatLM-mini-Chinese's T5 shape, ~188M parameters) are built from configs with random, seeded
+weights; their tokenizer is a character tokenizer built from the run's data (see
+``build_char_tokenizer``). A local directory brings its own config, weights and tokenizer.
+
+torch and transformers are imported inside the functions, so ``default_lr`` can be read by
+the supervisor without them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+PRESET_LR = {"tiny": 1e-3, "chatlm-mini": 1e-4}
+LOCAL_LR = 1e-4
+CHATLM_VOCAB = 29298
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+
+
+def default_lr(model: str) -> float:
+    """The peak learning rate used when ``--lr`` is not given."""
+    return PRESET_LR.get(model, LOCAL_LR)
+
+
+def is_preset(model: str) -> bool:
+    return model in PRESET_LR
+
+
+def is_seq2seq(model: str) -> bool:
+    """Encoder-decoder (labels on the decoder side) or causal LM, read from the config only."""
+    if model == "chatlm-mini":
+        return True
+    if model == "tiny":
+        return False
+    with open(Path(model) / "config.json") as f:
+        return bool(json.load(f).get("is_encoder_decoder", False))
+
+
+def max_vocab(model: str) -> int | None:
+    """The largest tokenizer a preset's embedding can take (None: no limit, tiny sizes to fit)."""
+    return CHATLM_VOCAB if model == "chatlm-mini" else None
+
+
+def build_char_tokenizer(counts: Counter, out_dir: Path, limit: int | None = None) -> None:
+    """A character-level tokenizer over the characters of the data, most frequent first, saved
+    with ``save_pretrained`` into ``out_dir`` (written under a temporary name, then renamed).
+
+    For ``chatlm-mini`` this stands in for ChatLM-mini-Chinese's own tokenizer, which cannot be
+    downloaded here: the characters of the data, capped at the model's vocabulary of 29,298;
+    rarer characters map to ``<unk>``.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    room = None if limit is None else limit - len(vocab)
+    for ch, _ in counts.most_common(room):
+        vocab.setdefault(ch, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"(?m)."), behavior="isolated")  # one token per char
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>", unk_token="<unk>")
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(tmp)
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_tokenizer(directory: str | Path) -> "PreTrainedTokenizerBase":
+    """A tokenizer saved with ``save_pretrained``; the pad token falls back to EOS."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    if tok.eos_token_id is None:
+        raise ValueError(f"{directory}: the tokenizer has no EOS token; sftui ends every response with one")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tokenizer_fingerprint(tok: "PreTrainedTokenizerBase") -> str:
+    """Identifies the tokenization, for the data cache's key."""
+    import hashlib
+
+    backend = getattr(tok, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+    extra = json.dumps([type(tok).__name__, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id])
+    return hashlib.sha256((text + extra).encode()).hexdigest()[:16]
+
+
+def build_model(name: str, tok: "PreTrainedTokenizerBase", seed: int, max_len: int) -> "PreTrainedModel":
+    """The model in fp32 on the CPU: a preset with seeded random weights, or a local directory."""
+    import torch
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, LlamaConfig,
+                              LlamaForCausalLM, T5Config, T5ForConditionalGeneration)
+
+    torch.manual_seed(seed)
+    if name == "tiny":
+        config = LlamaConfig(
+            vocab_size=len(tok), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max(512, max_len),
+            tie_word_embeddings=True, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        return LlamaForCausalLM(config)
+    if name == "chatlm-mini":
+        config = T5Config(
+            vocab_size=CHATLM_VOCAB, d_model=768, d_kv=64, d_ff=3072, num_layers=10, num_decoder_layers=10,
+            num_heads=12, feed_forward_proj="relu", tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id,
+        )
+        return T5ForConditionalGeneration(config)
+    config = AutoConfig.from_pretrained(name, local_files_only=True)
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    return auto.from_pretrained(name, local_files_only=True, dtype=torch.float32)
+
+
+def flops_per_token(model: Any, seq2seq: bool) -> tuple[float, float]:
+    """Training FLOPs per (encoder, decoder) token: 6 × the matmul parameters the token passes
+    through, plus attention (12 × layers × width × average context, added by the caller)."""
+    enc = dec = 0
+    for name, p in model.named_parameters():
+        if "embed" in name or name.startswith("shared"):
+            continue
+        if seq2seq and name.startswith("encoder."):
+            enc += p.numel()
+        else:
+            dec += p.numel()
+    if getattr(model.config, "tie_word_embeddings", False):  # the LM head is the embedding matrix
+        dec += model.get_input_embeddings().weight.numel()
+    return 6.0 * enc, 6.0 * dec
+
+
+def save_final(model: Any, tok: "PreTrainedTokenizerBase", final_dir: Path) -> None:
+    """The trained model and its tokenizer in ``save_pretrained`` form, replaced atomically."""
+    tmp = final_dir.with_name(f".tmp-{final_dir.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    old = final_dir.with_name(f".old-{final_dir.name}-{os.getpid()}")
+    if final_dir.exists():
+        os.rename(final_dir, old)
+    os.rename(tmp, final_dir)
+    shutil.rmtree(old, ignore_errors=True)
