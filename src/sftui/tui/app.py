@@ -1,0 +1,300 @@
+"""The sftui screen: a Textual client of one run directory.
+
+The app reads the run only through ``RunWatcher`` (runstate.py), on a worker thread: each poll
+runs off the UI thread and re-arms itself with ``set_timer`` when its result has been shown, so
+polls never overlap and a slow disk never freezes the keys. Commands go to the supervisor over
+the control socket, also on worker threads. Leaving the app never touches the supervisor:
+training goes on, and ``run_tui`` prints the command to come back.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.text import Text
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.message import Message
+from textual.timer import Timer
+from textual.widgets import Footer
+
+from sftui import control
+from sftui.config import next_rung, rung_above
+from sftui.rundir import RunDir, lock_is_held
+from sftui.runstate import LIVE_STATUSES, RunState
+from sftui.tui.chart import LossChart
+from sftui.tui.confirm import BatchScreen, ConfirmScreen
+from sftui.tui.gpus import GpuPanel
+from sftui.tui.header import HeaderPanel
+from sftui.tui.help import HelpScreen
+from sftui.tui.ladder import LadderPanel
+from sftui.tui.logtail import LogPanel
+from sftui.tui.oom import OomScreen
+from sftui.tui.progress import ProgressPanel
+from sftui.tui.system import SystemPanel
+from sftui.tui.view import ENDED, Panel, Poller, View, forecast_text, rung_effective, wall_clock
+
+COMPACT_WIDTH = 100
+COMPACT_HEIGHT = 32
+
+
+class Polled(Message):
+    """A poll finished: ``view`` is None when nothing visible changed."""
+
+    def __init__(self, view: View | None, error: str | None = None):
+        super().__init__()
+        self.view = view
+        self.error = error
+
+
+class CommandDone(Message):
+    def __init__(self, payload: dict[str, Any], reply: dict[str, Any] | None, error: str | None):
+        super().__init__()
+        self.payload = payload
+        self.reply = reply
+        self.error = error
+
+
+class SftuiApp(App[None]):
+    CSS_PATH = "sftui.tcss"
+    TITLE = "sftui"
+    ENABLE_COMMAND_PALETTE = False
+    BINDINGS = [
+        Binding("plus,equals_sign", "rung(1)", "rung up", key_display="+"),
+        Binding("minus,underscore", "rung(-1)", "rung down", key_display="-"),
+        Binding("b", "batch", "batch"),
+        Binding("c", "checkpoint", "checkpoint"),
+        Binding("s", "stop", "stop"),
+        Binding("question_mark", "help", "help", key_display="?"),
+        Binding("q", "leave", "leave"),
+        Binding("ctrl+c", "leave", "leave", show=False, priority=True),
+        Binding("ctrl+q", "leave", "leave", show=False, priority=True),
+    ]
+
+    def __init__(self, run_dir: Path, clock: Callable[[], float] | None = None, poll_interval: float = 1.0,
+                 history: bool = True):
+        super().__init__()
+        self.run_dir = Path(run_dir).absolute()
+        self.clock = clock or wall_clock()
+        self.poll_interval = poll_interval
+        self.poller = Poller(self.run_dir, history=history)
+        self.view: View | None = None
+        self.poll_count = 0
+        self._polling = False
+        self._poll_again = False
+        self._timer: Timer | None = None
+        self._oom: OomScreen | None = None
+
+    # --- layout ---
+
+    def compose(self) -> ComposeResult:
+        yield HeaderPanel(id="header")
+        yield GpuPanel("GPUs", id="gpus", classes="panel")
+        with Horizontal(id="middle"):
+            yield ProgressPanel("progress", id="progress", classes="panel")
+            yield LadderPanel("ladder", id="ladder", classes="panel")
+            yield SystemPanel("system", id="system", classes="panel")
+        yield LossChart("loss", id="chart", classes="panel")
+        yield LogPanel("log", id="log", classes="panel")
+        yield Footer(compact=True)
+
+    def on_mount(self) -> None:
+        self._set_compact()
+        self.poll_now()
+
+    def on_resize(self) -> None:
+        self._set_compact()
+
+    def _set_compact(self) -> None:
+        w, h = self.size
+        self.screen.set_class(w < COMPACT_WIDTH or h < COMPACT_HEIGHT, "compact")
+        self.screen.set_class(h < 20, "tiny")
+
+    # --- polling: a worker thread reads, the UI thread shows, then re-arms ---
+
+    def poll_now(self) -> None:
+        """Poll at once (or right after the poll in flight): after a key command."""
+        if self._polling:
+            self._poll_again = True
+            return
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer = None
+        self._polling = True
+        self._poll_worker(self.view is None)
+
+    @work(thread=True, exclusive=False, group="poll", exit_on_error=False)
+    def _poll_worker(self, force: bool) -> None:
+        try:
+            view = self.poller.poll(force=force)
+            msg = Polled(view)
+        except Exception as e:  # a torn file or a vanished directory is shown, never a crash
+            msg = Polled(None, f"{type(e).__name__}: {e}")
+        self.post_message(msg)
+
+    def on_polled(self, message: Polled) -> None:
+        self._polling = False
+        self.poll_count += 1
+        if message.error:
+            self.notify(f"reading the run failed: {message.error}", severity="error", timeout=5)
+        if message.view is not None:
+            self.view = message.view
+            self._show(message.view)
+        delay = 0.02 if self._poll_again else self.poll_interval
+        self._poll_again = False
+        self._timer = self.set_timer(delay, self.poll_now)
+
+    def _show(self, view: View) -> None:
+        for panel in self.query(Panel):
+            panel.show(view)
+        self._sync_oom(view)
+
+    # --- the OOM prompt follows RunState.pending_decision ---
+
+    def _sync_oom(self, view: View) -> None:
+        pending = view.state.pending_decision is not None and view.status in LIVE_STATUSES
+        if pending and self._oom is None:
+            # stale dialogs (a rung confirmation, the batch input) make no sense under the prompt
+            while len(self.screen_stack) > 1 and isinstance(self.screen, (ConfirmScreen, BatchScreen)):
+                self.pop_screen()
+            self._oom = OomScreen(view, self.clock, self._decide)
+            self.push_screen(self._oom)
+        elif pending and self._oom is not None:
+            self._oom.update_view(view)
+        elif not pending and self._oom is not None:
+            oom, self._oom = self._oom, None
+            if oom in self.screen_stack:
+                while self.screen is not oom:
+                    self.pop_screen()
+                self.pop_screen()
+            decision = next((line for line in reversed(view.state.log) if line.startswith("decision by")), None)
+            if decision:
+                self.notify(decision, title="out of memory", timeout=4)
+
+    def _decide(self, action: str, batch: int | None) -> None:
+        what = f"restart at batch {batch}" if action == "restart" else "stop"
+        self.notify(f"{what} requested…", timeout=3)
+        self._send({"cmd": "decide", "action": action, "batch_size": batch}, announce=None)
+
+    # --- commands ---
+
+    def _usable(self, what: str) -> bool:
+        """True when a command can reach a live run; else say why."""
+        v = self.view
+        if v is None:
+            self.notify("still reading the run…", severity="warning", timeout=2)
+            return False
+        if v.status in ENDED:
+            self.notify(f"the run has {v.status}: nothing to {what}", severity="warning", timeout=3)
+            return False
+        if v.status == "lost":
+            self.notify(f"the supervisor is gone (run lost): cannot {what}. "
+                        f"Resume with: sftui run --resume {v.state.path}", severity="error", timeout=6)
+            return False
+        return True
+
+    def _send(self, payload: dict[str, Any], announce: str | None) -> None:
+        if announce:
+            self.notify(announce, timeout=3)
+        self._command_worker(payload)
+
+    @work(thread=True, group="control", exit_on_error=False)
+    def _command_worker(self, payload: dict[str, Any]) -> None:
+        try:
+            reply, error = control.request(RunDir(self.run_dir), payload), None
+        except control.ControlError as e:
+            reply, error = None, str(e)
+        except Exception as e:  # never a crash: the error is shown
+            reply, error = None, f"{type(e).__name__}: {e}"
+        self.post_message(CommandDone(payload, reply, error))
+
+    def on_command_done(self, message: CommandDone) -> None:
+        if message.error:
+            self.notify(f"{message.payload['cmd']}: {message.error}", severity="error", timeout=6)
+            if message.payload["cmd"] == "decide" and self._oom is not None:
+                self._oom.failed(message.error)
+        self.poll_now()
+
+    def action_rung(self, direction: int) -> None:
+        if not self._usable("switch"):
+            return
+        s = self.view.state
+        if s.batch_size is None or not s.ladder:
+            self.notify("the current rung is not known yet", severity="warning", timeout=3)
+            return
+        new = rung_above(s.ladder, s.batch_size) if direction > 0 else next_rung(s.ladder, s.batch_size)
+        if new is None:
+            self.notify(f"batch {s.batch_size} is already the {'top' if direction > 0 else 'bottom'} of the ladder",
+                        severity="warning", timeout=3)
+            return
+        body = Text.assemble(
+            f"Switch from batch {rung_effective(self.view, s.batch_size)} to ",
+            (rung_effective(self.view, new), "bold"), "?\n",
+            "Training checkpoints, then restarts at the new batch from that step.\n\n",
+            forecast_text(self.view, new),
+        )
+        self.push_screen(ConfirmScreen(f"One rung {'up' if direction > 0 else 'down'}", body, yes=f"switch to {new}"),
+                         lambda ok: self._switch(new) if ok else self.notify("cancelled", timeout=2))
+
+    def _switch(self, batch: int) -> None:
+        self._send({"cmd": "set_batch", "batch_size": batch}, f"switch to batch {batch} requested…")
+
+    def action_batch(self) -> None:
+        if not self._usable("switch"):
+            return
+        view = self.view
+
+        def describe(value: int) -> Text:
+            return Text.assemble(f"→ {rung_effective(view, value)}\n", forecast_text(view, value))
+
+        def done(value: int | None) -> None:
+            if value is None:
+                self.notify("cancelled", timeout=2)
+            elif value == view.state.batch_size:
+                self.notify(f"already at batch {value}", severity="warning", timeout=3)
+            else:
+                self._switch(value)
+
+        self.push_screen(BatchScreen(view.state.batch_size, describe), done)
+
+    def action_checkpoint(self) -> None:
+        if self._usable("checkpoint"):
+            self._send({"cmd": "checkpoint"}, "checkpoint requested…")
+
+    def action_stop(self) -> None:
+        if not self._usable("stop"):
+            return
+        body = Text("Stop training? The worker checkpoints first; resume later with sftui run --resume.")
+        self.push_screen(ConfirmScreen("Stop training", body, yes="stop"),
+                         lambda ok: self._send({"cmd": "stop"}, "stop requested…") if ok
+                         else self.notify("cancelled", timeout=2))
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen(str(self.run_dir)))
+
+    def action_leave(self) -> None:
+        self.exit()
+
+
+def run_tui(run_dir: Path) -> int:
+    """Show the run until the user leaves; then print how to come back. Training is not touched."""
+    run_dir = Path(run_dir).absolute()
+    SftuiApp(run_dir).run()
+    state = RunState(run_dir)
+    state.load_run_json()
+    state.supervisor_alive = lock_is_held(RunDir(run_dir))
+    live = state.status in LIVE_STATUSES and state.supervisor_alive
+    attach = f"sftui attach {shlex.quote(str(run_dir))}"
+    if live:
+        print(f"Training goes on in the background (run {state.name or run_dir.name}, {state.status}). Come back with:")
+    else:
+        print(f"The run is {state.display_status}; no training is going on. Look at it again with:")
+    print(attach)
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,181 @@
+"""The out-of-memory prompt: what happened, the proposal, a countdown, and the choices.
+
+Shown while ``RunState.pending_decision`` is set (a ``decision_needed`` event, also kept in
+run.json, so it comes back on re-attach); the app removes it when the ``decision`` arrives.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Static
+
+from sftui.runstate import fmt_gib
+from sftui.tui.ladder import rung_line
+from sftui.tui.render import lines_text
+from sftui.tui.view import View, rung_effective
+
+WHERE = {"forward": "in the forward pass", "backward": "in the backward pass",
+         "optimizer": "in the optimizer step", "host": "in host memory"}
+
+
+class OomScreen(ModalScreen[None]):
+    BINDINGS = [
+        Binding("y,enter", "accept", "restart"),
+        Binding("n", "refuse", "stop"),
+        *(Binding(str(i), f"pick({i})", show=False) for i in range(1, 10)),
+    ]
+
+    def __init__(self, view: View, clock: Callable[[], float],
+                 decide: Callable[[str, int | None], None]):
+        super().__init__(classes="dialog-screen", id="oom-screen")
+        self.view = view
+        self.clock = clock
+        self.decide = decide
+        self.sent: str | None = None
+
+    # --- content ---
+
+    @property
+    def decision(self) -> dict:
+        return self.view.state.pending_decision or {}
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="oom") as box:
+            box.border_title = "Out of memory"
+            yield Static(self.what_text(), id="oom-what", classes="dialog-body")
+            yield Static(self.proposal_text(), id="oom-proposal", classes="dialog-body")
+            yield Static(self.countdown_text(), id="oom-countdown", classes="dialog-body")
+            yield Static(self.rungs_text(), id="oom-rungs", classes="dialog-body")
+            yield Static(self.keys_text(), id="oom-keys", classes="dialog-keys")
+
+    def what_text(self) -> Text:
+        oom = self.view.state.last_oom
+        if not oom:
+            return Text("The training ran out of memory (the details are not in the event log).", "bold red")
+        where = WHERE.get(oom.get("where") or "", oom.get("where") or "")
+        first = Text.assemble(("Step ", "bold red"), (f"{oom.get('step')}", "bold red"),
+                              (f" ran out of memory at batch {oom.get('batch_size')}", "bold red"),
+                              f" (rank {oom.get('rank')}, {where})",
+                              (" [injected]" if oom.get("injected") else "", "dim"))
+        uuid = oom.get("gpu_uuid")
+        if not uuid:
+            second = Text("on the CPU (host memory)" if oom.get("where") == "host" else "on the CPU")
+        else:
+            g = self.view.gpu_by_uuid(uuid, at=oom.get("t"))
+            if g is None:
+                second = Text(f"on GPU {uuid} (no telemetry for it)")
+            else:
+                name = (g.get("name") or "GPU").replace("NVIDIA ", "")
+                second = Text.assemble(f"on GPU {g.get('index')} ({name}): ",
+                                       (f"{fmt_gib(g.get('mem_used'))}/{fmt_gib(g.get('mem_total'))} GiB used", "bold"),
+                                       " at the time")
+        return lines_text([first, second])
+
+    def resume_from(self) -> str:
+        oom = self.view.state.last_oom or {}
+        ck = oom.get("emergency_checkpoint")
+        if ck is not None:
+            return f"from step {ck} (emergency checkpoint)"
+        if self.view.latest_ckpt is not None:
+            return f"from step {self.view.latest_ckpt} (latest checkpoint)"
+        return "from the start (no checkpoint yet)"
+
+    def proposal_text(self) -> Text:
+        prop = self.decision.get("proposed_batch")
+        if prop is None:
+            return Text.assemble(("No smaller rung: this was the bottom of the ladder. ", "bold"),
+                                 "Lower --max-len or add --gradient-checkpointing, or pick a rung below.")
+        return Text.assemble("Proposal: restart at batch ", (f"{rung_effective(self.view, prop)}", "bold green"),
+                             f", {self.resume_from()}.")
+
+    def countdown_text(self) -> Text:
+        if self.sent:
+            return Text(f"{self.sent} — waiting for the supervisor…", "bold yellow")
+        deadline = self.decision.get("deadline")
+        prop = self.decision.get("proposed_batch")
+        auto = f"restart at batch {prop}" if prop is not None else "stop the run"
+        if not isinstance(deadline, (int, float)):
+            return Text(f"Automatic choice: {auto}")
+        left = deadline - self.clock()
+        if left <= 0:
+            return Text(f"Time is up: the supervisor decides ({auto})…", "bold yellow")
+        return Text.assemble("Automatic choice in ", (f"{left:.0f} s", "bold yellow"), f": {auto}")
+
+    def rungs_text(self) -> Text:
+        prop = self.decision.get("proposed_batch")
+        lines = [Text("Or pick a rung:", "dim")]
+        for i, rung in enumerate(self.view.state.ladder[:9], 1):
+            line = rung_line(i, rung, self.view, 30)
+            line.pad_right(max(0, 22 - line.cell_len))
+            if rung == prop:
+                line.append("  ← proposed", "green")
+            lines.append(line)
+        return lines_text(lines)
+
+    def keys_text(self) -> Text:
+        prop = self.decision.get("proposed_batch")
+        n = min(9, len(self.view.state.ladder))
+        parts = []
+        if prop is not None:
+            parts += [("y", "bold reverse"), "/", ("Enter", "bold reverse"), f" restart at {prop}   "]
+        parts += [("n", "bold reverse"), " stop the run   "]
+        if n:
+            parts += [(f"1–{n}" if n > 1 else "1", "bold reverse"), " that rung"]
+        parts += ["\n", ("q", "bold reverse"), " leave this screen: the run waits for the timeout, then decides itself"]
+        return Text.assemble(*parts)
+
+    # --- updates ---
+
+    def on_mount(self) -> None:
+        self.set_interval(1.0, self.tick)
+
+    def tick(self) -> None:
+        self.query_one("#oom-countdown", Static).update(self.countdown_text())
+
+    def update_view(self, view: View) -> None:
+        same_question = repr(view.state.pending_decision) == repr(self.view.state.pending_decision)
+        self.view = view
+        if not same_question:
+            self.sent = None
+        for wid, fn in (("#oom-what", self.what_text), ("#oom-proposal", self.proposal_text),
+                        ("#oom-countdown", self.countdown_text), ("#oom-rungs", self.rungs_text),
+                        ("#oom-keys", self.keys_text)):
+            self.query_one(wid, Static).update(fn())
+
+    def failed(self, error: str) -> None:
+        """The decision did not reach the supervisor: let the user try again."""
+        self.sent = None
+        self.tick()
+
+    # --- actions ---
+
+    def _send(self, action: str, batch: int | None, what: str) -> None:
+        if self.sent:
+            self.notify(f"already sent: {self.sent}", severity="warning")
+            return
+        self.sent = what
+        self.tick()
+        self.decide(action, batch)
+
+    def action_accept(self) -> None:
+        prop = self.decision.get("proposed_batch")
+        if prop is None:
+            self.notify("no smaller rung to restart at: press n to stop, or a digit to pick a rung", severity="warning")
+            return
+        self._send("restart", prop, f"restart at batch {prop} requested")
+
+    def action_refuse(self) -> None:
+        self._send("stop", None, "stop requested")
+
+    def action_pick(self, i: int) -> None:
+        ladder = self.view.state.ladder
+        if not 1 <= i <= len(ladder):
+            self.notify(f"no rung {i}: the ladder has {len(ladder)}", severity="warning")
+            return
+        self._send("restart", ladder[i - 1], f"restart at batch {ladder[i - 1]} requested")

@@ -1,0 +1,51 @@
+"""System memory, swap, CPU and the run's resident memory."""
+
+from __future__ import annotations
+
+from typing import Any, Hashable
+
+from rich.text import Text
+
+from sftui.runstate import fmt_gib
+from sftui.tui.render import bar, crop, lines_text
+
+from sftui.tui.view import Panel, View
+
+
+def _frac(a: Any, b: Any) -> float | None:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > 0:
+        return a / b
+    return None
+
+
+class SystemPanel(Panel):
+    def key(self, view: View) -> Hashable:
+        return (view.telemetry or {}).get("t")
+
+    def wanted_lines(self, view: View | None) -> int:
+        return 4
+
+    def build(self, view: View, width: int, height: int) -> Text:
+        tele = view.telemetry
+        if tele is None:
+            return crop(Text("no telemetry yet", "dim"), width)
+        sysm = tele.get("system") or {}
+
+        mu, mt = sysm.get("mem_used"), sysm.get("mem_total")
+        su, stt = sysm.get("swap_used"), sysm.get("swap_total")
+        cpu = sysm.get("cpu_percent")
+        values = [f"{fmt_gib(mu)}/{fmt_gib(mt)} GiB", f"{fmt_gib(su)}/{fmt_gib(stt)} GiB",
+                  "n/a" if cpu is None else f"{cpu:.0f}%"]
+        vw = max(len(v) for v in values)
+        bw = max(3, min(24, width - 5 - vw - 1))
+
+        def row(label: str, frac: float | None, value: str) -> Text:
+            return crop(Text.assemble((f"{label:<5}", "bold"), bar(frac, bw), " ", value.rjust(vw)), width)
+
+        lines = [
+            row("RAM", _frac(mu, mt), values[0]),
+            row("swap", _frac(su, stt) if stt else 0.0, values[1]),
+            row("CPU", None if cpu is None else cpu / 100, values[2]),
+            crop(Text.assemble(("run  ", "bold"), f"RSS {fmt_gib(tele.get('run_rss'), 2)} GiB"), width),
+        ]
+        return lines_text(lines)

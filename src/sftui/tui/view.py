@@ -1,0 +1,216 @@
+"""What one poll hands the UI: a private copy of the RunState plus the few file reads it needs.
+
+``Poller.poll()`` runs on a worker thread (it reads files); the ``View`` it returns is never
+touched by that thread again, so widgets on the UI thread read it without locks. ``Panel`` is
+the base of the dashboard's panels: it re-renders only when the part of the view it shows
+changed, so an idle screen costs almost nothing and nothing flickers.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Hashable
+
+from rich.text import Text
+from textual.geometry import Size
+from textual.widget import Widget
+
+from sftui.runstate import LIVE_STATUSES, RunState, RunWatcher
+
+ENDED = ("finished", "failed", "stopped")
+
+
+@dataclass
+class View:
+    state: RunState                      # a copy: no other thread mutates it
+    status: str                          # display status: run.json's, or "lost"
+    version: int                         # bumps whenever anything shown may have changed
+    attempt_tail: list[str] = field(default_factory=list)  # last lines of attempt-N.log (failed/lost runs)
+    latest_ckpt: int | None = None       # step of checkpoints/latest (read while a decision is pending)
+
+    @property
+    def live(self) -> bool:
+        return self.status in LIVE_STATUSES
+
+    @property
+    def telemetry(self) -> dict[str, Any] | None:
+        return self.state.telemetry
+
+    def gpu_by_uuid(self, uuid: str | None, at: float | None = None) -> dict[str, Any] | None:
+        """The GPU with this UUID in the telemetry sample closest before ``at`` (latest if None)."""
+        if not uuid:
+            return None
+        samples = list(self.state.telemetry_history) or ([self.state.telemetry] if self.state.telemetry else [])
+        chosen = None
+        for s in samples:
+            if at is not None and chosen is not None and (s.get("t") or 0) > at + 1.0:
+                break
+            for g in s.get("gpus") or []:
+                if g.get("uuid") == uuid:
+                    chosen = g
+        return chosen
+
+    def run_gpu_total(self) -> int | None:
+        """The smallest memory of the GPUs this run uses (what a forecast is compared with)."""
+        tele = self.state.telemetry or {}
+        totals = [g.get("mem_total") for g in tele.get("gpus") or [] if g.get("in_run") and g.get("mem_total")]
+        return min(totals) if totals else None
+
+
+def _copy_state(st: RunState) -> RunState:
+    snap = copy.copy(st)
+    snap.config = dict(st.config)
+    snap.ladder = list(st.ladder)
+    snap.oom_rungs = list(st.oom_rungs)
+    snap.losses = list(st.losses)
+    snap.eval_losses = list(st.eval_losses)
+    snap.mem_peak = dict(st.mem_peak)
+    snap.rung_peaks = dict(st.rung_peaks)
+    snap.crash_tail = list(st.crash_tail)
+    snap.log = deque(st.log, maxlen=st.log.maxlen)
+    snap.telemetry_history = deque(st.telemetry_history, maxlen=st.telemetry_history.maxlen)
+    return snap
+
+
+class Poller:
+    """Owns the RunWatcher; called on a worker thread, one poll at a time."""
+
+    def __init__(self, run_dir: Path, history: bool = True):
+        self.watcher = RunWatcher(Path(run_dir), history=history)
+        self.version = 0
+        self._sig: Hashable = None
+        self._tail_key: Hashable = None
+        self._tail: list[str] = []
+
+    def poll(self, force: bool = False) -> View | None:
+        """Read what is new; a View when something visible changed (or ``force``), else None."""
+        new = self.watcher.poll()
+        st = self.watcher.state
+        sig = (st.status, st.attempt, st.batch_size, st.grad_accum, st.world_size, tuple(st.ladder),
+               tuple(st.oom_rungs), repr(st.pending_decision), st.supervisor_alive, st.exit_code, st.name,
+               (st.telemetry or {}).get("t"))
+        if not new and sig == self._sig and not force:
+            return None
+        self._sig = sig
+        self.version += 1
+        snap = _copy_state(st)
+        status = snap.display_status
+        view = View(state=snap, status=status, version=self.version)
+        if status in ("failed", "lost") or snap.crash_tail:
+            view.attempt_tail = self._attempt_tail(snap.attempt)
+        if snap.pending_decision is not None:
+            latest = self.watcher.run.latest_checkpoint()
+            if latest is not None:
+                try:
+                    view.latest_ckpt = int(latest.name.rsplit("-", 1)[-1])
+                except ValueError:
+                    pass
+        return view
+
+    def _attempt_tail(self, attempt: int | None, n: int = 12) -> list[str]:
+        if attempt is None:
+            return []
+        path = self.watcher.run.attempt_log(attempt)
+        try:
+            st = os.stat(path)
+            key = (attempt, st.st_size, st.st_mtime_ns)
+        except OSError:
+            return []
+        if key != self._tail_key:
+            self._tail_key = key
+            self._tail = [line.rstrip() for line in self.watcher.attempt_log_tail(n)]
+        return self._tail
+
+
+class Panel(Widget):
+    """A dashboard panel: ``show(view)`` re-renders only when ``key(view)`` changed."""
+
+    DEFAULT_CSS = """
+    Panel { height: auto; }
+    """
+
+    def __init__(self, title: str | None = None, *, id: str | None = None, classes: str | None = None):
+        super().__init__(id=id, classes=classes)
+        if title:
+            self.border_title = title
+        self.view: View | None = None
+        self._key: Hashable = object()
+        self._lines = 1
+
+    # subclasses implement these
+    def key(self, view: View) -> Hashable:
+        return view.version
+
+    def wanted_lines(self, view: View | None) -> int:
+        return 1
+
+    def build(self, view: View, width: int, height: int) -> Text:
+        raise NotImplementedError
+
+    def placeholder(self) -> Text:
+        return Text("reading the run…", "dim")
+
+    # machinery
+    def show(self, view: View) -> None:
+        key = self.key(view)
+        self.view = view
+        if key == self._key:
+            return
+        self._key = key
+        lines = self.wanted_lines(view)
+        relayout = lines != self._lines
+        self._lines = lines
+        self.refresh(layout=relayout)
+
+    def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
+        return self.wanted_lines(self.view)
+
+    def render(self) -> Text:
+        if self.view is None:
+            return self.placeholder()
+        size = self.content_size
+        return self.build(self.view, max(1, size.width), max(1, size.height))
+
+
+def wall_clock() -> Callable[[], float]:
+    return time.time
+
+
+# --- rung helpers shared by the ladder, the confirmations and the OOM prompt ----------------------
+
+
+def accum_for(view: View, batch: int) -> int:
+    """Accumulation at ``batch``: fixed, or recomputed toward --effective-batch (config.grad_accum_for)."""
+    s = view.state
+    target = s.config.get("effective_batch")
+    world = s.world_size or 1
+    if target:
+        return max(1, round(target / (batch * world)))
+    return s.grad_accum or s.config.get("grad_accum") or 1
+
+
+def rung_effective(view: View, batch: int) -> str:
+    from sftui.runstate import rung_text
+
+    return rung_text(batch, view.state.world_size or 1, accum_for(view, batch))
+
+
+def forecast_text(view: View, batch: int) -> Text:
+    """What is known of a rung's peak memory: measured, ran out of memory, or "?"."""
+    from sftui.runstate import fmt_gib
+
+    s = view.state
+    total = view.run_gpu_total()
+    of = f" of {fmt_gib(total)} GiB" if total else ""
+    if batch in s.oom_rungs:
+        return Text(f"batch {batch} ran out of memory before", "bold red")
+    peak = s.rung_peaks.get(batch)
+    if peak is not None:
+        return Text(f"peak memory at batch {batch}: {fmt_gib(peak)} GiB{of} (measured)")
+    return Text(f"peak memory at batch {batch}: ? (not measured yet{', GPU has ' + fmt_gib(total) + ' GiB' if total else ''})",
+                "dim")
