@@ -55,30 +55,52 @@ def events(run: rundir.RunDir, kind: str | None = None, attempt: int | None = No
     return [e for e in out if (kind is None or e["kind"] == kind) and (attempt is None or e.get("attempt") == attempt)]
 
 
-def run_attempt(run: rundir.RunDir, attempt: int, world: int, *, request_after_step: int | None = None,
-                request: tuple[int, str, int | None] | None = None, timeout: float = ATTEMPT_TIMEOUT) -> list[int | None]:
-    """Start an attempt, optionally write request.json once a step event with at least
-    ``request_after_step`` appeared, and wait for every rank; their exit codes."""
+def run_attempt(run: rundir.RunDir, attempt: int, world: int,
+                requests: list[tuple[int, tuple[int, str, int | None]]] = (),
+                timeout: float = ATTEMPT_TIMEOUT) -> list[int | None]:
+    """Start an attempt and wait for every rank; their exit codes. ``requests`` are
+    (after step, (seq, action, batch_size)): request.json is written once a step event of this
+    attempt with at least that step appears, one request after the other."""
     att = launch.start_attempt(run, attempt, world, gpus=None)
     deadline = time.monotonic() + timeout
-    sent = request is None
+    pending = list(requests)
     tail = rundir.JsonlTail(run.events)
     try:
         while att.running():
             if time.monotonic() > deadline:
                 raise TimeoutError(f"attempt {attempt} still running after {timeout}s:\n{log_tail(run, attempt)}")
-            if not sent:
-                for e in tail.read():
-                    if e["kind"] == "step" and e.get("attempt") == attempt and e["step"] >= request_after_step:
-                        write_request(run, *request)
-                        sent = True
-                        break
+            for e in tail.read():
+                if pending and e["kind"] == "step" and e.get("attempt") == attempt and e["step"] >= pending[0][0]:
+                    write_request(run, *pending.pop(0)[1])
             time.sleep(0.02)
     finally:
         if att.running():
             att.terminate()
         att.wait_logs()
     return att.poll()
+
+
+def next_attempt(run: rundir.RunDir, **changes: Any) -> int:
+    """What the supervisor does between attempts: bump the attempt, consume handled requests
+    (``request_seq``), set the new rung; the new attempt's number."""
+    spec = rundir.read_json(run.run_json)
+    update_run_json(run, attempt=spec["attempt"] + 1, **changes)
+    return spec["attempt"] + 1
+
+
+def step_events(run: rundir.RunDir) -> list[dict[str, Any]]:
+    return events(run, "step")
+
+
+def assert_each_sample_once(run: rundir.RunDir, n_rows: int, epochs: int = 1) -> list[dict[str, Any]]:
+    """samples.jsonl proves that every epoch trained every sample exactly once, steps 1..N in
+    order with no gap or repeat; the lines, for further checks."""
+    lines = samples(run)
+    assert [s["step"] for s in lines] == list(range(1, len(lines) + 1))
+    for epoch in range(epochs):
+        ids = [i for s in lines if s["epoch"] == epoch for i in s["ids"]]
+        assert sorted(ids) == list(range(n_rows)), f"epoch {epoch}: {len(ids)} ids, {len(set(ids))} distinct"
+    return lines
 
 
 def log_tail(run: rundir.RunDir, attempt: int, n: int = 60) -> str:

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 from torch.utils.data import DataLoader
 
 from sftui import events as ev
@@ -83,7 +83,11 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
     accelerator = Accelerator(
         cpu=not cuda,
         mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no",
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=max(60.0, cfg.hang_timeout)))],
+        kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=timedelta(seconds=max(60.0, cfg.hang_timeout))),
+            # Buffers (rotary tables) are the same on every rank: no broadcast before each forward.
+            DistributedDataParallelKwargs(broadcast_buffers=False),
+        ],
     )
     device = accelerator.device
     gpu_uuid = _gpu_uuid(device)
@@ -236,6 +240,7 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
     # --- the run is complete ---
     save("final", step)
     if lead:
+        phase("checkpointing")
         models.save_final(accelerator.unwrap_model(model), tok, run.final)
     accelerator.wait_for_everyone()
     log.emit("worker_exit", rank=me.rank, reason="finished", step=step)

@@ -147,6 +147,9 @@ def flops_per_token(model: Any, seq2seq: bool) -> tuple[float, float]:
 
 def save_final(model: Any, tok: "PreTrainedTokenizerBase", final_dir: Path) -> None:
     """The trained model and its tokenizer in ``save_pretrained`` form, replaced atomically."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
     tmp = final_dir.with_name(f".tmp-{final_dir.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
