@@ -136,6 +136,8 @@ def make_run(root: Path, scenario: str = "live", steps: int = 60) -> Path:
 
     with open(run.telemetry, "w") as f:
         import json
+        if not cpu:  # the moment of the OOM: GPU 1 nearly full
+            f.write(json.dumps(gpu_sample(t0 + 10 + oom_step - 0.5, 0, 79.6, 100)) + "\n")
         for i in range(40):
             ts = CLOCK - 80 + 2 * i
             sample = cpu_sample(ts) if cpu else gpu_sample(ts, i, 40 + 21 * abs(math.sin(i / 6)), 60 + 38 * abs(math.sin(i / 4)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from time import monotonic
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,6 +40,7 @@ from sftui.tui.progress import ProgressPanel
 from sftui.tui.system import SystemPanel
 from sftui.tui.view import ENDED, Panel, Poller, View, forecast_text, rung_effective, wall_clock
 
+PING_EVERY_S = 2.0  # the supervisor asks (--on-oom ask) while a TUI pinged within its freshness window
 COMPACT_WIDTH = 100
 COMPACT_HEIGHT = 32
 
@@ -61,7 +63,7 @@ class CommandDone(Message):
 
 
 class SftuiApp(App[None]):
-    CSS_PATH = "sftui.tcss"
+    CSS_PATH = Path(__file__).with_name("sftui.tcss")  # absolute: subclasses live elsewhere
     TITLE = "sftui"
     ENABLE_COMMAND_PALETTE = False
     BINDINGS = [
@@ -89,6 +91,8 @@ class SftuiApp(App[None]):
         self._poll_again = False
         self._timer: Timer | None = None
         self._oom: OomScreen | None = None
+        self._pinging = False
+        self._last_ping = float("-inf")
 
     # --- layout ---
 
@@ -148,6 +152,29 @@ class SftuiApp(App[None]):
         delay = 0.02 if self._poll_again else self.poll_interval
         self._poll_again = False
         self._timer = self.set_timer(delay, self.poll_now)
+        self._maybe_ping()
+
+    # --- presence: a live supervisor learns that a TUI is attached (so --on-oom defaults to ask) ---
+
+    def _maybe_ping(self) -> None:
+        v = self.view
+        if v is None or not v.live or self._pinging:
+            return
+        now = monotonic()
+        if now - self._last_ping < PING_EVERY_S:
+            return
+        self._last_ping = now
+        self._pinging = True
+        self._ping_worker()
+
+    @work(thread=True, group="ping", exit_on_error=False)
+    def _ping_worker(self) -> None:
+        try:
+            control.request(RunDir(self.run_dir), {"cmd": "ping", "client": "tui"}, timeout=1.0)
+        except Exception:
+            pass  # the header shows the state of the run; a missed ping is not news
+        finally:
+            self._pinging = False
 
     def _show(self, view: View) -> None:
         for panel in self.query(Panel):

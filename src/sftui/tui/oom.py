@@ -67,14 +67,15 @@ class OomScreen(ModalScreen[None]):
         if not uuid:
             second = Text("on the CPU (host memory)" if oom.get("where") == "host" else "on the CPU")
         else:
-            g = self.view.gpu_by_uuid(uuid, at=oom.get("t"))
+            g, when = self.view.gpu_by_uuid(uuid, at=oom.get("t"))
             if g is None:
                 second = Text(f"on GPU {uuid} (no telemetry for it)")
             else:
                 name = (g.get("name") or "GPU").replace("NVIDIA ", "")
+                at_the_time = isinstance(oom.get("t"), (int, float)) and when is not None and when <= oom["t"] + 1
                 second = Text.assemble(f"on GPU {g.get('index')} ({name}): ",
                                        (f"{fmt_gib(g.get('mem_used'))}/{fmt_gib(g.get('mem_total'))} GiB used", "bold"),
-                                       " at the time")
+                                       " at the time" if at_the_time else " now")
         return lines_text([first, second])
 
     def resume_from(self) -> str:
@@ -127,7 +128,7 @@ class OomScreen(ModalScreen[None]):
         parts += [("n", "bold reverse"), " stop the run   "]
         if n:
             parts += [(f"1–{n}" if n > 1 else "1", "bold reverse"), " that rung"]
-        parts += ["\n", ("q", "bold reverse"), " leave this screen: the run waits for the timeout, then decides itself"]
+        parts += ["\n", ("q", "bold reverse"), " leave this screen (the timeout decides)"]
         return Text.assemble(*parts)
 
     # --- updates ---

@@ -41,18 +41,20 @@ class View:
     def telemetry(self) -> dict[str, Any] | None:
         return self.state.telemetry
 
-    def gpu_by_uuid(self, uuid: str | None, at: float | None = None) -> dict[str, Any] | None:
-        """The GPU with this UUID in the telemetry sample closest before ``at`` (latest if None)."""
+    def gpu_by_uuid(self, uuid: str | None, at: float | None = None) -> tuple[dict[str, Any] | None, float | None]:
+        """The GPU with this UUID, and the sample's time: the last sample up to ``at`` (+1 s) when
+        there is one, else the latest sample."""
         if not uuid:
-            return None
+            return None, None
         samples = list(self.state.telemetry_history) or ([self.state.telemetry] if self.state.telemetry else [])
-        chosen = None
+        chosen: tuple[dict[str, Any] | None, float | None] = (None, None)
         for s in samples:
-            if at is not None and chosen is not None and (s.get("t") or 0) > at + 1.0:
+            t = s.get("t")
+            if at is not None and chosen[0] is not None and isinstance(t, (int, float)) and t > at + 1.0:
                 break
             for g in s.get("gpus") or []:
                 if g.get("uuid") == uuid:
-                    chosen = g
+                    chosen = (g, t)
         return chosen
 
     def run_gpu_total(self) -> int | None:
