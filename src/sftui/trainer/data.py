@@ -73,11 +73,8 @@ def _records(path: str) -> Iterator[tuple[int, str, Any]]:
 def _file_kind(path: str) -> str:
     if path.endswith(".parquet"):
         return "parquet"
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4096).lstrip()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror}") from None
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
     if head.startswith(b"PAR1"):
         return "parquet"
     return "json" if head.startswith(b"[") else "jsonl"

@@ -1,0 +1,119 @@
+"""Models: local save_pretrained directories (a causal LM and a T5) train and their final/
+loads back; the presets' shapes; inputs the worker refuses (exit 2)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel,
+                          PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration)
+
+from sftui import events as ev
+from sftui import rundir
+from sftui.config import RunConfig
+from sftui.trainer import model
+from trainer_helpers import (events, log_tail, next_attempt, qa_rows, run_attempt, step_events, update_run_json,
+                             write_jsonl, write_run_json)
+
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 +=->"
+
+
+def _tokenizer(pad: bool) -> PreTrainedTokenizerFast:
+    """A character tokenizer; without ``pad`` it has EOS only, as GPT-2's does."""
+    specials = ["<s>", "</s>", "<unk>"] + (["<pad>"] if pad else [])
+    vocab = {t: i for i, t in enumerate(specials + list(CHARS))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"(?m)."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    extra = {"pad_token": "<pad>"} if pad else {}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", **extra)
+
+
+def _causal_dir(path: Path) -> Path:
+    tok = _tokenizer(pad=False)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=2, n_positions=64,
+                               bos_token_id=0, eos_token_id=1)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _t5_dir(path: Path) -> Path:
+    tok = _tokenizer(pad=True)
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(tok), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      decoder_start_token_id=tok.pad_token_id)
+    T5ForConditionalGeneration(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["causal", "t5"])
+def test_local_model_dir_trains_and_final_loads_back(tmp_path: Path, kind: str) -> None:
+    src = (_causal_dir if kind == "causal" else _t5_dir)(tmp_path / "model")
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(64))
+    held_out = write_jsonl(tmp_path / "eval.jsonl", qa_rows(10, seed=9))
+    run = rundir.create(tmp_path / "run")
+    cfg = RunConfig(model=str(src), data=str(data), eval_data=str(held_out), eval_every=3, batch=8, max_len=32,
+                    log_every=2, cpu=True, checkpoint_every=0, lr=1e-3)
+    write_run_json(run, cfg, sample_budget=48)
+    assert run_attempt(run, 1, 1) == [ev.WORKER_OK], log_tail(run, 1)
+    steps = step_events(run)
+    assert [e["step"] for e in steps] == [1, 2, 4, 6] and steps[-1]["total_steps"] == 6
+    assert steps[-1]["samples_seen"] == 48 and all(e["mfu"] is None for e in steps)
+    assert [e["step"] for e in events(run, "eval")] == [3, 6] and events(run, "eval")[0]["samples"] == 10
+    assert not (run.path / "tokenizer").exists()  # a model directory brings its own tokenizer
+
+    auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSeq2SeqLM
+    trained = auto.from_pretrained(run.final, local_files_only=True)
+    original = auto.from_pretrained(src, local_files_only=True)
+    assert AutoTokenizer.from_pretrained(run.final, local_files_only=True).eos_token == "</s>"
+    changed = [n for n, p in trained.state_dict().items() if not torch.equal(p, original.state_dict()[n])]
+    assert changed
+
+
+def test_preset_shapes(tmp_path: Path) -> None:
+    model.build_char_tokenizer(Counter("abc"), tmp_path / "tok")
+    tok = model.load_tokenizer(tmp_path / "tok")
+    with torch.device("meta"):
+        chatlm = model.build_model("chatlm-mini", tok, seed=0, max_len=256)
+    params = sum(p.numel() for p in chatlm.parameters())
+    assert 185e6 < params < 190e6 and chatlm.config.vocab_size == 29298
+    tiny = model.build_model("tiny", tok, seed=0, max_len=256)
+    assert 1e6 < sum(p.numel() for p in tiny.parameters()) < 10e6
+    assert model.default_lr("tiny") == 1e-3 and model.default_lr("/some/dir") == 1e-4
+
+
+def test_chatlm_tokenizer_is_capped_at_the_model_vocab(tmp_path: Path) -> None:
+    counts = Counter({chr(0x4E00 + i): 1 for i in range(30000)})
+    model.build_char_tokenizer(counts, tmp_path / "tok", model.max_vocab("chatlm-mini"))
+    assert len(model.load_tokenizer(tmp_path / "tok")) == 29298
+
+
+def test_worker_refuses_bad_row_and_changed_max_len(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    write_jsonl(bad, qa_rows(10) + [{"prompt": "p", "response": ""}])
+    run = rundir.create(tmp_path / "run")
+    write_run_json(run, RunConfig(data=str(bad), batch=4, max_len=32, cpu=True))
+    assert run_attempt(run, 1, 1) == [ev.WORKER_BAD_INPUT]
+    (msg,) = [e["message"] for e in events(run, "log")]
+    assert msg == f'{bad}:11: empty "response"'
+    assert events(run)[-1]["kind"] == "worker_exit" and events(run)[-1]["reason"] == "error"
+
+    good = write_jsonl(tmp_path / "good.jsonl", qa_rows(64))
+    run = rundir.create(tmp_path / "run2")
+    cfg = RunConfig(data=str(good), batch=4, max_len=32, cpu=True, log_every=1)
+    write_run_json(run, cfg)
+    assert run_attempt(run, 1, 1, requests=[(2, (1, "stop", None))]) == [ev.WORKER_OK], log_tail(run, 1)
+    cfg.max_len = 48
+    next_attempt(run, config=cfg.to_dict(), request_seq=1)
+    assert run_attempt(run, 2, 1) == [ev.WORKER_BAD_INPUT]
+    (msg,) = [e["message"] for e in events(run, "log", 2)]
+    assert "written with --max-len 32, this run has 48" in msg
+    update_run_json(run, data_fingerprint="0" * 64)
+    assert run_attempt(run, 3, 1) == [ev.WORKER_BAD_INPUT]
