@@ -294,6 +294,18 @@ async def test_lost_run_is_shown_and_keys_say_so(tmp_path):
         assert app.noted("run lost") and app.noted("sftui run --resume")
 
 
+async def test_crashed_run_shows_the_workers_last_lines(tmp_path):
+    path = make_run(tmp_path, "crash")
+    app = NotedApp(path, clock=fixed_clock)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot)
+        text = screen_text(app)
+        assert "FAILED" in text and "attempt 2 crashed (exit 3)" in text
+        assert "attempt 2 ended: crash after step 60" in text
+        assert "RuntimeError: NCCL watchdog timeout" in text  # the crash tail from the event
+        assert "last lines of attempt-2.log" in text and "killed by signal 9" in text  # and from the log file
+
+
 # --- the OOM prompt ---------------------------------------------------------------------------
 
 

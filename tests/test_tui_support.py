@@ -60,6 +60,7 @@ def make_run(root: Path, scenario: str = "live", steps: int = 60) -> Path:
     ``oom``: attempt 1 just ran out of memory at step 6; a decision is pending.
     ``nogpu``: a CPU run, telemetry says no NVIDIA GPU.
     ``finished``: ``live`` run to its end.
+    ``crash``: ``live``, then attempt 2 crashed (a traceback in attempt-2.log) and the run failed.
     """
     path = Path(root) / f"run-{scenario}"
     run = create(path)
@@ -68,7 +69,8 @@ def make_run(root: Path, scenario: str = "live", steps: int = 60) -> Path:
     t0 = CLOCK - 400
     cfg = {"model": "tiny", "data": "demo", "batch": 16, "ladder": [16, 12, 8], "grad_accum": 2, "epochs": 1,
            "cpu": cpu, "gpus": None if cpu else [0, 1], "on_oom": "ask", "oom_timeout": 30.0}
-    status = {"live": "running", "oom": "waiting", "nogpu": "running", "finished": "finished"}[scenario]
+    status = {"live": "running", "oom": "waiting", "nogpu": "running", "finished": "finished",
+              "crash": "failed"}[scenario]
     events: list[dict[str, Any]] = [
         _event("run_start", t0, config=cfg),
         _event("phase", t0 + 1, phase="validating", progress=None),
@@ -111,7 +113,7 @@ def make_run(root: Path, scenario: str = "live", steps: int = 60) -> Path:
                              last_step=oom_step - 1, log_tail=[]))
         pending = _event("decision_needed", t + oom_step + 4, 1, reason="oom", proposed_batch=12, deadline=CLOCK + 23)
         events.append(pending)
-    if scenario in ("live", "finished"):
+    if scenario in ("live", "finished", "crash"):
         events.append(_event("decision", t + 21, 1, by="user", action="restart", batch_size=12))
         events.append(_event("batch_change", t + 21, 2, **{"from": 16, "to": 12, "by": "oom"}))
         events.append(_event("attempt_start", t + 22, 2, batch_size=12, grad_accum=2, world_size=world,
@@ -130,6 +132,14 @@ def make_run(root: Path, scenario: str = "live", steps: int = 60) -> Path:
         if scenario == "finished":
             events.append(_event("run_end", t + last + 5, status="finished", reason="all samples trained",
                                  exit_code=0))
+        if scenario == "crash":
+            tail = ["[rank0] Traceback (most recent call last):", '[rank0]   File "loop.py", line 88, in train',
+                    "[rank0] RuntimeError: NCCL watchdog timeout"]
+            events.append(_event("attempt_end", t + last + 3, 2, exit_codes=[1, -9], outcome="crash",
+                                 last_step=last, log_tail=tail))
+            events.append(_event("run_end", t + last + 5, status="failed", reason="attempt 2 crashed", exit_code=3))
+            (path / "attempt-2.log").write_text("\n".join(["[rank0] step 59", "[rank1] step 60", *tail,
+                                                             "[rank1] killed by signal 9"]) + "\n")
     with EventLog(run.events) as log:
         for e in events:
             log.write(e)
@@ -143,16 +153,16 @@ def make_run(root: Path, scenario: str = "live", steps: int = 60) -> Path:
             sample = cpu_sample(ts) if cpu else gpu_sample(ts, i, 40 + 21 * abs(math.sin(i / 6)), 60 + 38 * abs(math.sin(i / 4)))
             f.write(json.dumps(sample) + "\n")
 
-    batch = 12 if scenario in ("live", "finished") else 16
+    batch = 12 if scenario in ("live", "finished", "crash") else 16
     write_json_atomic(run.run_json, {
         "v": 1, "name": "alpaca-7b" if not cpu else "demo-cpu", "created": t0, "config": cfg, "status": status,
-        "attempt": 2 if scenario in ("live", "finished") else 1,
+        "attempt": 2 if scenario in ("live", "finished", "crash") else 1,
         "batch_size": batch, "grad_accum": 2, "world_size": world, "effective_batch": batch * world * 2,
         "ladder": [16, 12, 8], "oom_rungs": [] if cpu else [16], "sample_budget": None, "request_seq": 0,
         "data_fingerprint": "demo", "supervisor_pid": 999999, "socket": str(path / "control.sock"),
         "pending_decision": pending if scenario == "oom" else None,
-        "exit_code": 0 if scenario == "finished" else None,
-        "reason": "all samples trained" if scenario == "finished" else None,
+        "exit_code": {"finished": 0, "crash": 3}.get(scenario),
+        "reason": {"finished": "all samples trained", "crash": "attempt 2 crashed"}.get(scenario),
     })
     return path
 

@@ -116,8 +116,9 @@ class SftuiApp(App[None]):
 
     def _set_compact(self) -> None:
         w, h = self.size
-        self.screen.set_class(w < COMPACT_WIDTH or h < COMPACT_HEIGHT, "compact")
-        self.screen.set_class(h < 20, "tiny")
+        main = self.screen_stack[0]  # the dashboard, even while a dialog is on top
+        main.set_class(w < COMPACT_WIDTH or h < COMPACT_HEIGHT, "compact")
+        main.set_class(h < 20, "tiny")
 
     # --- polling: a worker thread reads, the UI thread shows, then re-arms ---
 
@@ -177,7 +178,9 @@ class SftuiApp(App[None]):
             self._pinging = False
 
     def _show(self, view: View) -> None:
-        for panel in self.query(Panel):
+        # a failed or lost run: the log (the worker's last lines) matters more than the chart
+        self.screen_stack[0].set_class(view.status in ("failed", "lost"), "trouble")
+        for panel in self.screen_stack[0].query(Panel):
             panel.show(view)
         self._sync_oom(view)
 

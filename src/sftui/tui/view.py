@@ -92,6 +92,12 @@ class Poller:
     def poll(self, force: bool = False) -> View | None:
         """Read what is new; a View when something visible changed (or ``force``), else None."""
         new = self.watcher.poll()
+        if self.version == 0:  # replaying a long history: the tail reads in chunks; read them all now
+            for _ in range(100):
+                more = self.watcher.poll()
+                if not more:
+                    break
+                new += more
         st = self.watcher.state
         sig = (st.status, st.attempt, st.batch_size, st.grad_accum, st.world_size, tuple(st.ladder),
                tuple(st.oom_rungs), repr(st.pending_decision), st.supervisor_alive, st.exit_code, st.name,
