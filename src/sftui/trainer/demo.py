@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-DEMO_ROWS = 4000
+DEMO_ROWS = 6000
 _SEED = 20240601
 
 _COLORS = [("红色的", "red"), ("蓝色的", "blue"), ("绿色的", "green"), ("黑色的", "black"), ("白色的", "white")]
