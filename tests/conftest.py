@@ -31,3 +31,73 @@ def run_sftui(*args: str, cwd: Path | None = None, timeout: float = 300, **kw) -
 @pytest.fixture
 def sftui():
     return run_sftui
+
+
+# --- helpers for runs of the real supervisor and worker ---
+
+import json
+import time
+
+from sftui import rundir as _rundir
+
+
+def write_rows(path: Path, n: int) -> Path:
+    """A small prompt/response JSONL file with learnable rows (row i is about the number i)."""
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": f"reverse {i:04d} =", "response": f" {str(i)[::-1]}"}) + "\n")
+    return path
+
+
+def read_events(run_dir: Path) -> list[dict]:
+    return _rundir.read_all(Path(run_dir) / "events.jsonl")
+
+
+def wait_for_event(run_dir: Path, pred, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for e in read_events(run_dir):
+            if pred(e):
+                return e
+        time.sleep(0.2)
+    raise AssertionError(f"no matching event within {timeout} s; last events: {read_events(run_dir)[-5:]}")
+
+
+def kinds(events: list[dict], kind: str) -> list[dict]:
+    return [e for e in events if e.get("kind") == kind]
+
+
+def assert_each_sample_once(run_dir: Path, n_rows: int, epochs: int = 1) -> None:
+    """Over the steps that survived (for each step, the latest attempt that recorded it), every sample id
+    of every epoch was trained exactly once."""
+    last: dict[int, dict] = {}
+    for rec in _rundir.read_all(Path(run_dir) / "samples.jsonl"):
+        if rec["step"] not in last or rec["attempt"] >= last[rec["step"]]["attempt"]:
+            last[rec["step"]] = rec
+    assert sorted(last) == list(range(1, len(last) + 1)), "steps are not contiguous from 1"
+    for epoch in range(epochs):
+        ids = [i for rec in last.values() if rec["epoch"] == epoch for i in rec["ids"]]
+        assert sorted(ids) == list(range(n_rows)), f"epoch {epoch}: {len(ids)} ids, {len(set(ids))} distinct"
+
+
+def processes_of(run_dir: Path) -> list:
+    """Live processes whose command line names this run directory (supervisor, ranks)."""
+    import psutil
+
+    needle = str(Path(run_dir).resolve())
+    out = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            if needle in cmd and p.info["status"] != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def wait_no_processes(run_dir: Path, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while processes_of(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not processes_of(run_dir), [p.info["cmdline"] for p in processes_of(run_dir)]

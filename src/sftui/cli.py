@@ -191,7 +191,7 @@ def prepare_new(args: argparse.Namespace, cfg: RunConfig) -> RunDir:
 
         cfg.lr = default_lr(cfg.model)
     name = cfg.name or (Path(cfg.data).stem if cfg.data != "demo" else "demo")
-    path = Path(args.run_dir) if args.run_dir else default_run_dir(name)
+    path = (Path(args.run_dir) if args.run_dir else default_run_dir(name)).absolute()
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         if (path / "run.json").exists():
             raise ConfigError(f"--run-dir: {path}: already holds a run (continue it with --resume {path})")
@@ -219,7 +219,7 @@ def default_run_dir(name: str) -> Path:
 
 
 def prepare_resume(args: argparse.Namespace, values: dict[str, Any]) -> RunDir:
-    run = RunDir(Path(args.resume))
+    run = RunDir(Path(args.resume).absolute())
     if not run.is_run():
         raise ConfigError(f"--resume: {args.resume}: not a run directory (no run.json)")
     if lock_is_held(run):
@@ -302,8 +302,8 @@ def resolve_run(arg: str | None) -> RunDir:
         newest = newest_run(Path("runs"))
         if newest is None:
             fail("no runs under ./runs; give a RUN_DIR")
-        return RunDir(newest)
-    run = RunDir(Path(arg))
+        return RunDir(newest.absolute())
+    run = RunDir(Path(arg).absolute())
     if not run.is_run():
         fail(f"{arg}: not a run directory (no run.json)")
     return run
