@@ -206,7 +206,9 @@ class EventLog:
         _end_torn_line(self.path, self._fd)
 
     def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
-        event = ev.make(kind, self.attempt, **fields)
+        """Append one event; ``attempt=`` in fields overrides the log's own attempt."""
+        attempt = fields.pop("attempt", self.attempt)
+        event = ev.make(kind, attempt, **fields)
         self.write(event)
         return event
 
