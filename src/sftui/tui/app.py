@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+import time
 from time import monotonic
 from pathlib import Path
 from typing import Any, Callable
@@ -322,6 +323,10 @@ def run_tui(run_dir: Path) -> int:
     live = state.status in LIVE_STATUSES and state.supervisor_alive
     attach = f"sftui attach {shlex.quote(str(run_dir))}"
     if live:
+        pending = state.pending_decision or {}
+        if state.status == "waiting" and isinstance(pending.get("deadline"), (int, float)):
+            left = max(0, pending["deadline"] - time.time())
+            print(f"An out-of-memory decision is pending; the supervisor decides by itself in {left:.0f} s.")
         print(f"Training goes on in the background (run {state.name or run_dir.name}, {state.status}). Come back with:")
     else:
         print(f"The run is {state.display_status}; no training is going on. Look at it again with:")
