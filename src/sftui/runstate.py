@@ -78,9 +78,9 @@ def describe_event(e: dict[str, Any]) -> str | None:
         return f"rank {g('rank')} exited: {g('reason')} at step {g('step')}"
     if k == "decision_needed":
         prop = g("proposed_batch")
-        left = max(0.0, (g("deadline") or 0) - time.time())
-        return (f"decision needed after OOM: " + (f"restart at batch {prop}?" if prop else "bottom of the ladder")
-                + f" (auto in {left:.0f} s)")
+        deadline = g("deadline")
+        when = f" (decided automatically at {time.strftime('%H:%M:%S', time.localtime(deadline))})" if deadline else ""
+        return "decision needed after OOM: " + (f"restart at batch {prop}?" if prop else "bottom of the ladder") + when
     if k == "decision":
         return f"decision by {g('by')}: {g('action')}" + (f" at batch {g('batch_size')}" if g("batch_size") else "")
     if k == "batch_change":
