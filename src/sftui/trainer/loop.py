@@ -74,21 +74,7 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
             log.emit("phase", phase=name, progress=progress)
 
     # --- the process group and the device ---
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(me.local_rank)
-        if cfg.mem_fraction:
-            fraction = cfg.mem_fraction[me.rank] if len(cfg.mem_fraction) > 1 else cfg.mem_fraction[0]
-            torch.cuda.set_per_process_memory_fraction(fraction, me.local_rank)
-    accelerator = Accelerator(
-        cpu=not cuda,
-        mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no",
-        kwargs_handlers=[
-            InitProcessGroupKwargs(timeout=timedelta(seconds=max(60.0, cfg.hang_timeout))),
-            # Buffers (rotary tables) are the same on every rank: no broadcast before each forward.
-            DistributedDataParallelKwargs(broadcast_buffers=False),
-        ],
-    )
+    accelerator, cuda = setup_device(cfg, me)
     device = accelerator.device
     gpu_uuid = _gpu_uuid(device)
     log.emit("rank_start", rank=me.rank, pid=os.getpid(), host=socket.gethostname(), gpu_uuid=gpu_uuid)
@@ -111,13 +97,8 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
 
     # --- the model, the optimizer, and the state to resume from ---
     phase("loading_model")
-    net = models.build_model(cfg.model, tok, cfg.seed, cfg.max_len)
-    if cfg.gradient_checkpointing:
-        net.config.use_cache = False
-        net.gradient_checkpointing_enable()
-    net.to(device)
     peak_lr = cfg.lr if cfg.lr is not None else models.default_lr(cfg.model)
-    opt = torch.optim.AdamW(net.parameters(), lr=peak_lr, weight_decay=cfg.weight_decay, fused=cuda)
+    net, opt = new_model(cfg, tok, device, peak_lr)
     step, seen = 0, 0
     if resume is not None:
         start, _ = checkpoint.load(resume, net, opt)
@@ -172,31 +153,21 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
         for group in opt.param_groups:
             group["lr"] = schedule.lr(item["seen"] + item["size"])
         oom: tuple[str, str] | None = None
-        where = "forward"
+        at = StepPhase()
         try:
-            for m, micro in enumerate(item["micro"]):
-                micro = {k: v.to(device, non_blocking=True) for k, v in micro.items()}
-                last = m == len(item["micro"]) - 1
-                with nullcontext() if last else accelerator.no_sync(model):
-                    where = "forward"
-                    if step == inject:
-                        raise torch.OutOfMemoryError(
-                            f"CUDA out of memory (injected by --inject-oom-at-step {step} on rank {me.rank})")
-                    loss_sum = token_loss_sum(model, micro, decoder_start)
-                    where = "backward"
-                    accelerator.backward(scaled_loss(loss_sum, item["n_target"], me.world))
-                meter.loss += loss_sum.detach() / max(1, item["n_target"])
-            where = "optimizer"
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), CLIP_NORM)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if step == inject:
+                raise torch.OutOfMemoryError(
+                    f"CUDA out of memory (injected by --inject-oom-at-step {step} on rank {me.rank})")
+            loss, grad_norm = train_step(accelerator, model, optimizer, item["micro"], item["n_target"], me.world,
+                                         decoder_start, at)
+            meter.loss += loss
         except Exception as e:
             if not is_oom(e):
                 raise
-            oom = (where, str(e).splitlines()[0][:500])
+            oom = (at.where, str(e).splitlines()[0][:500])
         if oom is not None:
-            # Outside the except block: the exception's frames no longer pin the batch's tensors.
-            micro = loss_sum = None  # noqa: F841
+            # Outside the except block: the exception's frames, and with them the step's
+            # tensors, are gone.
             opt.zero_grad(set_to_none=True)
             gc.collect()
             if cuda:
@@ -245,6 +216,71 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
     accelerator.wait_for_everyone()
     log.emit("worker_exit", rank=me.rank, reason="finished", step=step)
     return ev.WORKER_OK
+
+
+def setup_device(cfg: RunConfig, me: Rank) -> tuple[Accelerator, bool]:
+    """This rank's GPU (capped by ``--mem-fraction``) or the CPU, and its Accelerator (bf16
+    where the card has it). Shared with the memory probe, which must measure the same setup."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(me.local_rank)
+        if cfg.mem_fraction:
+            fraction = cfg.mem_fraction[me.rank] if len(cfg.mem_fraction) > 1 else cfg.mem_fraction[0]
+            torch.cuda.set_per_process_memory_fraction(fraction, me.local_rank)
+    accelerator = Accelerator(
+        cpu=not cuda,
+        mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no",
+        kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=timedelta(seconds=max(60.0, cfg.hang_timeout))),
+            # Buffers (rotary tables) are the same on every rank: no broadcast before each forward.
+            DistributedDataParallelKwargs(broadcast_buffers=False),
+        ],
+    )
+    return accelerator, cuda
+
+
+def new_model(cfg: RunConfig, tok: Any, device: torch.device, lr: float) -> tuple[Any, torch.optim.Optimizer]:
+    """The model on the device and its AdamW, not yet prepared by accelerate (a checkpoint is
+    loaded into both first). Shared with the memory probe."""
+    net = models.build_model(cfg.model, tok, cfg.seed, cfg.max_len)
+    if cfg.gradient_checkpointing:
+        net.config.use_cache = False
+        net.gradient_checkpointing_enable()
+    net.to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    return net, opt
+
+
+@dataclass
+class StepPhase:
+    """Where a step is (forward, backward, optimizer), kept outside ``train_step`` so that an
+    OOM can be placed once the step's frame, and its tensors, are gone."""
+
+    where: str = "forward"
+
+
+def train_step(accelerator: Accelerator, model: Any, optimizer: Any, micros: list[dict[str, torch.Tensor]],
+               n_target: int, world: int, decoder_start: int | None,
+               at: StepPhase) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """One optimizer step over this rank's micro-batches: forward, backward (DDP syncs on the
+    last one only), clipping, AdamW. Returns (step loss on the device, grad norm). Shared with
+    the memory probe, so that it measures exactly what training allocates."""
+    device = accelerator.device
+    loss = torch.zeros((), device=device)
+    for m, micro in enumerate(micros):
+        micro = {k: v.to(device, non_blocking=True) for k, v in micro.items()}
+        last = m == len(micros) - 1
+        with nullcontext() if last else accelerator.no_sync(model):
+            at.where = "forward"
+            loss_sum = token_loss_sum(model, micro, decoder_start)
+            at.where = "backward"
+            accelerator.backward(scaled_loss(loss_sum, n_target, world))
+        loss += loss_sum.detach() / max(1, n_target)
+    at.where = "optimizer"
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), CLIP_NORM)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
 
 
 def _emergency_checkpoint(step: int, where: str, resume_step: int | None, save: Any, log: EventLog,
