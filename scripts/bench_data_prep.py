@@ -20,7 +20,17 @@ from sftui.trainer import data, model
 
 
 def rss_mib() -> float:
+    """Peak resident set size of this process so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def rss_now_mib() -> str:
+    """Resident memory now, split into anonymous (the process's own) and file-backed pages
+    (the memory-mapped cache: page cache, shared and reclaimable, yet counted in RSS)."""
+    with open("/proc/self/status") as f:
+        status = dict(line.split(":", 1) for line in f)
+    anon, file = (int(status[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile"))
+    return f"anon {anon:.0f} + file {file:.0f}"
 
 
 def write_rows(path: Path, n: int) -> None:
@@ -57,15 +67,18 @@ def main() -> None:
         t = time.perf_counter()
         usable, skipped = data.validate_file(str(path), skip_bad_rows=False)
         figures["validate_s"] = round(time.perf_counter() - t, 1)
+        figures["rss_after_validate_mib"] = rss_now_mib()
         t = time.perf_counter()
         model.build_char_tokenizer(data.char_counts(str(path), False), work / "tokenizer")
         tok = model.load_tokenizer(work / "tokenizer")
         figures["char_tokenizer_s"] = round(time.perf_counter() - t, 1)
+        figures["rss_after_char_tokenizer_mib"] = rss_now_mib()
         t = time.perf_counter()
         cache = data.tokenize_to_cache(str(path), tok, args.max_len, False, False, work / "cache", usable,
                                        lambda f: None)
         seconds = time.perf_counter() - t
         figures["tokenize_s"] = round(seconds, 1)
+        figures["rss_after_tokenize_mib"] = rss_now_mib()
         figures["tokenize_rows_per_s"] = round(usable / seconds)
         figures["tokens"] = int(cache.offsets[-1])
         figures["cache_mib"] = round(sum(p.stat().st_size for p in (work / "cache").iterdir()) / 2**20, 1)
@@ -77,6 +90,7 @@ def main() -> None:
         for j in range(1000):
             batches[j]
         figures["plan_and_1000_batches_s"] = round(time.perf_counter() - t, 2)
+        figures["rss_after_batches_mib"] = rss_now_mib()
         figures["peak_rss_mib"] = round(rss_mib(), 1)
         figures["peak_rss_before_prep_mib"] = round(base_rss, 1)
     finally:

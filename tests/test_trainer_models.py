@@ -53,20 +53,23 @@ def _t5_dir(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind", ["causal", "t5"])
-def test_local_model_dir_trains_and_final_loads_back(tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize("kind,world", [("causal", 2), ("t5", 1)])
+def test_local_model_dir_trains_and_final_loads_back(tmp_path: Path, kind: str, world: int) -> None:
     src = (_causal_dir if kind == "causal" else _t5_dir)(tmp_path / "model")
     data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(64))
     held_out = write_jsonl(tmp_path / "eval.jsonl", qa_rows(10, seed=9))
     run = rundir.create(tmp_path / "run")
     cfg = RunConfig(model=str(src), data=str(data), eval_data=str(held_out), eval_every=3, batch=8, max_len=32,
-                    log_every=2, cpu=True, checkpoint_every=0, lr=1e-3)
+                    log_every=2, cpu=True, num_processes=world, checkpoint_every=0, lr=1e-3)
     write_run_json(run, cfg, sample_budget=48)
-    assert run_attempt(run, 1, 1) == [ev.WORKER_OK], log_tail(run, 1)
+    assert run_attempt(run, 1, world) == [ev.WORKER_OK] * world, log_tail(run, 1)
     steps = step_events(run)
-    assert [e["step"] for e in steps] == [1, 2, 4, 6] and steps[-1]["total_steps"] == 6
-    assert steps[-1]["samples_seen"] == 48 and all(e["mfu"] is None for e in steps)
-    assert [e["step"] for e in events(run, "eval")] == [3, 6] and events(run, "eval")[0]["samples"] == 10
+    total = 48 // (8 * world)
+    assert [e["step"] for e in steps] == sorted({1, *range(2, total + 1, 2), total})
+    assert steps[-1]["total_steps"] == total and steps[-1]["samples_seen"] == 48
+    assert all(e["mfu"] is None for e in steps)
+    assert [e["step"] for e in events(run, "eval")] == list(range(3, total + 1, 3))
+    assert events(run, "eval")[0]["samples"] == 10 and events(run, "eval")[0]["loss"] > 0
     assert not (run.path / "tokenizer").exists()  # a model directory brings its own tokenizer
 
     auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSeq2SeqLM

@@ -56,13 +56,6 @@ class Rank:
                    int(env.get("SFTUI_ATTEMPT", 1)))
 
 
-class Exit(Exception):
-    """Leave the loop with this worker exit code (the events are already written)."""
-
-    def __init__(self, code: int):
-        self.code = code
-
-
 def train(run: RunDir, log: EventLog, me: Rank) -> int:
     spec = read_json(run.run_json)
     cfg = RunConfig.from_dict(spec["config"])
@@ -125,7 +118,7 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
     )
     requests = Requests(run, int(spec.get("request_seq") or 0), lead, me.world, device)
     inject = cfg.inject_oom_at_step if me.attempt == 1 and me.rank == cfg.inject_oom_rank else None
-    samples_log = os.open(run.samples, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600) \
+    samples_log = os.open(run.samples, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600) \
         if lead and cfg.record_samples else None
     peak_tflops = cfg.peak_tflops or _peak_tflops(cuda)
 
@@ -183,8 +176,10 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
             os.write(samples_log, (json.dumps({"attempt": me.attempt, "step": step, "epoch": item["epoch"],
                                                "ids": item["row_ids"]}) + "\n").encode())
 
-        action = requests.exchange()
         last_step = step == total_steps
+        action = requests.exchange()
+        if last_step and action is not None and action[0] != "checkpoint":
+            action = None  # a switch or stop at the very end: the run simply finishes
         if action is not None or last_step or step == (resume_step or 0) + 1 or step % cfg.log_every == 0:
             loss, norm, per_s = meter.read(me.world)
             if lead:
@@ -197,7 +192,7 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
                      mem_peak_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
                      mem_reserved_bytes=torch.cuda.memory_reserved(device) if cuda else None)
         if eval_data is not None and step % cfg.eval_every == 0:
-            _evaluate(model, eval_data, batch, me, tok.pad_token_id, decoder_start, device, log, step)
+            _evaluate(accelerator.unwrap_model(model), eval_data, batch, me, tok.pad_token_id, decoder_start, device, log, step)
 
         if action is not None and action[0] in ("switch", "stop"):
             save(action[0], step)
@@ -396,7 +391,8 @@ class Requests:
             t = torch.tensor([value], dtype=torch.int64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             return int(t.item())
-        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        # From pinned memory, asynchronously: torch.tensor(..., device="cuda") would wait for the GPU.
+        t = torch.tensor([value], dtype=torch.int64).pin_memory().to(self.device, non_blocking=True)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         host = torch.empty(1, dtype=torch.int64, pin_memory=True)
         host.copy_(t, non_blocking=True)
@@ -479,7 +475,8 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 
 def _evaluate(model: Any, eval_data: data.Tokenized, batch: int, me: Rank, pad_id: int, decoder_start: int | None,
               device: torch.device, log: EventLog, step: int) -> None:
-    """Mean token loss over the eval set, each rank taking every world-th row."""
+    """Mean token loss over the eval set, each rank taking every world-th row. Runs on the
+    unwrapped model: ranks may make different numbers of passes, so no DDP collective."""
     import numpy as np
 
     model.eval()
@@ -504,7 +501,8 @@ def _prepare_data(run: RunDir, cfg: RunConfig, expected_fingerprint: str, me: Ra
     """The tokenizer and the tokenized train (and eval) data. Rank 0 builds what is missing
     (the preset's character tokenizer under RUN_DIR/tokenizer, the cache under RUN_DIR/cache)
     and then writes a ready marker for this attempt; the other ranks wait for it."""
-    ready = run.cache / f"ready-attempt-{me.attempt}.json"
+    # Named by the attempt and its rendezvous port: never a marker left by an earlier launch.
+    ready = run.cache / f"ready-attempt-{me.attempt}-{os.environ.get('MASTER_PORT', '0')}.json"
     seq2seq = models.is_seq2seq(cfg.model)
     tok_dir = run.path / "tokenizer" if models.is_preset(cfg.model) else Path(cfg.model)
     if me.rank != 0:

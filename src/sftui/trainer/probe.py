@@ -1,0 +1,217 @@
+"""The memory probe's ranks: ``python -m sftui.trainer.probe PROBE_DIR``, one process per GPU,
+started by ``sftui probe`` / ``--batch auto`` through the supervisor's own launcher (so DDP, its
+gradient buckets and NCCL's buffers are there, as in training).
+
+Each trial runs a few optimizer steps at one per-GPU batch size on a batch of the longest rows
+of the data, padded to the widest row: the worst case training can meet. It measures peak
+*reserved* memory (what decides an OOM) from a cleared allocator. forecast.next_trial picks the
+trials: the smallest rung, then what the forecast recommends until that rung has been measured.
+The device, the model, the optimizer and the step are the trainer's own (loop.setup_device,
+loop.new_model, loop.train_step); nothing here is a second copy of training.
+
+PROBE_DIR/spec.json says what to measure (written by sftui/probing.py). Rank 0 rewrites
+PROBE_DIR/result.json after every trial; a rank that runs out of memory while other ranks wait in
+a collective writes PROBE_DIR/oom-rank-R.json and exits at once (WORKER_OOM), and the launcher
+tears the others down. The processes exit when done: nothing stays on the GPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+def main() -> None:
+    from sftui.trainer.__main__ import _die_with_parent, _exit_now
+
+    _die_with_parent()
+    if len(sys.argv) != 2:
+        print("usage: python -m sftui.trainer.probe PROBE_DIR", file=sys.stderr)
+        _exit_now(2)
+    from sftui import events as ev
+    from sftui.config import ConfigError
+
+    try:
+        code = probe(Path(sys.argv[1]))
+    except ConfigError as e:
+        print(f"probe: error: {e}", flush=True)
+        code = ev.WORKER_BAD_INPUT
+    _exit_now(code)
+
+
+def probe(out: Path) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from sftui import events as ev
+    from sftui import forecast
+    from sftui.config import ConfigError, RunConfig
+    from sftui.rundir import RunDir, write_json_atomic
+    from sftui.trainer import loop, model as models
+
+    if not torch.cuda.is_available():
+        raise ConfigError("no CUDA GPU visible to torch (the probe measures GPU memory)")
+    spec = json.loads((out / "spec.json").read_text())
+    me = loop.Rank.from_env()
+    lead = me.rank == 0
+    # The probe trains on nothing but the train data; eval data is the run's business.
+    cfg = replace(RunConfig.from_dict(spec["config"]), eval_data=None)
+
+    def say(text: str) -> None:
+        if lead:
+            print(f"probe: {text}", flush=True)
+
+    accelerator, _ = loop.setup_device(cfg, me)
+    device = accelerator.device
+    accelerator.wait_for_everyone()  # NCCL's own buffers exist before free memory is read
+    gpu = _gpu_info(device, cfg, me)
+    gpus = [gpu]
+    if me.world > 1:
+        gpus = [None] * me.world
+        dist.all_gather_object(gpus, gpu)
+    budget = min(g["budget"] for g in gpus)
+
+    def phase(name: str, progress: float | None = None) -> None:
+        say(name + (f" {progress * 100:.0f}%" if isinstance(progress, (int, float)) else ""))
+
+    tok, train_data, _ = loop._prepare_data(RunDir(Path(spec["work_dir"])), cfg, spec["data_fingerprint"], me, phase)
+    say("loading the model")
+    lr = cfg.lr if cfg.lr is not None else models.default_lr(cfg.model)
+    net, opt = loop.new_model(cfg, tok, device, lr)
+    # Weights, gradients and AdamW's two moments: a lower bound of the forecast's fixed part.
+    model_state = 4 * sum(p.numel() * p.element_size() for p in net.parameters())
+    decoder_start = net.config.decoder_start_token_id if train_data.seq2seq else None
+    model, optimizer = accelerator.prepare(net, opt)
+    if cfg.compile:
+        model = torch.compile(model)
+    model.train()
+
+    ladder, target = [int(b) for b in spec["ladder"]], float(spec["target"])
+    points: list[forecast.Point] = []
+    started = time.monotonic()
+    result = {"gpus": gpus, "budget_bytes": budget, "model_state_bytes": model_state, "points": [], "done": False}
+
+    def save() -> None:
+        if lead:
+            result["points"] = forecast.points_to_json(points)
+            result["trial_seconds"] = round(time.monotonic() - started, 2)
+            write_json_atomic(out / "result.json", result)
+
+    save()
+    while True:
+        # Rank 0 decides (its clock ends the search), every rank follows: one all-reduce.
+        nxt = forecast.next_trial(ladder, points, budget, target, model_state) if lead else 0
+        if lead and points and time.monotonic() - started > float(spec["max_seconds"]):
+            say(f"stopping after {time.monotonic() - started:.0f} s of trials (the time limit)")
+            nxt = None
+        batch = _agree(nxt or 0, device, me.world)
+        if not batch:
+            break
+        say(f"batch {batch}: {int(spec['steps'])} optimizer steps on the {batch} longest rows")
+        micro = _worst_case_batch(train_data, batch, tok.pad_token_id)
+        peak, per_s, oom = _trial(accelerator, model, optimizer, micro, me.world, decoder_start, int(spec["steps"]))
+        if oom and me.world > 1:
+            # The other ranks wait in a collective this rank will never join: say so and leave.
+            write_json_atomic(out / f"oom-rank-{me.rank}.json", {"batch": batch, "message": oom})
+            print(f"probe: rank {me.rank}: batch {batch} ran out of memory", flush=True)
+            return ev.WORKER_OOM
+        if oom:
+            optimizer.zero_grad(set_to_none=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+        peak = _agree(peak or 0, device, me.world) if me.world > 1 else peak
+        points.append(forecast.Point(batch, peak, None if per_s is None else round(per_s * me.world, 2)))
+        say(f"batch {batch}: " + ("out of memory" if peak is None else
+                                  f"peak {peak / 2**30:.2f} GiB reserved, {per_s * me.world:.1f} samples/s"))
+        save()
+    result["done"] = True
+    save()
+    accelerator.wait_for_everyone()
+    return ev.WORKER_OK
+
+
+def _gpu_info(device: Any, cfg: Any, me: Any) -> dict[str, Any]:
+    """This rank's card: name, UUID, total and free memory once the process is set up, and its
+    budget: free memory, capped by --mem-fraction (the allocator's own ceiling)."""
+    import torch
+
+    from sftui.trainer import loop
+
+    free, total = torch.cuda.mem_get_info(device)
+    budget = free
+    if cfg.mem_fraction:
+        fraction = cfg.mem_fraction[me.rank] if len(cfg.mem_fraction) > 1 else cfg.mem_fraction[0]
+        budget = min(free, int(fraction * total))
+    return {"rank": me.rank, "name": torch.cuda.get_device_name(device), "uuid": loop._gpu_uuid(device),
+            "total": int(total), "free": int(free), "budget": int(budget)}
+
+
+def _agree(value: int, device: Any, world: int) -> int:
+    """The largest of the ranks' values (rank 0's decision, a trial's peak)."""
+    if world == 1:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _worst_case_batch(data: Any, batch: int, pad_id: int) -> dict[str, Any]:
+    """``batch`` of the longest rows (repeated when there are fewer), padded to the widest input
+    (and label) row of the whole data: the largest micro-batch any step can hand the model."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from sftui.trainer.data import collate
+
+    order = np.argsort(-np.asarray(data.n_tokens), kind="stable")
+    micro = collate(data, np.resize(order, batch), pad_id)
+    widths = {"input_ids": int(np.diff(data.offsets).max())}
+    if data.seq2seq:
+        widths["labels"] = int(np.diff(data.label_offsets).max())
+    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": -100}
+    for name in micro:
+        width = widths["labels" if name == "labels" and data.seq2seq else "input_ids"]
+        micro[name] = F.pad(micro[name], (0, width - micro[name].shape[1]), value=fill[name])
+    return micro
+
+
+def _trial(accelerator: Any, model: Any, optimizer: Any, micro: dict[str, Any], world: int,
+           decoder_start: int | None, steps: int) -> tuple[int | None, float | None, str | None]:
+    """(peak reserved bytes, samples/s of this rank, OOM message) of ``steps`` optimizer steps
+    from a cleared allocator: what a fresh process at this batch would reserve."""
+    import torch
+
+    from sftui.trainer import loop
+
+    device = accelerator.device
+    n_target = int((micro["labels"] != -100).sum())
+    batch = int(micro["input_ids"].shape[0])
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        timed_from = None
+        for s in range(steps):
+            if s == 1:  # the first step pays for kernels' autotuning and the optimizer's state
+                torch.cuda.synchronize(device)
+                timed_from = time.monotonic()
+            loop.train_step(accelerator, model, optimizer, [micro], n_target, world, decoder_start, loop.StepPhase())
+        torch.cuda.synchronize(device)
+    except Exception as e:
+        if not loop.is_oom(e):
+            raise
+        return None, None, str(e).splitlines()[0][:300]
+    per_s = batch * (steps - 1) / (time.monotonic() - timed_from) if timed_from is not None else None
+    return int(torch.cuda.max_memory_reserved(device)), per_s, None
+
+
+if __name__ == "__main__":
+    main()
