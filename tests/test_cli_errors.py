@@ -75,6 +75,6 @@ def test_run_dir_in_use_is_refused(sftui, workdir):
 
 def test_help_lists_only_working_commands(sftui):
     out = sftui("--help").stdout
-    for cmd in ("run", "attach", "status", "stop", "checkpoint", "set-batch", "decide", "runs"):
+    for cmd in ("run", "attach", "status", "stop", "checkpoint", "set-batch", "decide", "runs", "probe"):
         assert f"    {cmd}" in out
-    assert "_supervise" not in out and "SUPPRESS" not in out and "probe" not in out
+    assert "_supervise" not in out and "SUPPRESS" not in out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -19,6 +20,8 @@ from sftui import __version__
 from sftui import config as cfgmod
 from sftui import events as ev
 from sftui.config import OPTIONS, ConfigError, RunConfig
+from sftui.forecast import DEFAULT_TARGET
+from sftui.probing import ProbeFailed, require_gpu
 from sftui.rundir import RunDir, lock_is_held, read_json, write_json_atomic
 
 RESUME_MUTABLE = {
@@ -27,6 +30,9 @@ RESUME_MUTABLE = {
     "num_processes", "mem_fraction", "record_samples", "skip_bad_rows", "peak_tflops",
 }
 START_TIMEOUT_S = 15.0
+# The settings the memory probe takes: what shapes the model, the data, the devices and memory.
+PROBE_OPTIONS = ("model", "data", "ladder", "max_len", "lr", "weight_decay", "seed", "gpus", "mem_fraction",
+                 "gradient_checkpointing", "compile", "skip_bad_rows", "hang_timeout")
 
 
 class Parser(argparse.ArgumentParser):
@@ -57,14 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="start a run (the TUI in a terminal, a plain log otherwise)",
                          description="Validate the inputs, start the supervisor and show the run.")
     run.add_argument("--config", metavar="FILE.toml", help="settings file; flags override it")
-    for opt in OPTIONS:
-        if opt.is_flag and opt.negatable:
-            run.add_argument(opt.flag, dest=opt.name, action=argparse.BooleanOptionalAction,
-                             default=argparse.SUPPRESS, help=opt.help)
-        elif opt.is_flag:
-            run.add_argument(opt.flag, dest=opt.name, action="store_true", default=argparse.SUPPRESS, help=opt.help)
-        else:
-            run.add_argument(opt.flag, dest=opt.name, metavar=opt.metavar, default=argparse.SUPPRESS, help=opt.help)
+    add_options(run, OPTIONS)
     run.add_argument("--run-dir", metavar="DIR", help="the run directory (default: ./runs/NAME-YYYYmmdd-HHMMSS)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or failed run from its latest checkpoint")
     run.add_argument("--headless", action="store_true", help="print a plain log instead of the TUI (implied without a TTY)")
@@ -91,10 +90,41 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("action", choices=("restart", "stop"))
     d.add_argument("batch_size", nargs="?", metavar="N")
 
+    probe = sub.add_parser("probe", help="measure peak GPU memory per batch size and recommend a rung",
+                           description="A few optimizer steps at two or more batch sizes on the longest rows, on the "
+                           "run's GPUs; a forecast of the peak for every rung of the ladder.")
+    probe.add_argument("--config", metavar="FILE.toml", help="settings file; flags override it")
+    add_options(probe, [cfgmod.OPTION_BY_NAME[name] for name in PROBE_OPTIONS])
+    probe.add_argument("--target", default=str(DEFAULT_TARGET), metavar="F",
+                       help=f"fraction of the smallest free GPU memory a rung may use (default: {DEFAULT_TARGET})")
+    probe.add_argument("--json", action="store_true", help="print the forecast as JSON (forecast.json's form)")
+
     runs = sub.add_parser("runs", help="list runs with status, step, batch and last event")
     runs.add_argument("--root", default="runs", metavar="DIR", help="where runs live (default: ./runs)")
 
     return p
+
+
+def add_options(parser: argparse.ArgumentParser, options: Any) -> None:
+    """Flags from config.OPTIONS; unset ones stay absent, so the config file can fill them."""
+    for opt in options:
+        if opt.is_flag and opt.negatable:
+            parser.add_argument(opt.flag, dest=opt.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=opt.help)
+        elif opt.is_flag:
+            parser.add_argument(opt.flag, dest=opt.name, action="store_true", default=argparse.SUPPRESS, help=opt.help)
+        else:
+            parser.add_argument(opt.flag, dest=opt.name, metavar=opt.metavar, default=argparse.SUPPRESS, help=opt.help)
+
+
+def flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed values of the OPTIONS flags given on the command line."""
+    values: dict[str, Any] = {}
+    for opt in OPTIONS:
+        if hasattr(args, opt.name):
+            text = getattr(args, opt.name)
+            values[opt.name] = text if opt.is_flag else opt.parse(text, opt.flag)
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,12 +140,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     handler = {
         "run": cmd_run, "attach": cmd_attach, "status": cmd_status, "stop": cmd_control, "checkpoint": cmd_control,
-        "set-batch": cmd_control, "decide": cmd_control, "runs": cmd_runs,
+        "set-batch": cmd_control, "decide": cmd_control, "runs": cmd_runs, "probe": cmd_probe,
     }[args.command]
     try:
         return handler(args)
     except ConfigError as e:
         fail(str(e))
+    except ProbeFailed as e:
+        print(f"sftui: probe: {e}", file=sys.stderr)
+        return ev.EXIT_FAILED
     except KeyboardInterrupt:
         return ev.EXIT_INTERRUPTED
 
@@ -124,11 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    flags = {o.name: getattr(args, o.name) for o in OPTIONS if hasattr(args, o.name)}
-    values: dict[str, Any] = {}
-    for name, text in flags.items():
-        opt = cfgmod.OPTION_BY_NAME[name]
-        values[name] = text if opt.is_flag else opt.parse(text, opt.flag)
+    values = flag_values(args)
     if args.resume:
         run = prepare_resume(args, values)
     else:
@@ -180,8 +209,9 @@ def check_data(cfg: RunConfig) -> str:
 def prepare_new(args: argparse.Namespace, cfg: RunConfig) -> RunDir:
     from sftui.supervisor import new_run_json
 
-    if cfg.batch == "auto":
-        raise ConfigError("--batch auto: needs the probe, which this version does not have; give a number")
+    auto = cfg.batch == "auto"
+    if auto:
+        require_gpu(cfg, "--batch auto")
     cfgmod.check_paths(cfg)
     note = resolve_devices(cfg)
     cfgmod.validate(cfg)
@@ -198,14 +228,57 @@ def prepare_new(args: argparse.Namespace, cfg: RunConfig) -> RunDir:
         raise ConfigError(f"--run-dir: {path}: exists and is not an empty directory")
     from sftui import rundir
 
+    existed = path.exists()
     try:
         run = rundir.create(path)
     except OSError as e:
         raise ConfigError(f"--run-dir: {path}: {e.strerror or e}") from None
-    write_json_atomic(run.run_json, new_run_json(cfg, name, fingerprint))
+    batch = probe_first_rung(run, cfg, fingerprint, existed) if auto else None
+    write_json_atomic(run.run_json, new_run_json(cfg, name, fingerprint, batch))
     if note:
         print(f"sftui: {note}", file=sys.stderr)
     return run
+
+
+def probe_first_rung(run: RunDir, cfg: RunConfig, fingerprint: str, existed: bool) -> int:
+    """``--batch auto``: probe in the foreground (its tokenizer and data cache stay for the run),
+    print the table, keep the points in RUN_DIR/forecast.json, and return the recommended rung.
+    On failure the new run directory goes again."""
+    from sftui import probing
+
+    try:
+        result = probing.run_probe(cfg, fingerprint, DEFAULT_TARGET, work_dir=run.path)
+        print(probing.table(result), file=sys.stderr, flush=True)
+        if result.recommended is None:
+            raise ConfigError("--batch auto: no rung of the ladder fits the GPU memory; lower --max-len, "
+                              "add --gradient-checkpointing or smaller rungs to --ladder")
+    except BaseException:
+        for child in run.path.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        if not existed:
+            run.path.rmdir()
+        raise
+    probing.write_forecast(run.path, result, cfg)
+    return result.recommended
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    """``sftui probe``: the table (or JSON) of predicted peaks per rung; writes nothing."""
+    from sftui import probing
+
+    target = cfgmod.parse_fraction(args.target, "--target")
+    cfg = cfgmod.build(flag_values(args), args.config)
+    require_gpu(cfg, "probe")
+    cfgmod.check_paths(cfg)
+    resolve_devices(cfg)
+    cfgmod.validate(cfg)
+    fingerprint = check_data(cfg)
+    result = probing.run_probe(cfg, fingerprint, target)
+    print(json.dumps(result.to_json(cfg), indent=2) if args.json else probing.table(result), flush=True)
+    return 0
 
 
 def default_run_dir(name: str) -> Path:
@@ -229,6 +302,8 @@ def prepare_resume(args: argparse.Namespace, values: dict[str, Any]) -> RunDir:
         cfg = RunConfig.from_dict(state["config"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"--resume: {run.run_json}: unreadable run.json ({e})") from None
+    if values.get("batch") == "auto":
+        raise ConfigError("--batch auto: only for a new run; give a number to change a resumed run's batch")
     if state.get("status") == "finished":
         raise ConfigError(f"--resume: {args.resume}: this run has already finished")
     if args.config:

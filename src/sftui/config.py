@@ -133,6 +133,7 @@ def _float(lo: float = 0.0, hi: float | None = None, lo_open: bool = False) -> C
 
 
 positive_int = _int()
+parse_fraction = _float(0.0, 1.0, lo_open=True)  # a share of memory, in (0, 1]
 
 
 def _str(text: str, where: str) -> str:

@@ -103,8 +103,10 @@ class Attempt:
             t.join(timeout)
 
 
-def start_attempt(run: RunDir, attempt: int, world: int, gpus: list[int] | None) -> Attempt:
-    """Start ``world`` ranks of ``python -m sftui.trainer RUN_DIR`` in one new process group."""
+def start_attempt(run: RunDir, attempt: int, world: int, gpus: list[int] | None,
+                  module: str = "sftui.trainer") -> Attempt:
+    """Start ``world`` ranks of ``python -m MODULE RUN_DIR`` in one new process group (the
+    trainer; or the memory probe, which must see the same world)."""
     port = free_loopback_port()
     log_path = run.attempt_log(attempt)
     log = open(log_path, "ab", buffering=0)
@@ -114,7 +116,7 @@ def start_attempt(run: RunDir, attempt: int, world: int, gpus: list[int] | None)
     try:
         for rank in range(world):
             proc = subprocess.Popen(
-                [sys.executable, "-m", "sftui.trainer", str(run.path)],
+                [sys.executable, "-m", module, str(run.path)],
                 env=rank_env(rank, world, port, attempt, gpus),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,

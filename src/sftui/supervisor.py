@@ -50,9 +50,10 @@ TUI_PING_FRESH_S = 5.0            # a TUI that pinged this recently counts as at
 Observer = Callable[[dict[str, Any]], None]
 
 
-def new_run_json(cfg: RunConfig, name: str, data_fingerprint: str) -> dict[str, Any]:
-    """The initial run.json of a fresh run (see docs/DESIGN.md "As built")."""
-    batch = int(cfg.batch)
+def new_run_json(cfg: RunConfig, name: str, data_fingerprint: str, batch: int | None = None) -> dict[str, Any]:
+    """The initial run.json of a fresh run (see docs/DESIGN.md "As built"); ``batch`` is the
+    probe's rung when the config says ``auto``."""
+    batch = int(cfg.batch) if batch is None else batch
     accum = cfgmod.grad_accum_for(cfg, batch)
     effective = batch * cfg.world_size * accum
     return {
@@ -186,6 +187,8 @@ class Supervisor:
             self._save(status="running", supervisor_pid=os.getpid(), socket=str(server.path),
                        exit_code=None, reason=None, pending_decision=None)
             self.emit("run_start", config=self.state["config"], resumed=self.state["attempt"] > 0)
+            if self.cfg.batch == "auto" and self.state["attempt"] == 0:
+                self.emit("batch_change", **{"from": None, "to": self.state["batch_size"], "by": "probe"})
             code, status, reason = self._attempts()
         except BaseException as e:  # the run must end with a run_end whatever happens here
             code, status, reason = ev.EXIT_FAILED, "failed", f"supervisor error: {type(e).__name__}: {e}"

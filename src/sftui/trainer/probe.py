@@ -54,7 +54,7 @@ def probe(out: Path) -> int:
     from sftui.rundir import RunDir, write_json_atomic
     from sftui.trainer import loop, model as models
 
-    if not torch.cuda.is_available():
+    if not CudaMemory.available():
         raise ConfigError("no CUDA GPU visible to torch (the probe measures GPU memory)")
     spec = json.loads((out / "spec.json").read_text())
     me = loop.Rank.from_env()
@@ -68,8 +68,9 @@ def probe(out: Path) -> int:
 
     accelerator, _ = loop.setup_device(cfg, me)
     device = accelerator.device
+    memory = CudaMemory(device)
     accelerator.wait_for_everyone()  # NCCL's own buffers exist before free memory is read
-    gpu = _gpu_info(device, cfg, me)
+    gpu = _gpu_info(memory, cfg, me)
     gpus = [gpu]
     if me.world > 1:
         gpus = [None] * me.world
@@ -114,7 +115,8 @@ def probe(out: Path) -> int:
             break
         say(f"batch {batch}: {int(spec['steps'])} optimizer steps on the {batch} longest rows")
         micro = _worst_case_batch(train_data, batch, tok.pad_token_id)
-        peak, per_s, oom = _trial(accelerator, model, optimizer, micro, me.world, decoder_start, int(spec["steps"]))
+        peak, per_s, oom = _trial(accelerator, model, optimizer, micro, me.world, decoder_start, int(spec["steps"]),
+                                  memory)
         if oom and me.world > 1:
             # The other ranks wait in a collective this rank will never join: say so and leave.
             write_json_atomic(out / f"oom-rank-{me.rank}.json", {"batch": batch, "message": oom})
@@ -122,8 +124,7 @@ def probe(out: Path) -> int:
             return ev.WORKER_OOM
         if oom:
             optimizer.zero_grad(set_to_none=True)
-            gc.collect()
-            torch.cuda.empty_cache()
+            memory.clear()
         peak = _agree(peak or 0, device, me.world) if me.world > 1 else peak
         points.append(forecast.Point(batch, peak, None if per_s is None else round(per_s * me.world, 2)))
         say(f"batch {batch}: " + ("out of memory" if peak is None else
@@ -135,20 +136,55 @@ def probe(out: Path) -> int:
     return ev.WORKER_OK
 
 
-def _gpu_info(device: Any, cfg: Any, me: Any) -> dict[str, Any]:
+class CudaMemory:
+    """The CUDA caching allocator's figures for one device (one class: a CPU test stands in)."""
+
+    def __init__(self, device: Any):
+        import torch
+
+        self.device = device
+        self.cuda = torch.cuda
+
+    @staticmethod
+    def available() -> bool:
+        import torch
+
+        return torch.cuda.is_available()
+
+    def name(self) -> str:
+        return self.cuda.get_device_name(self.device)
+
+    def free_total(self) -> tuple[int, int]:
+        free, total = self.cuda.mem_get_info(self.device)
+        return int(free), int(total)
+
+    def clear(self) -> None:
+        """Give the cached blocks back: a trial starts as a fresh process at its batch would."""
+        gc.collect()
+        self.cuda.empty_cache()
+
+    def reset_peak(self) -> None:
+        self.cuda.reset_peak_memory_stats(self.device)
+
+    def sync(self) -> None:
+        self.cuda.synchronize(self.device)
+
+    def peak_reserved(self) -> int:
+        return int(self.cuda.max_memory_reserved(self.device))
+
+
+def _gpu_info(memory: CudaMemory, cfg: Any, me: Any) -> dict[str, Any]:
     """This rank's card: name, UUID, total and free memory once the process is set up, and its
     budget: free memory, capped by --mem-fraction (the allocator's own ceiling)."""
-    import torch
-
     from sftui.trainer import loop
 
-    free, total = torch.cuda.mem_get_info(device)
+    free, total = memory.free_total()
     budget = free
     if cfg.mem_fraction:
         fraction = cfg.mem_fraction[me.rank] if len(cfg.mem_fraction) > 1 else cfg.mem_fraction[0]
         budget = min(free, int(fraction * total))
-    return {"rank": me.rank, "name": torch.cuda.get_device_name(device), "uuid": loop._gpu_uuid(device),
-            "total": int(total), "free": int(free), "budget": int(budget)}
+    return {"rank": me.rank, "name": memory.name(), "uuid": loop._gpu_uuid(memory.device),
+            "total": total, "free": free, "budget": budget}
 
 
 def _agree(value: int, device: Any, world: int) -> int:
@@ -184,33 +220,29 @@ def _worst_case_batch(data: Any, batch: int, pad_id: int) -> dict[str, Any]:
 
 
 def _trial(accelerator: Any, model: Any, optimizer: Any, micro: dict[str, Any], world: int,
-           decoder_start: int | None, steps: int) -> tuple[int | None, float | None, str | None]:
+           decoder_start: int | None, steps: int, memory: CudaMemory) -> tuple[int | None, float | None, str | None]:
     """(peak reserved bytes, samples/s of this rank, OOM message) of ``steps`` optimizer steps
     from a cleared allocator: what a fresh process at this batch would reserve."""
-    import torch
-
     from sftui.trainer import loop
 
-    device = accelerator.device
     n_target = int((micro["labels"] != -100).sum())
     batch = int(micro["input_ids"].shape[0])
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
+    memory.clear()
+    memory.reset_peak()
     try:
         timed_from = None
         for s in range(steps):
             if s == 1:  # the first step pays for kernels' autotuning and the optimizer's state
-                torch.cuda.synchronize(device)
+                memory.sync()
                 timed_from = time.monotonic()
             loop.train_step(accelerator, model, optimizer, [micro], n_target, world, decoder_start, loop.StepPhase())
-        torch.cuda.synchronize(device)
+        memory.sync()
     except Exception as e:
         if not loop.is_oom(e):
             raise
         return None, None, str(e).splitlines()[0][:300]
     per_s = batch * (steps - 1) / (time.monotonic() - timed_from) if timed_from is not None else None
-    return int(torch.cuda.max_memory_reserved(device)), per_s, None
+    return memory.peak_reserved(), per_s, None
 
 
 if __name__ == "__main__":
