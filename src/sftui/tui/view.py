@@ -20,6 +20,7 @@ from rich.text import Text
 from textual.geometry import Size
 from textual.widget import Widget
 
+from sftui.forecast import FORECAST_FILE, RunForecast, for_run, read_probe
 from sftui.runstate import LIVE_STATUSES, RunState, RunWatcher
 
 ENDED = ("finished", "failed", "stopped")
@@ -32,6 +33,7 @@ class View:
     version: int                         # bumps whenever anything shown may have changed
     attempt_tail: list[str] = field(default_factory=list)  # last lines of attempt-N.log (failed/lost runs)
     latest_ckpt: int | None = None       # step of checkpoints/latest (read while a decision is pending)
+    forecast: RunForecast | None = None  # peak memory per rung: the probe's points + measured rungs
 
     @property
     def live(self) -> bool:
@@ -63,6 +65,15 @@ class View:
         totals = [g.get("mem_total") for g in tele.get("gpus") or [] if g.get("in_run") and g.get("mem_total")]
         return min(totals) if totals else None
 
+    def run_gpu_budget(self) -> int | None:
+        """What a rung may reserve per GPU when no probe measured free memory: the smallest
+        card of the run, under its --mem-fraction."""
+        total = self.run_gpu_total()
+        fractions = self.state.config.get("mem_fraction") or []
+        if total is None or not fractions:
+            return total
+        return int(total * min(fractions))
+
 
 def _copy_state(st: RunState) -> RunState:
     snap = copy.copy(st)
@@ -88,6 +99,8 @@ class Poller:
         self._sig: Hashable = None
         self._tail_key: Hashable = None
         self._tail: list[str] = []
+        self._probe_key: Hashable = None
+        self._probe: dict[str, Any] | None = None
 
     def poll(self, force: bool = False) -> View | None:
         """Read what is new; a View when something visible changed (or ``force``), else None."""
@@ -109,6 +122,7 @@ class Poller:
         snap = _copy_state(st)
         status = snap.display_status
         view = View(state=snap, status=status, version=self.version)
+        view.forecast = for_run(self._probe_points(), snap.rung_peaks, snap.oom_rungs, view.run_gpu_budget())
         if status in ("failed", "lost") or snap.crash_tail:
             view.attempt_tail = self._attempt_tail(snap.attempt)
         if snap.pending_decision is not None:
@@ -119,6 +133,17 @@ class Poller:
                 except ValueError:
                     pass
         return view
+
+    def _probe_points(self) -> dict[str, Any] | None:
+        """RUN_DIR/forecast.json (``--batch auto``'s probe), read again only when it changed."""
+        try:
+            key = os.stat(self.watcher.run.path / FORECAST_FILE).st_mtime_ns
+        except OSError:
+            return None
+        if key != self._probe_key:
+            self._probe_key = key
+            self._probe = read_probe(self.watcher.run.path)
+        return self._probe
 
     def _attempt_tail(self, attempt: int | None, n: int = 12) -> list[str]:
         if attempt is None:
@@ -209,7 +234,7 @@ def rung_effective(view: View, batch: int) -> str:
 
 
 def forecast_text(view: View, batch: int) -> Text:
-    """What is known of a rung's peak memory: measured, ran out of memory, or "?"."""
+    """What is known of a rung's peak memory: measured, ran out of memory, forecast, or "?"."""
     from sftui.runstate import fmt_gib
 
     s = view.state
@@ -220,5 +245,16 @@ def forecast_text(view: View, batch: int) -> Text:
     peak = s.rung_peaks.get(batch)
     if peak is not None:
         return Text(f"peak memory at batch {batch}: {fmt_gib(peak)} GiB{of} (measured)")
+    rf = view.forecast
+    if rf is not None and rf.forecast is not None:
+        fc = rf.forecast
+        text = Text(f"peak memory at batch {batch}: ~{fmt_gib(fc.predict(batch))} GiB "
+                    f"(±{fmt_gib(fc.band(batch))}, forecast){of}")
+        fits = rf.fits(batch)
+        if fits is not None and rf.budget is not None:
+            limit = f"{rf.target:g} × {fmt_gib(rf.budget)} GiB"
+            text.append(f"\nfits under {limit}" if fits else f"\npredicted NOT to fit under {limit}",
+                        "green" if fits else "bold yellow")
+        return text
     return Text(f"peak memory at batch {batch}: ? (not measured yet{', GPU has ' + fmt_gib(total) + ' GiB' if total else ''})",
                 "dim")
