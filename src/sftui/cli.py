@@ -270,7 +270,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from sftui import probing
 
     target = cfgmod.parse_fraction(args.target, "--target")
-    cfg = cfgmod.build(flag_values(args), args.config)
+    # The probe weighs the ladder as given: no --batch (a config file's included) is put on it.
+    cfg = cfgmod.build({**flag_values(args), "batch": "auto"}, args.config)
     require_gpu(cfg, "probe")
     cfgmod.check_paths(cfg)
     resolve_devices(cfg)
