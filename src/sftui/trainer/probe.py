@@ -122,9 +122,6 @@ def probe(out: Path) -> int:
             write_json_atomic(out / f"oom-rank-{me.rank}.json", {"batch": batch, "message": oom})
             print(f"probe: rank {me.rank}: batch {batch} ran out of memory", flush=True)
             return ev.WORKER_OOM
-        if oom:
-            optimizer.zero_grad(set_to_none=True)
-            memory.clear()
         peak = _agree(peak or 0, device, me.world) if me.world > 1 else peak
         points.append(forecast.Point(batch, peak, None if per_s is None else round(per_s * me.world, 2)))
         say(f"batch {batch}: " + ("out of memory" if peak is None else
@@ -222,11 +219,14 @@ def _worst_case_batch(data: Any, batch: int, pad_id: int) -> dict[str, Any]:
 def _trial(accelerator: Any, model: Any, optimizer: Any, micro: dict[str, Any], world: int,
            decoder_start: int | None, steps: int, memory: CudaMemory) -> tuple[int | None, float | None, str | None]:
     """(peak reserved bytes, samples/s of this rank, OOM message) of ``steps`` optimizer steps
-    from a cleared allocator: what a fresh process at this batch would reserve."""
+    from what a fresh process at this batch starts with: the weights alone, the allocator's
+    cache empty; AdamW's state is made anew by the first step, in training's order."""
     from sftui.trainer import loop
 
     n_target = int((micro["labels"] != -100).sum())
     batch = int(micro["input_ids"].shape[0])
+    optimizer.zero_grad(set_to_none=True)
+    optimizer.state.clear()
     memory.clear()
     memory.reset_peak()
     try:
