@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
 import pytest
+
+# Times on screens and in logs are local: pin the zone so snapshots do not depend on the machine's.
+os.environ["TZ"] = "UTC"
+time.tzset()
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 

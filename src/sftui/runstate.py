@@ -79,7 +79,7 @@ def describe_event(e: dict[str, Any]) -> str | None:
     if k == "decision_needed":
         prop = g("proposed_batch")
         deadline = g("deadline")
-        when = f" (decided automatically at {time.strftime('%H:%M:%S', time.localtime(deadline))})" if deadline else ""
+        when = f" (auto at {time.strftime('%H:%M:%S', time.localtime(deadline))})" if deadline else ""
         return "decision needed after OOM: " + (f"restart at batch {prop}?" if prop else "bottom of the ladder") + when
     if k == "decision":
         return f"decision by {g('by')}: {g('action')}" + (f" at batch {g('batch_size')}" if g("batch_size") else "")
