@@ -237,11 +237,10 @@ def setup_device(cfg: RunConfig, me: Rank) -> tuple[Accelerator, bool]:
 def new_model(cfg: RunConfig, tok: Any, device: torch.device, lr: float) -> tuple[Any, torch.optim.Optimizer]:
     """The model on the device and its AdamW, not yet prepared by accelerate (a checkpoint is
     loaded into both first). Shared with the memory probe."""
-    net = models.build_model(cfg.model, tok, cfg.seed, cfg.max_len)
+    net = models.build_model(cfg.model, tok, cfg.seed, cfg.max_len, device)
     if cfg.gradient_checkpointing:
         net.config.use_cache = False
         net.gradient_checkpointing_enable()
-    net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     return net, opt
 
@@ -509,7 +508,7 @@ def _prepare_data(run: RunDir, cfg: RunConfig, expected_fingerprint: str, me: Ra
         while not ready.exists():
             time.sleep(0.1)
         keys = json.loads(ready.read_text())
-        tok = models.load_tokenizer(tok_dir)
+        tok = models.load_tokenizer(tok_dir, preset=models.is_preset(cfg.model))
         train_data = data.Tokenized.open(run.cache / keys["train"])
         return tok, train_data, data.Tokenized.open(run.cache / keys["eval"]) if keys["eval"] else None
 
@@ -520,7 +519,7 @@ def _prepare_data(run: RunDir, cfg: RunConfig, expected_fingerprint: str, me: Ra
                           f"run.json has {expected_fingerprint[:12]})")
     if models.is_preset(cfg.model) and not tok_dir.exists():
         models.build_char_tokenizer(data.char_counts(cfg.data, cfg.skip_bad_rows), tok_dir, models.max_vocab(cfg.model))
-    tok = models.load_tokenizer(tok_dir)
+    tok = models.load_tokenizer(tok_dir, preset=models.is_preset(cfg.model))
     tok_fp = models.tokenizer_fingerprint(tok)
     keys: dict[str, str | None] = {"eval": None}
     last_beat = [0.0]
