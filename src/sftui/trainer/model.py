@@ -84,12 +84,13 @@ def build_char_tokenizer(counts: Counter, out_dir: Path, limit: int | None = Non
 def load_tokenizer(directory: str | Path, preset: bool = False) -> "PreTrainedTokenizerBase":
     """A tokenizer saved with ``save_pretrained``; the pad token falls back to EOS.
 
-    A preset's own character tokenizer is loaded as what it is: AutoTokenizer's resolution
-    took 6 s on a GPU machine whose image holds many tokenizer libraries.
+    A preset's own character tokenizer is loaded as what it is: importing AutoTokenizer took
+    6 s on a GPU machine whose image holds many libraries (the model registry comes with it).
     """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    loader = PreTrainedTokenizerFast if preset else AutoTokenizer
+    if preset:
+        from transformers import PreTrainedTokenizerFast as loader
+    else:
+        from transformers import AutoTokenizer as loader
     tok = loader.from_pretrained(str(directory), local_files_only=True)
     if tok.eos_token_id is None:
         raise ValueError(f"{directory}: the tokenizer has no EOS token; sftui ends every response with one")
