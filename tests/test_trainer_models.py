@@ -60,7 +60,7 @@ def test_local_model_dir_trains_and_final_loads_back(tmp_path: Path, kind: str, 
     held_out = write_jsonl(tmp_path / "eval.jsonl", qa_rows(10, seed=9))
     run = rundir.create(tmp_path / "run")
     cfg = RunConfig(model=str(src), data=str(data), eval_data=str(held_out), eval_every=3, batch=8, max_len=32,
-                    log_every=2, cpu=True, num_processes=world, checkpoint_every=0, lr=1e-3)
+                    log_every=2, cpu=True, num_processes=world, checkpoint_every=2, keep_checkpoints=2, lr=1e-3)
     write_run_json(run, cfg, sample_budget=48)
     assert run_attempt(run, 1, world) == [ev.WORKER_OK] * world, log_tail(run, 1)
     steps = step_events(run)
@@ -71,6 +71,10 @@ def test_local_model_dir_trains_and_final_loads_back(tmp_path: Path, kind: str, 
     assert [e["step"] for e in events(run, "eval")] == list(range(3, total + 1, 3))
     assert events(run, "eval")[0]["samples"] == 10 and events(run, "eval")[0]["loss"] > 0
     assert not (run.path / "tokenizer").exists()  # a model directory brings its own tokenizer
+    saved = [(e["step"], e["reason"]) for e in events(run, "checkpoint")]
+    assert saved == [(s, "periodic") for s in range(2, total, 2)] + [(total, "final")]
+    kept = sorted(p.name for p in run.checkpoints.glob("step-*"))
+    assert kept == [f"step-{s:08d}" for s, _ in saved[-2:]] and run.latest_checkpoint().name == kept[-1]
 
     auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSeq2SeqLM
     trained = auto.from_pretrained(run.final, local_files_only=True)

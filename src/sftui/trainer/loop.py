@@ -136,6 +136,19 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
         if not alone:
             accelerator.wait_for_everyone()
 
+    def leave_for_oom(failed_step: int, where: str, message: str) -> int:
+        """The emergency checkpoint (state after ``failed_step`` - 1, saved alone), then the
+        ``oom`` event and ``worker_exit``."""
+        opt.zero_grad(set_to_none=True)
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        emergency = _emergency_checkpoint(failed_step, where, resume_step, save, log, me.rank)
+        log.emit("oom", step=failed_step, batch_size=batch, rank=me.rank, gpu_uuid=gpu_uuid, where=where,
+                 message=message, emergency_checkpoint=emergency, injected=inject == failed_step)
+        log.emit("worker_exit", rank=me.rank, reason="oom", step=failed_step - 1)
+        return ev.WORKER_OOM
+
     # --- training ---
     phase("training")
     model.train()
@@ -161,15 +174,7 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
         if oom is not None:
             # Outside the except block: the exception's frames, and with them the step's
             # tensors, are gone.
-            opt.zero_grad(set_to_none=True)
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
-            emergency = _emergency_checkpoint(step, oom[0], resume_step, save, log, me.rank)
-            log.emit("oom", step=step, batch_size=batch, rank=me.rank, gpu_uuid=gpu_uuid, where=oom[0],
-                     message=oom[1], emergency_checkpoint=emergency, injected=inject == step)
-            log.emit("worker_exit", rank=me.rank, reason="oom", step=step - 1)
-            return ev.WORKER_OOM
+            return leave_for_oom(step, *oom)
         seen += item["size"]
         meter.add(item, grad_norm)
         if samples_log is not None:
@@ -192,7 +197,15 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
                      mem_peak_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
                      mem_reserved_bytes=torch.cuda.memory_reserved(device) if cuda else None)
         if eval_data is not None and step % cfg.eval_every == 0:
-            _evaluate(accelerator.unwrap_model(model), eval_data, batch, me, tok.pad_token_id, decoder_start, device, log, step)
+            try:
+                _evaluate(accelerator.unwrap_model(model), eval_data, batch, me, tok.pad_token_id, decoder_start,
+                          device, log, step)
+            except Exception as e:
+                if not is_oom(e):
+                    raise
+                oom = ("forward", "during evaluation: " + str(e).splitlines()[0][:480])
+            if oom is not None:  # step is complete: the next one is where training stopped
+                return leave_for_oom(step + 1, *oom)
 
         if action is not None and action[0] in ("switch", "stop"):
             save(action[0], step)
