@@ -64,15 +64,13 @@ def text(rng: random.Random, n: int) -> str:
 
 def write_data(path: Path, n_rows: int, long_positions: range) -> None:
     """n_rows rows; the rows the plan puts at ``long_positions`` of epoch 0 are long (>= 256 tokens
-    on both sides), the rest short. Every file carries the same alphabet, so the tokenizer is alike."""
+    on both sides), the rest short."""
     order = Plan(n_rows, SEED, n_rows).order(0)
     long_ids = {int(order[p]) for p in long_positions}
     rng = random.Random(0)
     with open(path, "w") as f:
         for i in range(n_rows):
-            if i == 0:
-                prompt, response = ALPHABET, ALPHABET
-            elif i in long_ids:
+            if i in long_ids:
                 prompt, response = text(rng, 300), text(rng, 300)
             else:
                 prompt, response = text(rng, 12), text(rng, 8)
