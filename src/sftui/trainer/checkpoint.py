@@ -44,8 +44,20 @@ class State:
 
 
 def read_state(path: Path) -> State:
-    data = json.loads((path / "state.json").read_text())
-    return State(**{k: data[k] for k in State.__dataclass_fields__})
+    """state.json of a checkpoint; CheckpointError naming the file when it is missing or not
+    what sftui writes (truncated, tampered with, from another program)."""
+    where = path / "state.json"
+    try:
+        data = json.loads(where.read_bytes())
+        values = {k: data[k] for k in State.__dataclass_fields__}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{where}: unreadable checkpoint state ({_first_line(e)}); {_REFUSED}") from None
+    kinds = {"data_fingerprint": str}
+    for name, value in values.items():
+        want = kinds.get(name, int)
+        if not isinstance(value, want) or isinstance(value, bool) or (want is int and value < 0):
+            raise CheckpointError(f"{where}: unreadable checkpoint state ({name} is {value!r}); {_REFUSED}")
+    return State(**values)
 
 
 def estimate_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
@@ -89,9 +101,13 @@ def save(run: RunDir, model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # another writer saved this step first
         write_atomic(run.latest, (final.name + "\n").encode(), mode=0o600)
-    except OSError as e:
+    except Exception as e:
+        # safetensors and torch.save report a full disk as their own errors (SafetensorError,
+        # "RuntimeError: [enforce fail at inline_container.cc] unexpected pos"), not as OSError:
+        # ask the filesystem before the partial copy is removed.
+        full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or _nearly_full(run.checkpoints)
         shutil.rmtree(tmp, ignore_errors=True)
-        why = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        why = "disk full" if full else (getattr(e, "strerror", None) or _first_line(e))
         raise CheckpointError(f"could not write checkpoint {final}: {why}; {_previous(run)}") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -117,15 +133,53 @@ def prune(run: RunDir, keep: int) -> None:
 
 
 def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[State, dict[str, Any]]:
-    """Restore weights (and optimizer state) from a checkpoint; (state, schedule)."""
+    """Restore weights (and optimizer state) from a checkpoint; (state, schedule).
+
+    Weights come from safetensors and the rest through ``torch.load(weights_only=True)``: a
+    checkpoint from elsewhere never runs code. Anything unreadable (truncated, tampered with,
+    another model's) is a CheckpointError naming the file.
+    """
+    state = read_state(path)
+    weights = path / "model.safetensors"
     try:
-        load_model(model, str(path / "model.safetensors"))
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: the weights do not fit the model: {str(e).splitlines()[0]}") from None
+        missing, unexpected = load_model(model, str(weights), strict=False)
+    except Exception as e:  # SafetensorError, OSError, a shape mismatch's RuntimeError
+        raise CheckpointError(f"{weights}: unreadable weights ({_first_line(e)}); {_REFUSED}") from None
+    if missing or unexpected:
+        names = ", ".join(list(missing)[:2] + list(unexpected)[:2])
+        raise CheckpointError(f"{weights}: the weights do not fit the model (missing or unexpected: {names}); "
+                              f"{_REFUSED}")
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    schedule = torch.load(path / "scheduler.pt", weights_only=True)
-    return read_state(path), schedule
+        optimizer.load_state_dict(_torch_load(path / "optimizer.pt"))
+    schedule = _torch_load(path / "scheduler.pt")
+    if not isinstance(schedule, dict):
+        raise CheckpointError(f"{path / 'scheduler.pt'}: unreadable (not a dict); {_REFUSED}")
+    return state, schedule
+
+
+_REFUSED = ("refusing to resume from it (to resume from an earlier checkpoint, write its name, "
+            "e.g. step-00000010, into checkpoints/latest)")
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True`` (tensors and plain containers; a pickle that
+    would run code is refused), every failure as one line."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # UnpicklingError, a truncated zip's RuntimeError, OSError
+        raise CheckpointError(f"{path}: unreadable or not a plain-tensor file ({_first_line(e)}); {_REFUSED}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+def _nearly_full(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(path).free < (1 << 20)
+    except OSError:
+        return False
 
 
 def _fsync(path: Path) -> None:
