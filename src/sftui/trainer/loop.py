@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from sftui import events as ev
 from sftui.config import ConfigError, RunConfig
 from sftui.rundir import EventLog, RunDir, read_json, write_json_atomic
-from sftui.trainer import checkpoint, data, model as models
+from sftui.trainer import checkpoint, data, model as models, rendezvous
 
 OOM_MARKERS = ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
                "CUDNN_STATUS_NOT_ALLOCATED", "CUDNN_STATUS_NOT_ALLOC")
@@ -102,8 +102,10 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
     decoder_start = net.config.decoder_start_token_id if seq2seq else None
     model, optimizer = accelerator.prepare(net, opt)
     if cfg.compile and cuda:
+        from sftui.trainer import compiling  # torch._dynamo's logging hooks, only when compiling
+
         phase("compiling")
-        model = torch.compile(model)
+        model = compiling.compile_model(model, run.path, log, me.rank)
     elif cfg.compile:
         log.emit("log", level="warning", message="--compile is ignored on the CPU")
 
@@ -112,7 +114,7 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
     steps = plan.steps(seen, per_step)
     total_steps = step + len(steps)
     loader = DataLoader(
-        data.StepBatches(train_data, plan, steps, me.rank, batch, accum, tok.pad_token_id),
+        data.StepBatches(train_data, plan, steps, me.rank, batch, accum, tok.pad_token_id, pad_width(cfg, cuda)),
         batch_size=None, num_workers=cfg.dataloader_workers,
         prefetch_factor=2 if cfg.dataloader_workers else None, pin_memory=cuda,
     )
@@ -192,6 +194,9 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
                          samples_seen=seen, loss=loss, lr=opt.param_groups[0]["lr"], grad_norm=norm,
                          samples_per_s=per_s["samples"], tokens_per_s=per_s["tokens"], batch_size=batch,
                          grad_accum=accum, mfu=_mfu(per_s, enc_fpt, dec_fpt, net.config, peak_tflops, me.world))
+                if cfg.compile and cuda and step == (resume_step or 0) + 1:
+                    log.emit("log", level="info", message=f"torch.compile: the first step took {per_s['seconds']:.1f} s "
+                                                          "(compiling, or loading the compile cache)")
         if step % cfg.log_every == 0:
             log.emit("rank_stats", rank=me.rank, gpu_uuid=gpu_uuid,
                      mem_peak_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
@@ -235,16 +240,26 @@ def setup_device(cfg: RunConfig, me: Rank) -> tuple[Accelerator, bool]:
         if cfg.mem_fraction:
             fraction = cfg.mem_fraction[me.rank] if len(cfg.mem_fraction) > 1 else cfg.mem_fraction[0]
             torch.cuda.set_per_process_memory_fraction(fraction, me.local_rank)
+    group_timeout = timedelta(seconds=max(60.0, cfg.hang_timeout))
+    rendezvous.init_loopback_group(cuda, group_timeout)  # one node: nothing listens beyond loopback
     accelerator = Accelerator(
         cpu=not cuda,
         mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no",
         kwargs_handlers=[
-            InitProcessGroupKwargs(timeout=timedelta(seconds=max(60.0, cfg.hang_timeout))),
+            InitProcessGroupKwargs(timeout=group_timeout),
             # Buffers (rotary tables) are the same on every rank: no broadcast before each forward.
             DistributedDataParallelKwargs(broadcast_buffers=False),
         ],
     )
     return accelerator, cuda
+
+
+def pad_width(cfg: RunConfig, cuda: bool) -> int | None:
+    """The columns every batch is padded to: ``--max-len`` with ``--pad-to-max-len`` (by default
+    with ``--compile`` on a GPU, where each new sequence length would be a recompile), else None
+    (each micro-batch's longest row). Shared with the memory probe."""
+    static = cfg.pad_to_max_len if cfg.pad_to_max_len is not None else cfg.compile and cuda
+    return cfg.max_len if static else None
 
 
 def new_model(cfg: RunConfig, tok: Any, device: torch.device, lr: float) -> tuple[Any, torch.optim.Optimizer]:
@@ -315,14 +330,17 @@ def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], decoder_start: in
     decoder's start token for an encoder-decoder model (labels feed the decoder, shifted right).
     """
     labels = batch["labels"]
-    if decoder_start is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        labels = labels[:, 1:]
-    else:
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if decoder_start is not None:
         decoder_input_ids = torch.cat([torch.full_like(labels[:, :1], decoder_start), labels[:, :-1]], dim=1)
-        decoder_input_ids = decoder_input_ids.masked_fill(decoder_input_ids == -100, decoder_start)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       decoder_input_ids=decoder_input_ids).logits
+        inputs["decoder_input_ids"] = decoder_input_ids.masked_fill(decoder_input_ids == -100, decoder_start)
+    # The batch varies (ladder rungs, a short last step): a compiled model takes it as a symbol
+    # rather than recompiling for each size. A no-op for a model that is not compiled.
+    for tensor in inputs.values():
+        torch._dynamo.maybe_mark_dynamic(tensor, 0)
+    logits = model(**inputs).logits
+    if decoder_start is None:
+        logits, labels = logits[:, :-1], labels[:, 1:]
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=-100, reduction="sum")
 
