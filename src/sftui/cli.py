@@ -28,6 +28,7 @@ RESUME_MUTABLE = {
     "batch", "ladder", "on_oom", "oom_timeout", "max_oom_restarts", "hang_timeout", "notify", "checkpoint_every",
     "keep_checkpoints", "log_every", "eval_every", "dataloader_workers", "compile", "gpus", "cpu",
     "num_processes", "mem_fraction", "record_samples", "skip_bad_rows", "peak_tflops",
+    "num_machines", "main_process_ip", "main_process_port",
 }
 START_TIMEOUT_S = 15.0
 # The settings the memory probe takes: what shapes the model, the data, the devices and memory.
@@ -99,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"fraction of the smallest free GPU memory a rung may use (default: {DEFAULT_TARGET})")
     probe.add_argument("--json", action="store_true", help="print the forecast as JSON (forecast.json's form)")
 
+    node = sub.add_parser("node", help="take part in a multi-node run as machine R (machine 0 runs `sftui run`)",
+                          description="Follow a run started with `sftui run --num-machines N` on a shared "
+                          "filesystem: launch this machine's ranks for every attempt, until the run ends.")
+    node.add_argument("run_dir", metavar="RUN_DIR", help="the run directory, as this machine mounts it")
+    node.add_argument("--machine-rank", required=True, metavar="R", help="this machine's rank, 1 to N-1")
+
     runs = sub.add_parser("runs", help="list runs with status, step, batch and last event")
     runs.add_argument("--root", default="runs", metavar="DIR", help="where runs live (default: ./runs)")
 
@@ -129,6 +136,9 @@ def flag_values(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # Everything sftui creates (run directory, logs, checkpoints, the ranks' files: they inherit
+    # it) is its owner's alone on a shared server.
+    os.umask(0o077)
     if argv[:1] == ["_supervise"] and len(argv) == 2:  # the background supervisor; not a user command
         from sftui.supervisor import main_detached
 
@@ -140,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     handler = {
         "run": cmd_run, "attach": cmd_attach, "status": cmd_status, "stop": cmd_control, "checkpoint": cmd_control,
-        "set-batch": cmd_control, "decide": cmd_control, "runs": cmd_runs, "probe": cmd_probe,
+        "set-batch": cmd_control, "decide": cmd_control, "runs": cmd_runs, "probe": cmd_probe, "node": cmd_node,
     }[args.command]
     try:
         return handler(args)
@@ -210,6 +220,11 @@ def prepare_new(args: argparse.Namespace, cfg: RunConfig) -> RunDir:
     from sftui.supervisor import new_run_json
 
     auto = cfg.batch == "auto"
+    if cfg.num_machines > 1:
+        if auto:
+            raise ConfigError("--batch auto: not with --num-machines (probe one machine with sftui probe, then give --batch)")
+        if not args.run_dir:
+            raise ConfigError("--run-dir: required with --num-machines (a directory every machine mounts)")
     if auto:
         require_gpu(cfg, "--batch auto")
     cfgmod.check_paths(cfg)
@@ -455,6 +470,12 @@ def cmd_control(args: argparse.Namespace) -> int:
         fail(str(e))
     print(reply.get("message", "ok"))
     return 0
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from sftui.node import follow
+
+    return follow(resolve_run(args.run_dir), cfgmod.positive_int(args.machine_rank, "--machine-rank"))
 
 
 def cmd_runs(args: argparse.Namespace) -> int:

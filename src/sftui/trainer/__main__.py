@@ -40,6 +40,7 @@ def _exit_now(code: int) -> None:
 
 def main() -> None:
     _die_with_parent()
+    os.umask(0o077)  # the run's files are its owner's alone (also when torchrun started this rank)
     # The default action: the kernel ends the process at once, even while it waits inside a
     # collective, where a Python-level handler would only run after the call returned.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -55,7 +56,7 @@ def main() -> None:
 
     run = RunDir(Path(sys.argv[1]))
     me = loop.Rank.from_env()
-    log = EventLog(run.events, me.attempt)
+    log = EventLog(run.node_events(int(os.environ.get("SFTUI_NODE", "0"))), me.attempt)  # one file per machine
     try:
         code = loop.train(run, log, me)
     except ConfigError as e:  # bad data, a changed fingerprint or max length: exit 2 territory
