@@ -27,10 +27,10 @@ from sftui import config as cfgmod
 from sftui import events as ev
 from sftui.config import RunConfig
 from sftui.control import ControlServer
-from sftui.launch import Attempt, start_attempt
+from sftui.launch import Attempt, rendezvous_id, start_attempt, start_launcher
 from sftui.rundir import (
     EventLog,
-    JsonlTail,
+    EventTails,
     LockHeld,
     RunDir,
     acquire_lock,
@@ -46,6 +46,7 @@ TEARDOWN_AFTER_ABNORMAL_S = 1.0   # the others are torn down this long after a r
 CLEAN_EXIT_WAIT_S = 60.0          # ranks that left cleanly: how long the others get to follow
 HOST_OOM_FRACTION = 0.95          # system memory this full when a rank is SIGKILLed: host OOM
 TUI_PING_FRESH_S = 5.0            # a TUI that pinged this recently counts as attached
+OTHER_MACHINES_WAIT_S = 5.0       # multi-node: how long the other machines' last events get to arrive
 
 Observer = Callable[[dict[str, Any]], None]
 
@@ -101,6 +102,7 @@ class AttemptWatch:
     trained: bool = False
     worker_exits: dict[int, str] = field(default_factory=dict)
     ooms: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # the ranks' error messages (a full disk, a bad checkpoint)
 
     def see(self, e: dict[str, Any]) -> None:
         kind = e.get("kind")
@@ -115,23 +117,29 @@ class AttemptWatch:
                 self.last_step = e["step"]
         elif kind == "oom":
             self.ooms.append(e)
+        elif kind == "log" and e.get("level") == "error":
+            self.errors.append(str(e.get("message")))
 
 
-def classify(codes: list[int | None], watch: AttemptWatch, hung: bool, host_memory_full: bool) -> str:
-    """An attempt's outcome: events first, exit statuses second (DESIGN.md "Events")."""
+def classify(codes: list[int | None], watch: AttemptWatch, hung: bool, host_memory_full: bool, world: int) -> str:
+    """An attempt's outcome: events first, exit statuses second (DESIGN.md "Events"). ``codes`` are
+    the exit statuses of what this machine started: one process per rank when the ``world`` ranks
+    are all here, else machine 0's launcher (which exits 0 only when all its ranks did)."""
     if hung:
         return "hang"
     if watch.ooms:
         return "cuda_oom"
+    per_rank = len(codes) == world
     reasons = set(watch.worker_exits.values())
-    everyone_left = len(watch.worker_exits) == len(codes)
+    everyone_left = len(watch.worker_exits) == world
     if everyone_left and reasons == {"finished"} and all(c == ev.WORKER_OK for c in codes):
         return "finished"
-    if "stop" in reasons and all(c == ev.WORKER_OK or r in watch.worker_exits for r, c in enumerate(codes)):
+    settled = all(c == ev.WORKER_OK or (per_rank and r in watch.worker_exits) for r, c in enumerate(codes))
+    if "stop" in reasons and settled:
         return "stopped"
-    if "switch" in reasons and all(c == ev.WORKER_OK or r in watch.worker_exits for r, c in enumerate(codes)):
+    if "switch" in reasons and settled:
         return "switch"
-    killed = [r for r, c in enumerate(codes) if c == -signal.SIGKILL and r not in watch.worker_exits]
+    killed = [r for r, c in enumerate(codes) if per_rank and c == -signal.SIGKILL and r not in watch.worker_exits]
     if killed and host_memory_full:
         return "host_oom"
     return "crash"
@@ -151,12 +159,12 @@ class Supervisor:
         self._pending_switch: int | None = None
         self._attempt: Attempt | None = None
         self._watch: AttemptWatch | None = None
+        self._last_error: str | None = None
         self._last_tui_ping = 0.0
         self._mem_fractions: deque[tuple[float, float]] = deque(maxlen=100)
         self.sampler = Sampler(interval=1.0)
         self.events: EventLog | None = None
-        self._tail = JsonlTail(run.events)
-        self._tail.offset = run.events.stat().st_size if run.events.exists() else 0
+        self._tail = EventTails(run, from_end=True)
 
     # --- run.json ---
 
@@ -233,6 +241,8 @@ class Supervisor:
                 continue
             what = {"crash": "a rank crashed", "hang": f"no progress for {self.cfg.hang_timeout:g} s",
                     "host_oom": "the host ran out of memory (a rank was killed)"}[outcome]
+            if self._last_error:
+                what += f": {self._last_error}"
             return ev.EXIT_FAILED, "failed", f"{what} in attempt {attempt_no}; see {self.run.attempt_log(attempt_no)}"
 
     def _stopped_result(self, reason: str) -> tuple[int, str, str]:
@@ -256,7 +266,7 @@ class Supervisor:
         watch = AttemptWatch()
         with self._lock:
             self._watch = watch
-            self._attempt = start_attempt(self.run, n, self.cfg.world_size, None if self.cfg.cpu else self.cfg.gpus)
+            self._attempt = self._start(n)
         attempt = self._attempt
         hung = False
         abnormal_since: float | None = None
@@ -289,17 +299,60 @@ class Supervisor:
         attempt.wait_logs()
         codes = attempt.poll()
         self._pump(watch)
+        if self.cfg.num_machines > 1:
+            self._await_other_machines(watch)
         self._write_telemetry()
-        outcome = classify(codes, watch, hung, self._host_memory_was_full())
+        outcome = classify(codes, watch, hung, self._host_memory_was_full(), self.cfg.world_size)
         if self._stop_reason and outcome == "crash" and not watch.trained:
             outcome = "stopped"
-        tail = tail_lines(self.run.attempt_log(n), 20) if outcome in ("crash", "hang", "host_oom") else None
+        self._last_error = watch.errors[-1] if watch.errors else None
+        tail = None
+        if outcome in ("crash", "hang", "host_oom"):
+            self._log_rank_ends(n, codes, hung)
+            tail = tail_lines(self.run.attempt_log(n), 20)
         self.emit("attempt_end", attempt=n, exit_codes=codes, outcome=outcome, last_step=watch.last_step, log_tail=tail)
         with self._lock:
             self._attempt = None
             self._watch = None
             self._save(request_seq=self.state.get("request_seq_written", self.state["request_seq"]))
         return outcome, n
+
+    def _log_rank_ends(self, n: int, codes: list[int | None], hung: bool) -> None:
+        """How each rank ended, as the last lines of the attempt's log (and so of its log tail):
+        a rank killed with SIGKILL writes nothing of its own."""
+        lines = [f"no step or heartbeat for {self.cfg.hang_timeout:g} s: the attempt was torn down"] if hung else []
+        for r, c in enumerate(codes):
+            if c is not None and c < 0:
+                try:
+                    name = signal.Signals(-c).name
+                except ValueError:
+                    name = f"signal {-c}"
+                lines.append(f"rank {r} was killed by {name}")
+            elif c not in (None, ev.WORKER_OK):
+                lines.append(f"rank {r} exited with code {c}")
+        try:
+            with open(self.run.attempt_log(n), "a") as f:
+                f.writelines(f"[sftui] {line}\n" for line in lines)
+        except OSError:
+            pass
+
+    def _start(self, n: int) -> Attempt:
+        """This machine's processes of attempt ``n``: every rank, or (multi-node) machine 0's
+        ``accelerate launch``, which waits for the other machines' at the rendezvous."""
+        if self.cfg.num_machines == 1:
+            return start_attempt(self.run, n, self.cfg.world_size, None if self.cfg.cpu else self.cfg.gpus)
+        self.emit("log", attempt=n, level="info",
+                  message=f"waiting for {self.cfg.num_machines} machines at {self.cfg.main_process_ip}:"
+                  f"{self.cfg.main_process_port}; on machine R: sftui node {self.run.path} --machine-rank R")
+        return start_launcher(self.run, n, self.cfg, 0, rendezvous_id(self.state, n))
+
+    def _await_other_machines(self, watch: AttemptWatch) -> None:
+        """Machine 0's launcher has exited; the other machines' last events (an OOM, their ranks'
+        ``worker_exit``) may reach the shared filesystem a little later."""
+        deadline = time.monotonic() + OTHER_MACHINES_WAIT_S
+        while len(watch.worker_exits) < self.cfg.world_size and not watch.ooms and time.monotonic() < deadline:
+            time.sleep(TICK_S)
+            self._pump(watch)
 
     def _pump(self, watch: AttemptWatch) -> None:
         """Read new events: learn from them, hand them to observers."""
