@@ -130,6 +130,21 @@ def prune(run: RunDir, keep: int) -> None:
     for old in steps[:-keep] if keep > 0 else steps:
         if latest is None or old.name != latest.name:
             shutil.rmtree(old, ignore_errors=True)
+    for tmp in run.checkpoints.glob(".tmp-step-*"):
+        if not _writer_alive(tmp.name):  # a writer killed mid-save (kill -9, host OOM) left it
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _writer_alive(tmp_name: str) -> bool:
+    """Whether the process named at the end of a temporary directory's name (``...-PID``) lives."""
+    try:
+        pid = int(tmp_name.rsplit("-", 1)[1])
+        os.kill(pid, 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[State, dict[str, Any]]:
