@@ -8,6 +8,7 @@ Precedence: defaults < ``--config FILE.toml`` < flags. Each option is declared o
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shlex
 import sys
@@ -105,14 +106,15 @@ class Option:
         return "--" + self.name.replace("_", "-")
 
 
-def _int(lo: int = 1) -> Callable[[str, str], int]:
+def _int(lo: int = 1, hi: int | None = None) -> Callable[[str, str], int]:
     def parse(text: str, where: str) -> int:
+        rng = f">= {lo}" + (f" and <= {hi}" if hi is not None else "")
         try:
             value = int(str(text).strip())
         except ValueError:
-            raise ConfigError(f"{where}: expected an integer >= {lo}, got {text!r}") from None
-        if value < lo:
-            raise ConfigError(f"{where}: expected an integer >= {lo}, got {value}")
+            raise ConfigError(f"{where}: expected an integer {rng}, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise ConfigError(f"{where}: expected an integer {rng}, got {value}")
         return value
 
     return parse
@@ -124,7 +126,7 @@ def _float(lo: float = 0.0, hi: float | None = None, lo_open: bool = False) -> C
             value = float(str(text).strip())
         except ValueError:
             raise ConfigError(f"{where}: expected a number, got {text!r}") from None
-        if value != value or value < lo or (lo_open and value == lo) or (hi is not None and value > hi):
+        if not math.isfinite(value) or value < lo or (lo_open and value == lo) or (hi is not None and value > hi):
             rng = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
             raise ConfigError(f"{where}: expected a number {rng}, got {text!r}")
         return value
@@ -205,7 +207,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("lr", _float(0.0, lo_open=True), "peak learning rate (default: the model preset's)", "F"),
     Option("warmup", _float(0.0, 1.0), "warm-up as a fraction of the samples of the run (default: 0.03)", "F"),
     Option("weight_decay", _float(0.0), "AdamW weight decay (default: 0)", "F"),
-    Option("seed", _int(0), "random seed of the sample order and initialisation (default: 42)", "N"),
+    Option("seed", _int(0, 2**32 - 1), "random seed of the sample order and initialisation (default: 42)", "N"),
     Option("gpus", _int_list, "GPU indices to use (default: all visible)", "0,1"),
     Option("cpu", _bool, "train on the CPU (gloo ranks)", is_flag=True),
     Option("num_processes", _int(), "with --cpu: number of ranks (default: 1)", "N"),
