@@ -95,6 +95,8 @@ def _jsonl_records(path: str) -> Iterator[tuple[int, str, Any]]:
                 obj = DataError(f"{where}: not UTF-8 text")
             except ValueError as e:
                 obj = DataError(f"{where}: invalid JSON: {getattr(e, 'msg', e)}")
+            except RecursionError:
+                obj = DataError(f"{where}: invalid JSON: nested too deeply")
             yield row, where, obj
             row += 1
 
@@ -130,6 +132,8 @@ def _json_list_records(path: str) -> Iterator[tuple[int, str, Any]]:
             obj, end = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        except RecursionError:
+            raise DataError(f"{path}:{line}: invalid JSON: nested too deeply") from None
         yield row, f"{path}:{line}", obj
         row += 1
         i = skip(end)
