@@ -24,6 +24,9 @@ else:  # pragma: no cover - exercised on 3.10 only
 DEFAULT_LADDER = (16, 12, 8)
 PRESETS = ("tiny", "chatlm-mini")
 ON_OOM = ("ask", "auto", "stop")
+# torchrun's and accelerate's default; fixed rather than picked free, because the other machines
+# must know it before the run starts.
+DEFAULT_MAIN_PROCESS_PORT = 29500
 
 
 class ConfigError(Exception):
@@ -49,6 +52,9 @@ class RunConfig:
     gpus: list[int] | None = None
     cpu: bool = False
     num_processes: int = 1
+    num_machines: int = 1
+    main_process_ip: str | None = None
+    main_process_port: int = DEFAULT_MAIN_PROCESS_PORT
     name: str | None = None
     on_oom: str | None = None  # None: ask while a TUI is attached, auto otherwise
     oom_timeout: float = 30.0
@@ -80,10 +86,16 @@ class RunConfig:
     # --- derived values ---
 
     @property
-    def world_size(self) -> int:
+    def local_world_size(self) -> int:
+        """Ranks on each machine."""
         if self.cpu:
             return self.num_processes
         return len(self.gpus) if self.gpus else 1
+
+    @property
+    def world_size(self) -> int:
+        """Ranks on all machines (every machine runs as many as machine rank 0)."""
+        return self.local_world_size * self.num_machines
 
     def notify_argv(self) -> list[str] | None:
         return shlex.split(self.notify) if self.notify else None
@@ -211,6 +223,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("gpus", _int_list, "GPU indices to use (default: all visible)", "0,1"),
     Option("cpu", _bool, "train on the CPU (gloo ranks)", is_flag=True),
     Option("num_processes", _int(), "with --cpu: number of ranks (default: 1)", "N"),
+    Option("num_machines", _int(), "machines the run spans; the others join with `sftui node RUN_DIR --machine-rank R` "
+           "(default: 1)", "N"),
+    Option("main_process_ip", _str, "with --num-machines > 1: this machine's address, which the others reach", "IP"),
+    Option("main_process_port", _int(1), f"with --num-machines > 1: the rendezvous port on --main-process-ip "
+           f"(default: {DEFAULT_MAIN_PROCESS_PORT})", "PORT"),
     Option("name", _str, "run name, used in the run directory's name (default: the data's name)", "NAME"),
     Option("on_oom", _choice(*ON_OOM), "on CUDA OOM: ask (TUI attached), auto (next rung), stop", "ask|auto|stop"),
     Option("oom_timeout", _float(0.0), "seconds an OOM question waits before deciding as auto (default: 30)", "SECONDS"),
@@ -297,6 +314,13 @@ def validate(cfg: RunConfig, given: Any = ()) -> None:
         raise ConfigError(f"--gpus: a GPU is listed twice: {','.join(map(str, cfg.gpus))}")
     if cfg.mem_fraction is not None and len(cfg.mem_fraction) not in (1, cfg.world_size):
         raise ConfigError(f"--mem-fraction: give one value or one per rank ({cfg.world_size}), got {len(cfg.mem_fraction)}")
+    if cfg.num_machines > 1 and not cfg.main_process_ip:
+        raise ConfigError(f"--main-process-ip: required with --num-machines {cfg.num_machines} "
+                          "(this machine's address, which the other machines reach)")
+    if cfg.num_machines == 1 and cfg.main_process_ip is not None:
+        raise ConfigError("--main-process-ip: only with --num-machines > 1")
+    if cfg.main_process_port > 65535:
+        raise ConfigError(f"--main-process-port: expected a port from 1 to 65535, got {cfg.main_process_port}")
     if cfg.inject_oom_rank >= cfg.world_size:
         raise ConfigError(f"--inject-oom-rank: {cfg.inject_oom_rank} is not a rank of a run of {cfg.world_size}")
     if cfg.notify is not None:

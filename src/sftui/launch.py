@@ -1,8 +1,10 @@
-"""Starting the rank processes of one attempt on one node, and tearing them down.
+"""Starting the processes of one attempt, and tearing them down.
 
-The supervisor plays torchrun's part: it gives each rank torchrun's environment, puts all ranks
-of an attempt in one process group of their own (so one ``killpg`` reaches them and nothing
-else), and copies each rank's output, prefixed with its rank, into ``attempt-N.log``.
+On one node the supervisor plays torchrun's part: it gives each rank torchrun's environment,
+puts all ranks of an attempt in one process group of their own (so one ``killpg`` reaches them
+and nothing else), and copies each rank's output, prefixed with its rank, into ``attempt-N.log``.
+On several nodes each machine starts one ``accelerate launch`` of its own (a generated config
+file, torchrun's c10d rendezvous) in the same way, its output prefixed with the machine rank.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from sftui.rundir import RunDir
+from sftui.config import RunConfig
+from sftui.rundir import RunDir, write_json_atomic
 
 TERM_GRACE_S = 5.0
 
@@ -31,7 +34,8 @@ def free_loopback_port() -> int:
 
 
 def rank_env(rank: int, world: int, port: int, attempt: int, gpus: list[int] | None) -> dict[str, str]:
-    env = dict(os.environ)
+    """One rank of a single-node attempt: torchrun's environment, set by the supervisor."""
+    env = attempt_env(attempt, gpus, world)
     env.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -40,7 +44,18 @@ def rank_env(rank: int, world: int, port: int, attempt: int, gpus: list[int] | N
         GROUP_RANK="0",
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
+    )
+    return env
+
+
+def attempt_env(attempt: int, gpus: list[int] | None, local_world: int, node: int = 0) -> dict[str, str]:
+    """What every process of an attempt on machine ``node`` gets: the attempt, the machine (it
+    picks the event file), the pid of the process that started it (the rank or launcher leaves
+    at once if that parent is already gone), the devices, and the package on PYTHONPATH."""
+    env = dict(os.environ)
+    env.update(
         SFTUI_ATTEMPT=str(attempt),
+        SFTUI_NODE=str(node),
         SFTUI_SUPERVISOR_PID=str(os.getpid()),
         CUDA_DEVICE_ORDER="PCI_BUS_ID",
         PYTHONUNBUFFERED="1",
@@ -48,7 +63,7 @@ def rank_env(rank: int, world: int, port: int, attempt: int, gpus: list[int] | N
     if gpus is None:
         env["CUDA_VISIBLE_DEVICES"] = ""
         if "OMP_NUM_THREADS" not in os.environ:
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // world))
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // local_world))
     else:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
     # The package must be importable in the ranks exactly as it is here (an editable install,
@@ -108,24 +123,86 @@ def start_attempt(run: RunDir, attempt: int, world: int, gpus: list[int] | None,
     """Start ``world`` ranks of ``python -m MODULE RUN_DIR`` in one new process group (the
     trainer; or the memory probe, which must see the same world)."""
     port = free_loopback_port()
-    log_path = run.attempt_log(attempt)
+    argv = [sys.executable, "-m", module, str(run.path)]
+    return _spawn(run, attempt, [(argv, rank_env(rank, world, port, attempt, gpus), f"[rank {rank}] ")
+                                 for rank in range(world)])
+
+
+# --- several machines: one `accelerate launch` per machine and attempt ---
+
+
+def accelerate_config(cfg: RunConfig, node: int) -> dict[str, Any]:
+    """``accelerate launch --config_file`` of machine ``node``. It names every setting the launch
+    depends on, so a user's default accelerate config cannot change the run. MULTI_GPU means
+    torchrun's launcher, on the CPU too (gloo). Mixed precision is the worker's own choice (bf16
+    where the card has it), so the launcher imposes none. ``same_network`` stays false: with it,
+    accelerate hands torchrun a master address instead of the c10d rendezvous endpoint."""
+    return {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": "MULTI_GPU",
+        "num_machines": cfg.num_machines,
+        "machine_rank": node,
+        "num_processes": cfg.world_size,
+        "gpu_ids": "all" if cfg.cpu or not cfg.gpus else ",".join(str(g) for g in cfg.gpus),
+        "main_process_ip": cfg.main_process_ip,
+        "main_process_port": cfg.main_process_port,
+        "rdzv_backend": "c10d",
+        "same_network": False,
+        "mixed_precision": "no",
+        "downcast_bf16": "no",
+        "use_cpu": False,
+        "debug": False,
+        "enable_cpu_affinity": False,
+    }
+
+
+def accelerate_args(run: RunDir, node: int) -> list[str]:
+    """The ``accelerate launch`` arguments of machine ``node``. Restarts are the supervisor's
+    (its ladder, resume point and decisions), so torchrun makes none; machine 0 hosts the
+    rendezvous store, whatever the other machines' addresses look like."""
+    return ["--config_file", str(run.accelerate_config(node)), "--max_restarts", "0",
+            "--rdzv_conf", f"is_host={int(node == 0)}", "-m", "sftui.trainer", str(run.path)]
+
+
+def rendezvous_id(state: dict[str, Any], attempt: int) -> str:
+    """The c10d run id of one attempt: a launcher left over from an earlier attempt (or run)
+    cannot join this one."""
+    return f"sftui-{int(state['created'])}-attempt-{attempt}"
+
+
+def start_launcher(run: RunDir, attempt: int, cfg: RunConfig, node: int, rdzv_id: str) -> Attempt:
+    """Machine ``node``'s part of a multi-node attempt: writes its accelerate config, then starts
+    ``accelerate launch`` (through ``sftui.trainer.launcher``, which dies with this process)."""
+    path = run.accelerate_config(node)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    write_json_atomic(path, accelerate_config(cfg, node))
+    env = attempt_env(attempt, None if cfg.cpu else cfg.gpus, cfg.local_world_size, node)
+    env["PET_RDZV_ID"] = rdzv_id  # torchrun reads its --rdzv_id from here; accelerate has no flag for it
+    argv = [sys.executable, "-m", "sftui.trainer.launcher", *accelerate_args(run, node)]
+    return _spawn(run, attempt, [(argv, env, f"[node {node}] ")], node)
+
+
+def _spawn(run: RunDir, attempt: int, specs: list[tuple[list[str], dict[str, str], str]], node: int = 0) -> Attempt:
+    """Start each (argv, env, output prefix) in one new process group; their output goes,
+    prefixed, to the attempt's log on this machine."""
+    log_path = run.attempt_log(attempt, node)
     log = open(log_path, "ab", buffering=0)
     lock = threading.Lock()
     procs: list[subprocess.Popen] = []
     copiers: list[threading.Thread] = []
     try:
-        for rank in range(world):
+        for argv, env, prefix in specs:
             proc = subprocess.Popen(
-                [sys.executable, "-m", module, str(run.path)],
-                env=rank_env(rank, world, port, attempt, gpus),
+                argv,
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 close_fds=True,
-                **_group_kwargs(0 if rank == 0 else procs[0].pid),
+                **_group_kwargs(procs[0].pid if procs else 0),
             )
             procs.append(proc)
-            t = threading.Thread(target=_copy_prefixed, args=(proc.stdout, log, lock, f"[rank {rank}] "), daemon=True)
+            t = threading.Thread(target=_copy_prefixed, args=(proc.stdout, log, lock, prefix), daemon=True)
             t.start()
             copiers.append(t)
     except BaseException:

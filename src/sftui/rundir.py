@@ -41,6 +41,16 @@ class RunDir:
     def events(self) -> Path:
         return self.path / "events.jsonl"
 
+    def node_events(self, node: int) -> Path:
+        """The event file the ranks of machine ``node`` append to: ``events.jsonl`` on machine 0
+        (with the supervisor), ``events.node-R.jsonl`` on the others (appends from several
+        machines to one file are not atomic on network filesystems)."""
+        return self.events if node == 0 else self.path / f"events.node-{node}.jsonl"
+
+    def event_files(self) -> list[Path]:
+        """``events.jsonl`` and every machine's own event file that exists."""
+        return [self.events, *sorted(self.path.glob("events.node-*.jsonl"))]
+
     @property
     def telemetry(self) -> Path:
         return self.path / "telemetry.jsonl"
@@ -74,8 +84,13 @@ class RunDir:
     def supervisor_log(self) -> Path:
         return self.path / "supervisor.log"
 
-    def attempt_log(self, attempt: int) -> Path:
-        return self.path / f"attempt-{attempt}.log"
+    def attempt_log(self, attempt: int, node: int = 0) -> Path:
+        """Output of attempt N on machine ``node`` (machine 0: ``attempt-N.log``)."""
+        return self.path / (f"attempt-{attempt}.log" if node == 0 else f"attempt-{attempt}.node-{node}.log")
+
+    def accelerate_config(self, node: int) -> Path:
+        """The generated ``accelerate launch --config_file`` of machine ``node`` (multi-node)."""
+        return self.path / "accelerate" / f"node-{node}.json"
 
     def checkpoint_dir(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:08d}"
@@ -276,6 +291,27 @@ class JsonlTail:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while batch := self.read():
             yield from batch
+
+
+class EventTails:
+    """Tails every event file of a run (``events.jsonl`` and the per-machine ones) as one stream.
+
+    Files that appear later (a machine's first event) are picked up on the next ``read`` and read
+    from their start; ``from_end`` skips what the files already hold when the tail is made.
+    """
+
+    def __init__(self, run: RunDir, from_end: bool = False):
+        self.run = run
+        self._tails: dict[Path, JsonlTail] = {}
+        for path in run.event_files():
+            self._tails[path] = JsonlTail(path, path.stat().st_size if from_end and path.exists() else 0)
+
+    def read(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for path in self.run.event_files():
+            tail = self._tails.setdefault(path, JsonlTail(path))
+            out.extend(tail.read())
+        return out
 
 
 def _parse_object(line: bytes) -> dict[str, Any] | None:

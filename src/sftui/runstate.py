@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftui.rundir import JsonlTail, RunDir, lock_is_held, read_json, tail_lines
+from sftui.rundir import EventTails, JsonlTail, RunDir, lock_is_held, read_json, tail_lines
 
 LIVE_STATUSES = ("starting", "running", "waiting")
 GIB = 1024**3
@@ -245,11 +245,11 @@ class RunWatcher:
     def __init__(self, path: Path, history: bool = True):
         self.run = RunDir(Path(path))
         self.state = RunState(self.run.path)
-        self._events = JsonlTail(self.run.events)
+        # every machine's event file: history=False starts at the end, a live view with no replay
+        self._events = EventTails(self.run, from_end=not history)
         self._telemetry = JsonlTail(self.run.telemetry)
         self._run_json_mtime: float | None = None
-        if not history:  # start at the end: a live view that needs no replay
-            self._events.offset = _size(self.run.events)
+        if not history:
             self._telemetry.offset = _size(self.run.telemetry)
 
     def poll(self) -> list[dict[str, Any]]:
