@@ -109,9 +109,9 @@ def test_the_search_loop_measures_what_the_forecast_asks(tmp_path, monkeypatch):
     allocator's figures are stood in for."""
     real_batch = probe_mod._worst_case_batch
 
-    def worst_case(train_data, batch, pad_id):
+    def worst_case(train_data, batch, pad_id, width):
         FakeMemory.batch = batch
-        return real_batch(train_data, batch, pad_id)
+        return real_batch(train_data, batch, pad_id, width)
 
     monkeypatch.setattr(probe_mod, "CudaMemory", FakeMemory)
     monkeypatch.setattr(probe_mod, "_worst_case_batch", worst_case)
@@ -159,6 +159,9 @@ def test_the_worst_case_batch_is_the_longest_rows_at_the_widest_width(tmp_path, 
     expected = data.collate(cache, np.array([longest]), pad)["input_ids"][0]
     assert micro["input_ids"][0, :len(expected)].tolist() == expected.tolist()
     assert (micro["labels"] != -100).sum() > 0
+    # where training pads every batch to --max-len, so does the probe
+    static = probe_mod._worst_case_batch(cache, 6, pad, 24)
+    assert {name: tuple(t.shape) for name, t in static.items()} == {name: (6, 24) for name in micro}
 
 
 def recorded_result() -> probing.ProbeResult:

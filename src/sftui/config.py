@@ -69,6 +69,7 @@ class RunConfig:
     gradient_checkpointing: bool = False
     dataloader_workers: int = 1
     compile: bool = False
+    pad_to_max_len: bool | None = None  # None: on with --compile on a GPU (see trainer/loop.pad_width)
     mem_fraction: list[float] | None = None
     inject_oom_at_step: int | None = None
     inject_oom_rank: int = 0
@@ -242,6 +243,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("gradient_checkpointing", _bool, "trade compute for activation memory", is_flag=True),
     Option("dataloader_workers", _int(0), "background processes preparing batches (default: 1)", "N"),
     Option("compile", _bool, "torch.compile the model (GPU)", is_flag=True, negatable=True),
+    Option("pad_to_max_len", _bool, "pad every batch to --max-len: the same shapes at every step "
+           "(default: on with --compile, where a new shape costs a recompile)", is_flag=True, negatable=True),
     Option("mem_fraction", _fractions, "cap each rank's CUDA memory (one value, or one per rank)", "F[,F...]"),
     Option("inject_oom_at_step", _int(), "raise a real torch.OutOfMemoryError in step N of the first attempt", "N"),
     Option("inject_oom_rank", _int(0), "the rank that raises it (default: 0)", "R"),

@@ -511,9 +511,9 @@ class StepBatches:
     of the attempt, already collated; sftui's plan, not a sampler, owns the order."""
 
     def __init__(self, data: Tokenized, plan: Plan, steps: list[tuple[int, int]], rank: int, batch: int,
-                 grad_accum: int, pad_id: int):
+                 grad_accum: int, pad_id: int, width: int | None = None):
         self.data, self.plan, self.steps = data, plan, steps
-        self.rank, self.batch, self.grad_accum, self.pad_id = rank, batch, grad_accum, pad_id
+        self.rank, self.batch, self.grad_accum, self.pad_id, self.width = rank, batch, grad_accum, pad_id, width
         self._order: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -529,7 +529,8 @@ class StepBatches:
         for part in rank_micro_batches(indices, self.rank, self.batch, self.grad_accum):
             # A micro-batch past the end of a short last step still runs (every rank makes the
             # same number of passes): one real row with zero weight.
-            micro.append(collate(self.data, part if len(part) else indices[:1], self.pad_id, weight=len(part) > 0))
+            micro.append(collate(self.data, part if len(part) else indices[:1], self.pad_id, weight=len(part) > 0,
+                                 width=self.width))
         return {
             "seen": seen,
             "size": size,
@@ -542,15 +543,21 @@ class StepBatches:
         }
 
 
-def collate(data: Tokenized, indices: np.ndarray, pad_id: int, weight: bool = True) -> dict[str, Any]:
-    """Right-padded tensors of some rows; labels are -100 off target (by position, not id)."""
+def collate(data: Tokenized, indices: np.ndarray, pad_id: int, weight: bool = True,
+            width: int | None = None) -> dict[str, Any]:
+    """Right-padded tensors of some rows; labels are -100 off target (by position, not id).
+
+    ``width`` (at least the longest row: ``--max-len``) pads every batch to the same columns,
+    inputs and labels alike: a compiled model then sees one shape. The padding is masked out
+    of attention and carries label -100, so it changes neither the loss nor its token count.
+    """
     import torch
 
     def padded(flat: np.ndarray, offsets: np.ndarray, fill: int) -> tuple[np.ndarray, np.ndarray]:
         rows = [flat[offsets[i]:offsets[i + 1]] for i in indices]
-        width = max(len(r) for r in rows)
-        out = np.full((len(rows), width), fill, np.int64)
-        present = np.zeros((len(rows), width), np.int64)
+        columns = max(max(len(r) for r in rows), width or 0)
+        out = np.full((len(rows), columns), fill, np.int64)
+        present = np.zeros((len(rows), columns), np.int64)
         for k, r in enumerate(rows):
             out[k, :len(r)] = r
             present[k, :len(r)] = 1

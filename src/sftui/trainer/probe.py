@@ -114,7 +114,7 @@ def probe(out: Path) -> int:
         if not batch:
             break
         say(f"batch {batch}: {int(spec['steps'])} optimizer steps on the {batch} longest rows")
-        micro = _worst_case_batch(train_data, batch, tok.pad_token_id)
+        micro = _worst_case_batch(train_data, batch, tok.pad_token_id, loop.pad_width(cfg, True))
         peak, per_s, oom = _trial(accelerator, model, optimizer, micro, me.world, decoder_start, int(spec["steps"]),
                                   memory)
         if oom and me.world > 1:
@@ -196,9 +196,10 @@ def _agree(value: int, device: Any, world: int) -> int:
     return int(t.item())
 
 
-def _worst_case_batch(data: Any, batch: int, pad_id: int) -> dict[str, Any]:
+def _worst_case_batch(data: Any, batch: int, pad_id: int, width: int | None = None) -> dict[str, Any]:
     """``batch`` of the longest rows (repeated when there are fewer), padded to the widest input
-    (and label) row of the whole data: the largest micro-batch any step can hand the model."""
+    (and label) row of the whole data, or to ``width`` where training pads every batch to it:
+    the largest micro-batch any step can hand the model."""
     import numpy as np
     import torch.nn.functional as F
 
@@ -206,9 +207,9 @@ def _worst_case_batch(data: Any, batch: int, pad_id: int) -> dict[str, Any]:
 
     order = np.argsort(-np.asarray(data.n_tokens), kind="stable")
     micro = collate(data, np.resize(order, batch), pad_id)
-    widths = {"input_ids": int(np.diff(data.offsets).max())}
+    widths = {"input_ids": width or int(np.diff(data.offsets).max())}
     if data.seq2seq:
-        widths["labels"] = int(np.diff(data.label_offsets).max())
+        widths["labels"] = width or int(np.diff(data.label_offsets).max())
     fill = {"input_ids": pad_id, "attention_mask": 0, "labels": -100}
     for name in micro:
         width = widths["labels" if name == "labels" and data.seq2seq else "input_ids"]
