@@ -89,8 +89,8 @@ def test_an_encoder_decoder_step_is_the_same_with_static_shapes(tmp_path: Path, 
 def test_a_recompile_and_the_fall_back_to_eager_become_log_events(tmp_path: Path, monkeypatch) -> None:
     from sftui.trainer import compiling
 
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset below, restored after the test")
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "inductor's default, replaced by the run's")
+    monkeypatch.delenv("SFTUI_COMPILE_CACHE", raising=False)
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))  # no codegen
     monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", False)  # every new shape recompiles
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)

@@ -1,8 +1,8 @@
 """``--compile``: torch.compile for the worker, set up so that its cost is paid once per run.
 
-- The compile cache lives on disk under the run directory (``RUN_DIR/compile-cache``, unless
-  ``TORCHINDUCTOR_CACHE_DIR`` is already set): a restart after an OOM, a switch or a stop is a
-  new process, and it loads what attempt 1 compiled instead of compiling again.
+- The compile cache lives on disk under the run directory (``RUN_DIR/compile-cache``, or
+  ``$SFTUI_COMPILE_CACHE`` to share one between runs): a restart after an OOM, a switch or a
+  stop is a new process, and it loads what attempt 1 compiled instead of compiling again.
 - The batch dimension is compiled as dynamic (``loop.token_loss_sum`` marks it): a new rung of
   the ladder, or the short last step of an epoch, reuses the same graph and the same cache
   entry. The sequence dimensions stay static (``--pad-to-max-len``, on by default with
@@ -27,9 +27,11 @@ _MESSAGE_CHARS = 400
 
 
 def cache_dir(run_path: Path) -> Path:
-    """Where inductor keeps its compiled graphs for this run (the environment's choice wins)."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(run_path / CACHE_DIR))
-    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    """Where inductor keeps its compiled graphs for this run. Set outright: importing a
+    transformers model has already written inductor's default (/tmp) into the environment."""
+    where = os.environ.get("SFTUI_COMPILE_CACHE") or str(run_path / CACHE_DIR)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = where
+    return Path(where)
 
 
 class RecompileEvents(logging.Handler):

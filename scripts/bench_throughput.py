@@ -1,0 +1,463 @@
+"""Worker throughput against the HF Seq2SeqTrainer, MFU, supervisor overhead and OOM recovery.
+
+    PYTHONPATH=src python3 scripts/bench_throughput.py --out OUT_DIR [--compile] [--batches 8,16,auto]
+        [--warmup 5] [--steps 30] [--budget-s 330] [--gpu 0]
+    .venv/bin/python scripts/bench_throughput.py --smoke --out OUT_DIR   # CPU, tiny model: the script works
+
+One GPU, one model (chatlm-mini; `tiny` with --smoke), one synthetic data file (prompt 16–256
+and response 8–256 characters = tokens: a character tokenizer), max-len 256, bf16:
+
+a. HF: `Seq2SeqTrainer` (fused AdamW, clip 1.0, no eval, saving or logging) at each batch, in
+   one child process; the same tokenized rows (sftui's own tokenizer and cache), the same model.
+b. sftui: the real command line, `sftui run --headless`, eager (default padding) and with
+   --compile (static shapes); rates from the `step` events after the warm-up steps, peak memory
+   from `rank_stats`. MFU for both sides by sftui's own definition (loop._mfu).
+c. Supervisor overhead: the same eager run started as a bare rank (launch.start_attempt on a
+   copy of the supervised run's run.json), without the supervisor tailing and sampling.
+d. OOM recovery (OOM event -> the first step of attempt 2), compile off and on, from
+   `--inject-oom-at-step`.
+
+Timed window: steps W+1..W+K of each run (W = --warmup). Stages run in order of importance and
+a stage is skipped when it would end past --budget-s. Writes OUT/bench_throughput.json after
+every stage and OUT/bench_throughput.md (a section for docs/BENCHMARKS.md) at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from sftui import launch, rundir  # noqa: E402
+
+GIB = 1024**3
+MAX_LEN = 256
+SEED = 42
+ALPHABET = ("的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可她里后小么"
+            "心多天而能好都然没日于起还发成事只作当想看文无开手十用主行方又如前所本见经头面公同三已老从动两长知民样")
+# Rough seconds per stage on an H100/H200 (imports, model build, checkpoint at the end included):
+# a stage is started only when it fits the budget.
+COST = {"eager": 25, "compiled_cold": 110, "compiled": 50, "direct": 25, "oom": 50, "oom_compiled": 70}
+STARTED = time.monotonic()
+
+
+def say(text: str) -> None:
+    print(f"[{time.monotonic() - STARTED:6.1f}s] {text}", flush=True)
+
+
+def write_data(path: Path, rows: int) -> None:
+    """The issue's synthetic rows: prompt 16–256 and response 8–256 characters."""
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for _ in range(rows):
+            prompt = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(16, 256)))
+            response = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(8, 256)))
+            f.write(json.dumps({"prompt": prompt, "response": response}, ensure_ascii=False) + "\n")
+
+
+# --- a. the HF Trainer, in a child process ---------------------------------------------------------
+
+
+def hf_worker(args: argparse.Namespace) -> int:
+    """Seq2SeqTrainer at each batch; one JSON line per batch on stdout ("HF {...}")."""
+    import numpy as np
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
+
+    from sftui.trainer import data, loop, model as models
+
+    cuda = torch.cuda.is_available()
+    work = args.out / "hf"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    models.build_char_tokenizer(data.char_counts(str(args.data), False), work / "tokenizer", models.max_vocab(args.model))
+    tok = models.load_tokenizer(work / "tokenizer", preset=True)
+    seq2seq = models.is_seq2seq(args.model)
+    rows = data.tokenize_to_cache(str(args.data), tok, MAX_LEN, seq2seq, False, work / "cache", 0, lambda f: None)
+
+    class Rows(torch.utils.data.Dataset):
+        """sftui's tokenized rows, one at a time, through sftui's own collate (same labels)."""
+
+        def __len__(self) -> int:
+            return rows.n
+
+        def __getitem__(self, i: int) -> dict[str, list[int]]:
+            return {k: v[0].tolist() for k, v in data.collate(rows, np.array([i]), tok.pad_token_id).items()}
+
+    counts: list[tuple[Any, Any]] = []
+
+    class Counting(Seq2SeqTrainer):
+        """Counts each step's real tokens on the device (read once, at the end: no sync)."""
+
+        def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+            real = inputs["attention_mask"].sum()
+            counts.append((real, (inputs["labels"] != -100).sum()) if seq2seq else (real * 0, real))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    marks: dict[int, tuple[float, int]] = {}
+    first, last = args.warmup, args.warmup + args.steps
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, targs: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step in (first, last):
+                if cuda:
+                    torch.cuda.synchronize()
+                marks[state.global_step] = (time.perf_counter(), len(counts))
+
+    peak_tflops = loop._peak_tflops(cuda)
+    for batch in args.batches:
+        counts.clear()
+        marks.clear()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        net = models.build_model(args.model, tok, SEED, MAX_LEN, "cuda" if cuda else "cpu")
+        enc_fpt, dec_fpt = models.flops_per_token(net, seq2seq)
+        targs = Seq2SeqTrainingArguments(
+            output_dir=str(work / "out"), per_device_train_batch_size=batch, max_steps=last,
+            learning_rate=models.default_lr(args.model), weight_decay=0.0, max_grad_norm=1.0, bf16=cuda,
+            optim="adamw_torch_fused" if cuda else "adamw_torch", logging_strategy="no", save_strategy="no",
+            eval_strategy="no", report_to="none", dataloader_num_workers=1, dataloader_pin_memory=cuda,
+            remove_unused_columns=False, seed=SEED, disable_tqdm=True, use_cpu=not cuda,
+        )
+        trainer = Counting(model=net, args=targs, train_dataset=Rows(), callbacks=[Clock()],
+                           data_collator=DataCollatorForSeq2Seq(tok, label_pad_token_id=-100))
+        out: dict[str, Any] = {"batch": batch}
+        try:
+            trainer.train()
+            seconds = marks[last][0] - marks[first][0]
+            window = counts[marks[first][1]:marks[last][1]]
+            enc = float(sum(int(e) for e, _ in window))
+            dec = float(sum(int(d) for _, d in window))
+            rates = {"samples": batch * args.steps / seconds, "enc_tokens": enc / seconds, "dec_tokens": dec / seconds}
+            out.update(samples_per_s=round(rates["samples"], 2), tokens_per_s=round((enc + dec) / seconds, 1),
+                       ms_per_step=round(seconds / args.steps * 1000, 1),
+                       mfu=loop._mfu(rates, enc_fpt, dec_fpt, net.config, peak_tflops, 1),
+                       peak_reserved=torch.cuda.max_memory_reserved() if cuda else None,
+                       peak_allocated=torch.cuda.max_memory_allocated() if cuda else None)
+        except Exception as e:  # noqa: BLE001 - an OOM at a large batch is a result
+            out.update(error=str(e).splitlines()[0][:300], oom=loop.is_oom(e))
+        print("HF " + json.dumps(out), flush=True)
+        del trainer, net
+        gc.collect()
+    return 0
+
+
+# --- b.-d. the sftui worker through its command line -------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.out: Path = args.out
+        self.report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": shlex.join(sys.argv),
+                                       "model": args.model, "max_len": MAX_LEN, "warmup": args.warmup,
+                                       "steps": args.steps, "hf": {}, "sftui": {}, "skipped": []}
+        self.device = ["--cpu"] if args.smoke else ["--gpus", args.gpu]
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1",
+                    # one compile cache for every compiled run of the bench: the first pays for it
+                    "SFTUI_COMPILE_CACHE": str(self.out / "compile-cache")}
+
+    def save(self) -> None:
+        (self.out / "bench_throughput.json").write_text(json.dumps(self.report, indent=2, default=str))
+
+    def fits(self, name: str, cost: float) -> bool:
+        if time.monotonic() - STARTED + cost <= self.args.budget_s:
+            return True
+        say(f"skipped {name}: ~{cost:.0f} s would pass --budget-s {self.args.budget_s:.0f}")
+        self.report["skipped"].append(name)
+        self.save()
+        return False
+
+    def timeout(self) -> float:
+        return max(30.0, self.args.budget_s + 90 - (time.monotonic() - STARTED))
+
+    def hf(self, batches: list[int]) -> None:
+        cmd = [sys.executable, __file__, "--hf-worker", "--out", str(self.out), "--data", str(self.args.data),
+               "--model", self.args.model, "--batches", ",".join(map(str, batches)), "--warmup", str(self.args.warmup),
+               "--steps", str(self.args.steps)] + (["--smoke"] if self.args.smoke else [])
+        say(f"HF Seq2SeqTrainer at {batches}")
+        env = dict(self.env, CUDA_VISIBLE_DEVICES="" if self.args.smoke else self.args.gpu)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        deadline = time.monotonic() + self.timeout()
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("HF "):
+                res = json.loads(line[3:])
+                self.report["hf"][str(res["batch"])] = res
+                self.save()
+                say(f"HF batch {res['batch']}: {res.get('samples_per_s')} samples/s, mfu {res.get('mfu')}, "
+                    f"{res.get('error', '')}")
+            if time.monotonic() > deadline:
+                proc.kill()
+                break
+        proc.wait()
+        (self.out / "hf.log").write_text("".join(lines))
+        if proc.returncode:
+            say(f"HF worker exit {proc.returncode}; see {self.out / 'hf.log'}:\n" + "".join(lines[-15:]))
+
+    def flags(self, batch: int, ladder: str, steps: int) -> list[str]:
+        return ["--model", self.args.model, "--data", str(self.args.data), "--max-len", str(MAX_LEN), "--seed", str(SEED),
+                "--batch", str(batch), "--ladder", ladder, "--max-steps", str(steps), "--log-every",
+                str(self.args.log_every), "--checkpoint-every", "0", "--keep-checkpoints", "1", *self.device]
+
+    def sftui(self, name: str, extra: list[str]) -> tuple[Path, int, float]:
+        run_dir = self.out / f"run-{name}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        args = ["run", "--headless", "--run-dir", str(run_dir), *extra]
+        say("$ " + shlex.join(["sftui", *args]))
+        t0 = time.monotonic()
+        try:
+            r = subprocess.run([sys.executable, "-m", "sftui", *args], cwd=ROOT, env=self.env, capture_output=True,
+                               text=True, timeout=self.timeout())
+            code, text = r.returncode, r.stdout + r.stderr
+        except subprocess.TimeoutExpired as e:
+            code, text = 124, f"{e.stdout or ''}{e.stderr or ''}\ntimed out"
+        (self.out / f"{name}.log").write_text(text if isinstance(text, str) else text.decode(errors="replace"))
+        return run_dir, code, time.monotonic() - t0
+
+    def throughput(self, name: str, batch: int, compile_: bool) -> dict[str, Any]:
+        extra = self.flags(batch, str(batch), self.args.warmup + self.args.steps) + ["--on-oom", "stop"]
+        run_dir, code, seconds = self.sftui(name, extra + (["--compile"] if compile_ else []))
+        res = {"batch": batch, "compile": compile_, "exit": code, "wall_s": round(seconds, 1),
+               **summarize(run_dir, self.args.warmup)}
+        self.report["sftui"][name] = res
+        self.save()
+        say(f"sftui {name}: exit {code}, {res.get('samples_per_s')} samples/s, mfu {res.get('mfu')}, "
+            f"peak {(res.get('peak_reserved') or 0) / GIB:.2f} GiB, {seconds:.0f} s wall")
+        return res
+
+    def direct(self, name: str, supervised: str) -> None:
+        """The supervised run's rank again, started bare: run.json as the supervisor wrote it."""
+        src = self.out / f"run-{supervised}"
+        shutil.rmtree(self.out / f"run-{name}", ignore_errors=True)
+        run = rundir.create(self.out / f"run-{name}")
+        spec = rundir.read_json(src / "run.json")
+        spec.update(attempt=1, status="running", request_seq=0, supervisor_pid=os.getpid(), socket=None)
+        rundir.write_json_atomic(run.run_json, spec)
+        say(f"bare rank of {supervised} (no supervisor)")
+        t0 = time.monotonic()
+        att = launch.start_attempt(run, 1, 1, gpus=None if self.args.smoke else [int(self.args.gpu)])
+        deadline = time.monotonic() + self.timeout()
+        while att.running() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if att.running():
+            att.terminate()
+        att.wait_logs()
+        res = {"exit": att.poll(), "wall_s": round(time.monotonic() - t0, 1), **summarize(run.path, self.args.warmup)}
+        self.report["sftui"][name] = res
+        self.save()
+        say(f"bare rank: exit {res['exit']}, {res.get('samples_per_s')} samples/s")
+
+    def oom_recovery(self, name: str, compile_: bool) -> None:
+        at = 3
+        extra = self.flags(16 if not self.args.smoke else 8, "16,12" if not self.args.smoke else "8,6", 2 * at)
+        extra += ["--on-oom", "auto", "--inject-oom-at-step", str(at)] + (["--compile"] if compile_ else [])
+        run_dir, code, seconds = self.sftui(name, extra)
+        evs = rundir.read_all(run_dir / "events.jsonl")
+        oom = next((e for e in evs if e["kind"] == "oom"), None)
+        step2 = next((e for e in evs if e["kind"] == "step" and e.get("attempt") == 2), None)
+        start2 = next((e for e in evs if e["kind"] == "attempt_start" and e.get("attempt") == 2), None)
+        res = {"exit": code, "compile": compile_, "wall_s": round(seconds, 1),
+               "recovery_s": round(step2["t"] - oom["t"], 1) if oom and step2 else None,
+               "oom_to_attempt_start_s": round(start2["t"] - oom["t"], 1) if oom and start2 else None,
+               "emergency_checkpoint": oom and oom.get("emergency_checkpoint"),
+               "compile_logs": [e["message"] for e in evs if e["kind"] == "log" and "torch.compile" in e["message"]]}
+        self.report.setdefault("oom_recovery", {})[name] = res
+        self.save()
+        say(f"OOM recovery ({'compile' if compile_ else 'eager'}): {res['recovery_s']} s (exit {code})")
+
+
+def summarize(run_dir: Path, warmup: int) -> dict[str, Any]:
+    """Rates over the step events after step ``warmup``: each covers the steps since the one
+    before it, so seconds = its samples / its samples_per_s."""
+    evs = rundir.read_all(run_dir / "events.jsonl")
+    steps = sorted((e for e in evs if e["kind"] == "step"), key=lambda e: e["step"])
+    seconds = samples = tokens = flops = 0.0
+    for prev, cur in zip(steps, steps[1:]):
+        if prev["step"] < warmup or not cur.get("samples_per_s"):
+            continue
+        n = cur["samples_seen"] - prev["samples_seen"]
+        s = n / cur["samples_per_s"]
+        seconds, samples, tokens = seconds + s, samples + n, tokens + cur["tokens_per_s"] * s
+        flops += (cur.get("mfu") or 0.0) * s
+    stats = [e for e in evs if e["kind"] == "rank_stats"]
+    end = next((e for e in reversed(evs) if e["kind"] == "run_end"), None)
+    out: dict[str, Any] = {
+        "loss": {e["step"]: e["loss"] for e in steps},
+        "peak_reserved": max((e.get("mem_reserved_bytes") or 0 for e in stats), default=None),
+        "peak_allocated": max((e.get("mem_peak_bytes") or 0 for e in stats), default=None),
+        "end": end and end.get("status"),
+        "logs": [e["message"] for e in evs if e["kind"] == "log"][:20],
+    }
+    if seconds:
+        n_steps = steps[-1]["step"] - warmup
+        out.update(samples_per_s=round(samples / seconds, 2), tokens_per_s=round(tokens / seconds, 1),
+                   ms_per_step=round(seconds / max(1, n_steps) * 1000, 1),
+                   mfu=round(flops / seconds, 4) if any(e.get("mfu") for e in steps) else None)
+    return out
+
+
+def loss_check(eager: dict[str, Any], fast: dict[str, Any], warmup: int) -> dict[str, Any] | None:
+    """The largest relative gap between the two runs' logged losses at the same steps (same data,
+    same order, same batch): bf16 and dropout noise only, or something is wrong."""
+    common = [s for s in eager.get("loss", {}) if s in fast.get("loss", {}) and s > warmup]
+    if not common:
+        return None
+    gap = max(abs(fast["loss"][s] - eager["loss"][s]) / abs(eager["loss"][s]) for s in common)
+    return {"steps": common, "max_rel_gap": round(gap, 4), "ok": gap <= 0.03}
+
+
+def padding_share(path: Path, seq2seq: bool) -> float:
+    """Real tokens over the positions of batches padded to --max-len (on both sides of an
+    encoder-decoder; BOS + prompt + response + EOS in one row of a causal LM)."""
+    real = rows = 0
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            p, q = len(r["prompt"]), len(r["response"])
+            real += min(p + 1, MAX_LEN) + min(q + 1, MAX_LEN) if seq2seq else min(p + q + 2, MAX_LEN)
+            rows += 1
+    return real / (rows * MAX_LEN * (2 if seq2seq else 1))
+
+
+def markdown(report: dict[str, Any]) -> str:
+    def g(x: Any, scale: float = 1.0, fmt: str = "{:.1f}") -> str:
+        return "n/a" if x is None else fmt.format(x / scale)
+
+    lines = [f"## Worker throughput against the HF Seq2SeqTrainer (issue 7) — {report.get('card', 'CPU')}", "",
+             f"Date: {report['date']}. Command: `{report['command']}`.", "",
+             f"{report['model']}, max-len {MAX_LEN}, synthetic rows (prompt 16–256, response 8–256 tokens), "
+             f"rates over steps {report['warmup'] + 1}–{report['warmup'] + report['steps']}. Real tokens are "
+             f"{report['real_share'] * 100:.0f} % of the positions of batches padded to --max-len (MFU counts real "
+             "tokens only).", "",
+             "| batch | HF samples/s | HF MFU | HF peak GiB | sftui eager samples/s | MFU | peak GiB | eager/HF | "
+             "sftui compiled samples/s | MFU | peak GiB | compiled/HF |", "|" + "---|" * 12]
+    for b in report["batches"]:
+        hf = report["hf"].get(str(b), {})
+        e = report["sftui"].get(f"eager-{b}", {})
+        c = report["sftui"].get(f"compiled-{b}", {})
+        ratio = (lambda x: g(x.get("samples_per_s") / hf["samples_per_s"], fmt="{:.2f}×")
+                 if x.get("samples_per_s") and hf.get("samples_per_s") else "n/a")
+        pct = (lambda x: g(x, 0.01, "{:.1f} %"))
+        lines.append(f"| {b} | {g(hf.get('samples_per_s'))} | {pct(hf.get('mfu'))} | {g(hf.get('peak_reserved'), GIB, '{:.2f}')} "
+                     f"| {g(e.get('samples_per_s'))} | {pct(e.get('mfu'))} | {g(e.get('peak_reserved'), GIB, '{:.2f}')} "
+                     f"| {ratio(e)} | {g(c.get('samples_per_s'))} | {pct(c.get('mfu'))} "
+                     f"| {g(c.get('peak_reserved'), GIB, '{:.2f}')} | {ratio(c)} |")
+    over = report.get("overhead")
+    if over:
+        lines += ["", f"- Supervisor overhead (batch {over['batch']}, eager): {over['supervised']} samples/s under "
+                      f"`sftui run --headless`, {over['bare']} as a bare rank: {over['overhead_pct']:+.2f} %."]
+    for name, r in report.get("oom_recovery", {}).items():
+        lines.append(f"- OOM recovery, compile {'on' if r['compile'] else 'off'}: {g(r['recovery_s'])} s from the "
+                     f"`oom` event to the first step of attempt 2 ({g(r['oom_to_attempt_start_s'])} s to its start).")
+    for b, chk in report.get("loss_check", {}).items():
+        lines.append(f"- Loss, compiled vs eager at batch {b}: largest relative gap {chk['max_rel_gap'] * 100:.2f} % "
+                     f"over steps {chk['steps']} ({'ok' if chk['ok'] else 'TOO LARGE'}).")
+    if report["skipped"]:
+        lines.append(f"- Skipped for time: {', '.join(report['skipped'])}.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny model, a few steps: the script works (no claims)")
+    p.add_argument("--compile", action="store_true", help="also the compiled sftui worker (GPU)")
+    p.add_argument("--batches", default=None, help="comma-separated; 'auto' = the largest rung for the card")
+    p.add_argument("--warmup", type=int, default=None, help="steps before the timed window (default 5)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 30)")
+    p.add_argument("--budget-s", type=float, default=330.0, help="start no stage that would end after this")
+    p.add_argument("--gpu", default="0")
+    p.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.model = args.model or ("tiny" if args.smoke else "chatlm-mini")
+    args.warmup = args.warmup if args.warmup is not None else (2 if args.smoke else 5)
+    args.steps = args.steps if args.steps is not None else (2 if args.smoke else 30)
+    args.log_every = 2 if args.smoke else 5
+    if args.warmup % args.log_every or args.steps % args.log_every:
+        p.error(f"--warmup and --steps must be multiples of the log interval ({args.log_every})")
+    if args.hf_worker:
+        args.batches = [int(b) for b in args.batches.split(",")]
+        return hf_worker(args)
+    if args.compile and args.smoke:
+        p.error("--compile needs a GPU (the worker ignores it on the CPU)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.batches = [int(b) if b != "auto" else largest_rung(args.gpu)
+                    for b in (args.batches or ("8" if args.smoke else "8,16,auto")).split(",")]
+    args.data = args.out / "data.jsonl"
+    write_data(args.data, (args.warmup + args.steps) * max(args.batches) + 64)
+    bench = Bench(args)
+    rep = bench.report
+    rep.update(batches=args.batches, real_share=round(padding_share(args.data, args.model == "chatlm-mini"), 4), card=card_name(args.smoke))
+    bench.save()
+    say(f"{args.model} on {rep['card']}, batches {args.batches}, real tokens {rep['real_share'] * 100:.0f} % of padded")
+
+    mid = args.batches[1] if len(args.batches) > 1 else args.batches[0]  # 16: the issue's comparison point
+    bench.hf(args.batches)
+    order = [mid] + [b for b in args.batches if b != mid]
+    cold = True
+    for b in order:
+        if args.compile and bench.fits(f"compiled-{b}", COST["compiled_cold" if cold else "compiled"]):
+            bench.throughput(f"compiled-{b}", b, True)
+            cold = False
+        if bench.fits(f"eager-{b}", COST["eager"]):
+            bench.throughput(f"eager-{b}", b, False)
+        if b == mid and bench.fits(f"bare-{b}", COST["direct"]):
+            bench.direct(f"bare-{b}", f"eager-{b}")
+            sup, bare = rep["sftui"][f"eager-{b}"].get("samples_per_s"), rep["sftui"][f"bare-{b}"].get("samples_per_s")
+            if sup and bare:
+                rep["overhead"] = {"batch": b, "supervised": sup, "bare": bare,
+                                   "overhead_pct": round((bare - sup) / bare * 100, 2)}
+    for b in args.batches:
+        e, c = rep["sftui"].get(f"eager-{b}"), rep["sftui"].get(f"compiled-{b}")
+        if e and c and (chk := loss_check(e, c, args.warmup)):
+            rep.setdefault("loss_check", {})[str(b)] = chk
+    bench.save()
+    if bench.fits("oom-eager", COST["oom"]):
+        bench.oom_recovery("oom-eager", False)
+    if args.compile and bench.fits("oom-compiled", COST["oom_compiled"]):
+        bench.oom_recovery("oom-compiled", True)
+
+    text = markdown(rep)
+    (args.out / "bench_throughput.md").write_text(text)
+    bench.save()
+    print(text, flush=True)
+    say("done")
+    return 0
+
+
+def card_name(smoke: bool) -> str:
+    if smoke:
+        return "CPU (smoke test, no speed claim)"
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], capture_output=True,
+                         text=True)
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown GPU"
+
+
+def largest_rung(gpu: str) -> int:
+    """The largest rung that fits both sides at max-len 256: the probe measured ~3 + 0.5 GiB per
+    sample (98 GiB at 192) on an H200; an 80 GiB card takes 96 with room for HF's dynamic peaks."""
+    out = subprocess.run(["nvidia-smi", "-i", gpu, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True)
+    mib = int(out.stdout.strip() or 0) if out.returncode == 0 else 0
+    return 128 if mib > 120_000 else 96
+
+
+if __name__ == "__main__":
+    sys.exit(main())
