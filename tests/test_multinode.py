@@ -169,5 +169,6 @@ def test_killing_machine_1s_agent_ends_its_ranks_and_fails_the_attempt(tmp_path)
     assert machine0.returncode == 3, out0[-3000:]
     (attempt_end,) = kinds(all_events(run_dir), "attempt_end")
     assert attempt_end["outcome"] == "crash"
+    assert "[sftui] machine 0's launcher exited with code 1" in attempt_end["log_tail"]
     wait_no_processes(run_dir)  # machine 1's launcher and rank went with its agent (parent-death signal)
     assert not psutil.pid_exists(machine1.pid)

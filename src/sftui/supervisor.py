@@ -322,14 +322,15 @@ class Supervisor:
         a rank killed with SIGKILL writes nothing of its own."""
         lines = [f"no step or heartbeat for {self.cfg.hang_timeout:g} s: the attempt was torn down"] if hung else []
         for r, c in enumerate(codes):
+            who = f"rank {r}" if self.cfg.num_machines == 1 else "machine 0's launcher"
             if c is not None and c < 0:
                 try:
                     name = signal.Signals(-c).name
                 except ValueError:
                     name = f"signal {-c}"
-                lines.append(f"rank {r} was killed by {name}")
+                lines.append(f"{who} was killed by {name}")
             elif c not in (None, ev.WORKER_OK):
-                lines.append(f"rank {r} exited with code {c}")
+                lines.append(f"{who} exited with code {c}")
         try:
             with open(self.run.attempt_log(n), "a") as f:
                 f.writelines(f"[sftui] {line}\n" for line in lines)
