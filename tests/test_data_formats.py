@@ -129,7 +129,7 @@ def test_fingerprint_and_demo(tmp_path: Path) -> None:
 
     path = write(tmp_path / "d.jsonl", PROMPT_RESPONSE, "jsonl")
     assert fingerprint(str(path)) == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert fingerprint("demo") == "demo"
+    assert fingerprint("demo").startswith("demo-") and fingerprint("demo") == fingerprint("demo")
     usable, skipped = validate_file("demo", False)
     assert usable >= 2000 and skipped == 0
 
@@ -140,4 +140,4 @@ def test_validation_imports_no_torch(tmp_path: Path) -> None:
             f"print(validate_file({str(path)!r}, False), fingerprint('demo')); "
             "assert not {'torch', 'transformers', 'pyarrow'} & set(sys.modules), sorted(sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "(2, 0) demo"
+    assert out.stdout.strip().startswith("(2, 0) demo-")

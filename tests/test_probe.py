@@ -69,7 +69,7 @@ def test_ranks_without_cuda_say_so_and_leave_nothing_behind(tmp_path, world):
     before = set(Path(os.environ.get("TMPDIR", "/tmp")).glob("sftui-probe-*"))
     lines: list[str] = []
     with pytest.raises(ConfigError, match=r"^probe: no CUDA GPU visible to torch"):
-        probing.run_probe(cfg, "demo", 0.85, say=lines.append)
+        probing.run_probe(cfg, data.fingerprint("demo"), 0.85, say=lines.append)
     assert set(Path(os.environ.get("TMPDIR", "/tmp")).glob("sftui-probe-*")) == before
 
 
@@ -117,7 +117,7 @@ def test_the_search_loop_measures_what_the_forecast_asks(tmp_path, monkeypatch):
     monkeypatch.setattr(probe_mod, "_worst_case_batch", worst_case)
     cfg = RunConfig(model="tiny", data="demo", cpu=True, ladder=[16, 12, 8, 4], mem_fraction=[0.5])
     (tmp_path / "spec.json").write_text(json.dumps({
-        "config": cfg.to_dict(), "data_fingerprint": "demo", "work_dir": str(tmp_path), "ladder": cfg.ladder,
+        "config": cfg.to_dict(), "data_fingerprint": data.fingerprint("demo"), "work_dir": str(tmp_path), "ladder": cfg.ladder,
         "target": 0.85, "steps": 2, "max_seconds": 120}))
     assert probe_mod.probe(tmp_path) == 0
     result = json.loads((tmp_path / "result.json").read_text())

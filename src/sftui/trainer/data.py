@@ -47,9 +47,11 @@ class DataError(ConfigError):
 
 
 def fingerprint(path: str) -> str:
-    """sha256 of the file's bytes ("demo" for the demo): a resumed run refuses a changed file."""
+    """sha256 of the file's bytes (for the demo, of its generated rows, so a changed generator is a
+    changed dataset): a resumed run refuses a changed file."""
     if path == "demo":
-        return "demo"
+        text = json.dumps(demo.rows(), ensure_ascii=False, sort_keys=True).encode()
+        return "demo-" + hashlib.sha256(text).hexdigest()
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):

@@ -106,8 +106,12 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
 
         phase("compiling")
         model = compiling.compile_model(model, run.path, log, me.rank)
-    elif cfg.compile:
-        log.emit("log", level="warning", message="--compile is ignored on the CPU")
+        # The compile itself happens in the first step: heartbeats keep it from looking like a hang.
+        compile_beats: Any = compiling.Heartbeat(lambda: phase("compiling"), max(5.0, min(60.0, cfg.hang_timeout / 4)))
+    else:
+        compile_beats = nullcontext()
+        if cfg.compile:
+            log.emit("log", level="warning", message="--compile is ignored on the CPU")
 
     # --- the steps of this attempt, prepared by the DataLoader's workers from the plan ---
     per_step = batch * me.world * accum
@@ -166,8 +170,9 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
             if step == inject:
                 raise torch.OutOfMemoryError(
                     f"CUDA out of memory (injected by --inject-oom-at-step {step} on rank {me.rank})")
-            loss, grad_norm = train_step(accelerator, model, optimizer, item["micro"], item["n_target"], me.world,
-                                         decoder_start, at)
+            with compile_beats if step == (resume_step or 0) + 1 else nullcontext():
+                loss, grad_norm = train_step(accelerator, model, optimizer, item["micro"], item["n_target"], me.world,
+                                             decoder_start, at)
             meter.loss += loss
         except Exception as e:
             if not is_oom(e):
