@@ -61,3 +61,28 @@ def test_no_supervisor_is_a_clear_error(tmp_path):
     server_closed = rundir.create(tmp_path / "s")
     with pytest.raises(ControlError, match="no control socket"):
         request(server_closed, {"cmd": "ping"})
+
+
+def test_a_connection_closed_by_the_server_is_a_clear_error(tmp_path):
+    run = rundir.create(tmp_path / "r")
+    path = tmp_path / "rude.sock"
+    rundir.write_json_atomic(run.run_json, {"socket": str(path)})
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(1)
+
+    import threading
+
+    def slam() -> None:
+        conn, _ = server.accept()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        conn.close()  # a reset, before any reply
+
+    t = threading.Thread(target=slam)
+    t.start()
+    try:
+        with pytest.raises(ControlError):
+            request(run, {"cmd": "ping"})
+    finally:
+        t.join()
+        server.close()

@@ -54,6 +54,8 @@ def request(run: RunDir, payload: dict[str, Any], timeout: float = 5.0) -> dict[
             raise ControlError(f"{run.path}: the supervisor did not answer within {timeout:g} s") from None
         except PermissionError:
             raise ControlError(f"{run.path}: permission denied on the control socket (another user's run?)") from None
+        except (BrokenPipeError, ConnectionResetError):
+            raise ControlError(f"{run.path}: the supervisor closed the connection") from None
     try:
         reply = json.loads(data)
     except ValueError:
@@ -109,7 +111,14 @@ class ControlServer:
         with conn:
             conn.settimeout(30)
             if peer_uid(conn) != os.getuid():
-                conn.sendall(b'{"ok": false, "error": "permission denied: not the owner of this run"}\n')
+                # Take the client's request line first: closing on a client that is still sending
+                # would reach it as a broken pipe instead of this answer.
+                try:
+                    conn.settimeout(2)
+                    conn.recv(65536)
+                    conn.sendall(b'{"ok": false, "error": "permission denied: not the owner of this run"}\n')
+                except OSError:
+                    pass
                 return
             buf = b""
             try:
