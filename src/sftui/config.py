@@ -257,17 +257,20 @@ OPTION_BY_NAME = {o.name: o for o in OPTIONS}
 # --- loading ------------------------------------------------------------------------------------
 
 
+def unreadable(where: str, e: OSError) -> ConfigError:
+    """One line for a file that cannot be opened: missing, a directory, or not ours to read."""
+    what = {FileNotFoundError: "no such file", IsADirectoryError: "is a directory",
+            PermissionError: "permission denied"}.get(type(e), e.strerror or str(e))
+    return ConfigError(f"{where}: {what}")
+
+
 def load_toml(path: str) -> dict[str, Any]:
     """Read a config file into RunConfig values, naming the file and key in every error."""
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"--config: {path}: no such file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"--config: {path}: is a directory") from None
-    except PermissionError:
-        raise ConfigError(f"--config: {path}: permission denied") from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        raise unreadable(f"--config: {path}", e) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     except UnicodeDecodeError:

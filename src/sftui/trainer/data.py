@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from sftui.config import ConfigError
+from sftui.config import ConfigError, unreadable
 from sftui.trainer import demo
 
 Segments = list[tuple[str | None, bool]]
@@ -245,12 +245,8 @@ def validate_file(path: str, skip_bad_rows: bool) -> tuple[int, int]:
     skipped: list[int] = []
     try:
         usable = sum(1 for _ in iter_examples(path, skip_bad_rows, skipped))
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory") from None
-    except PermissionError:
-        raise DataError(f"{path}: permission denied") from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        raise DataError(str(unreadable(path, e))) from None
     if usable == 0:
         raise DataError(f"{path}: no usable rows" + (f" ({len(skipped)} skipped)" if skipped else ""))
     return usable, len(skipped)
