@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
@@ -121,6 +122,9 @@ def main() -> int:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--gpu", default="0", help="the GPU index (default: 0)")
     p.add_argument("--budget-s", type=float, default=540.0, help="stop starting new rung checks after this")
+    p.add_argument("--skip-runs", action="store_true", help="skip steps 2 and 3 (the 200-step runs)")
+    p.add_argument("--rungs", default=None, help="step 4 on these rungs only (comma-separated; default: every rung "
+                                                  "up to the recommendation)")
     args = p.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -153,6 +157,17 @@ def main() -> int:
         return 1
     rec = res.recommended
 
+    if args.skip_runs:
+        say("steps 2 and 3 skipped (--skip-runs)")
+    else:
+        runs_at(rec, res, out, gpu, report, save)
+    check_rungs(args, rec, res, out, gpu, report, save)
+    write_reports(out, report, res)
+    return 0
+
+
+def runs_at(rec: int, res: ProbeResult, out: Path, gpu: list[str], report: dict, save: Any) -> None:
+    """Steps 2 and 3: 200 steps at the recommendation, then under a --mem-fraction one rung lower."""
     # 2. 200 steps at the recommendation
     run_dir = out / "run-rec"
     r, seconds = sftui(["run", "--headless", "--run-dir", str(run_dir), *COMMON, *gpu, *RUN_FLAGS,
@@ -195,9 +210,14 @@ def main() -> int:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         shutil.rmtree(run_dir / "final", ignore_errors=True)
 
-    # 4. every rung up to the recommendation: forecast against a few real steps
+
+
+def check_rungs(args: argparse.Namespace, rec: int, res: ProbeResult, out: Path, gpu: list[str], report: dict,
+                save: Any) -> None:
+    """Step 4: every rung up to the recommendation (or --rungs), forecast against a few real steps."""
     report["rungs"] = []
-    for b in sorted((b for b in res.ladder if b <= rec), reverse=True):
+    chosen = [int(b) for b in args.rungs.split(",")] if args.rungs else [b for b in res.ladder if b <= rec]
+    for b in sorted(chosen, reverse=True):
         if time.monotonic() - STARTED > args.budget_s:
             say(f"time budget spent: rungs below {b} not checked")
             break
@@ -215,9 +235,6 @@ def main() -> int:
         say(f"batch {b}: measured {(measured or 0) / GIB:.2f} GiB, forecast {pred / GIB:.2f} GiB, "
             + ("no measurement" if err is None else f"error {err:+.1f} %"))
         shutil.rmtree(run_dir, ignore_errors=True)
-
-    write_reports(out, report, res)
-    return 0
 
 
 def write_reports(out: Path, report: dict, res: ProbeResult) -> None:

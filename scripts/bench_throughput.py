@@ -49,7 +49,7 @@ ALPHABET = ("的一是不了人我在有他这中大来上国个到说们为子�
             "心多天而能好都然没日于起还发成事只作当想看文无开手十用主行方又如前所本见经头面公同三已老从动两长知民样")
 # Rough seconds per stage on an H100/H200 (imports, model build, checkpoint at the end included):
 # a stage is started only when it fits the budget.
-COST = {"eager": 25, "compiled_cold": 110, "compiled": 50, "direct": 25, "oom": 50, "oom_compiled": 70}
+COST = {"eager": 35, "compiled_cold": 190, "compiled": 50, "direct": 30, "oom": 50, "oom_compiled": 90}
 STARTED = time.monotonic()
 
 
@@ -229,10 +229,10 @@ class Bench:
         (self.out / f"{name}.log").write_text(text if isinstance(text, str) else text.decode(errors="replace"))
         return run_dir, code, time.monotonic() - t0
 
-    def throughput(self, name: str, batch: int, compile_: bool) -> dict[str, Any]:
-        extra = self.flags(batch, str(batch), self.args.warmup + self.args.steps) + ["--on-oom", "stop"]
+    def throughput(self, name: str, batch: int, compile_: bool, more: tuple[str, ...] = ()) -> dict[str, Any]:
+        extra = self.flags(batch, str(batch), self.args.warmup + self.args.steps) + ["--on-oom", "stop", *more]
         run_dir, code, seconds = self.sftui(name, extra + (["--compile"] if compile_ else []))
-        res = {"batch": batch, "compile": compile_, "exit": code, "wall_s": round(seconds, 1),
+        res = {"batch": batch, "compile": compile_, "flags": list(more), "exit": code, "wall_s": round(seconds, 1),
                **summarize(run_dir, self.args.warmup)}
         self.report["sftui"][name] = res
         self.save()
@@ -361,6 +361,13 @@ def markdown(report: dict[str, Any]) -> str:
                      f"| {g(e.get('samples_per_s'))} | {pct(e.get('mfu'))} | {g(e.get('peak_reserved'), GIB, '{:.2f}')} "
                      f"| {ratio(e)} | {g(c.get('samples_per_s'))} | {pct(c.get('mfu'))} "
                      f"| {g(c.get('peak_reserved'), GIB, '{:.2f}')} | {ratio(c)} |")
+    for name, r in report["sftui"].items():
+        if name.startswith("grouped-") and r.get("samples_per_s"):
+            hf = report["hf"].get(name.split("-")[1], {})
+            ratio = f", {r['samples_per_s'] / hf['samples_per_s']:.2f}× HF" if hf.get("samples_per_s") else ""
+            lines.append(f"- sftui eager with `--group-by-length` at batch {r['batch']}: {g(r['samples_per_s'])} "
+                         f"samples/s, MFU {g(r.get('mfu'), 0.01, '{:.1f} %')}, peak "
+                         f"{g(r.get('peak_reserved'), GIB, '{:.2f}')} GiB{ratio}.")
     over = report.get("overhead")
     if over:
         lines += ["", f"- Supervisor overhead (batch {over['batch']}, eager): {over['supervised']} samples/s under "
@@ -386,6 +393,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 30)")
     p.add_argument("--budget-s", type=float, default=330.0, help="start no stage that would end after this")
     p.add_argument("--gpu", default="0")
+    p.add_argument("--stages", default="hf,speed,oom",
+                   help="which parts run: hf (a), speed (b, c), oom (d); default all")
     p.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
@@ -412,9 +421,11 @@ def main() -> int:
     bench.save()
     say(f"{args.model} on {rep['card']}, batches {args.batches}, real tokens {rep['real_share'] * 100:.0f} % of padded")
 
-    mid = args.batches[1] if len(args.batches) > 1 else args.batches[0]  # 16: the issue's comparison point
-    bench.hf(args.batches)
-    order = [mid] + [b for b in args.batches if b != mid]
+    stages = set(args.stages.split(","))
+    mid = args.batches[1] if len(args.batches) > 2 else args.batches[0]  # 16: the issue's comparison point
+    if "hf" in stages:
+        bench.hf(args.batches)
+    order = [mid] + [b for b in args.batches if b != mid] if "speed" in stages else []
     cold = True
     for b in order:
         if args.compile and bench.fits(f"compiled-{b}", COST["compiled_cold" if cold else "compiled"]):
@@ -422,6 +433,8 @@ def main() -> int:
             cold = False
         if bench.fits(f"eager-{b}", COST["eager"]):
             bench.throughput(f"eager-{b}", b, False)
+        if b == max(args.batches) and bench.fits(f"grouped-{b}", COST["eager"]):
+            bench.throughput(f"grouped-{b}", b, False, ("--group-by-length",))
         if b == mid and bench.fits(f"bare-{b}", COST["direct"]):
             bench.direct(f"bare-{b}", f"eager-{b}")
             sup, bare = rep["sftui"][f"eager-{b}"].get("samples_per_s"), rep["sftui"][f"bare-{b}"].get("samples_per_s")
@@ -433,9 +446,9 @@ def main() -> int:
         if e and c and (chk := loss_check(e, c, args.warmup)):
             rep.setdefault("loss_check", {})[str(b)] = chk
     bench.save()
-    if bench.fits("oom-eager", COST["oom"]):
+    if "oom" in stages and bench.fits("oom-eager", COST["oom"]):
         bench.oom_recovery("oom-eager", False)
-    if args.compile and bench.fits("oom-compiled", COST["oom_compiled"]):
+    if "oom" in stages and args.compile and bench.fits("oom-compiled", COST["oom_compiled"]):
         bench.oom_recovery("oom-compiled", True)
 
     text = markdown(rep)

@@ -99,16 +99,21 @@ def test_a_recompile_and_the_fall_back_to_eager_become_log_events(tmp_path: Path
     handlers = list(dynamo_log.handlers)
     torch._dynamo.reset()
     try:
-        double = compiling.compile_model(Double(), run.path, rundir.EventLog(run.events, 1), 0)
-        for n in range(1, 5):
+        double, first_step = compiling.compile_model(Double(), False, run.path, rundir.EventLog(run.events, 1), 0,
+                                                     lambda: None, 60.0)
+        with first_step:
+            assert double(torch.ones(1)).tolist() == [2.0]
+        for n in range(2, 5):
             assert double(torch.ones(n)).tolist() == [2.0] * n
     finally:
         dynamo_log.handlers[:] = handlers
         torch._dynamo.reset()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(run.path / "compile-cache")
-    messages = [e["message"] for e in rundir.read_all(run.events) if e["kind"] == "log"]
-    assert sum("torch.compile recompiled" in m for m in messages) == 2  # shapes 2 and 3
-    assert any("recompile_limit" in m for m in messages)  # then eager, said out loud
+    logs = [e for e in rundir.read_all(run.events) if e["kind"] == "log"]
+    assert "the whole model" in logs[0]["message"]
+    recompiles = [e for e in logs if "torch.compile recompiled" in e["message"]]
+    assert [e["level"] for e in recompiles] == ["warning", "warning"]  # shapes 2 and 3, after the first step
+    assert any("recompile_limit" in e["message"] for e in logs)  # then eager, said out loud
 
 
 class Double(torch.nn.Module):

@@ -28,12 +28,13 @@ RESUME_MUTABLE = {
     "batch", "ladder", "on_oom", "oom_timeout", "max_oom_restarts", "hang_timeout", "notify", "checkpoint_every",
     "keep_checkpoints", "log_every", "eval_every", "dataloader_workers", "compile", "gpus", "cpu",
     "num_processes", "mem_fraction", "record_samples", "skip_bad_rows", "peak_tflops",
-    "num_machines", "main_process_ip", "main_process_port", "pad_to_max_len",
+    "num_machines", "main_process_ip", "main_process_port", "pad_to_max_len", "compile_layers",
 }
 START_TIMEOUT_S = 15.0
 # The settings the memory probe takes: what shapes the model, the data, the devices and memory.
 PROBE_OPTIONS = ("model", "data", "ladder", "max_len", "lr", "weight_decay", "seed", "gpus", "mem_fraction",
-                 "gradient_checkpointing", "compile", "pad_to_max_len", "skip_bad_rows", "hang_timeout")
+                 "gradient_checkpointing", "compile", "compile_layers", "pad_to_max_len", "skip_bad_rows",
+                 "hang_timeout")
 
 
 class Parser(argparse.ArgumentParser):

@@ -70,6 +70,8 @@ class RunConfig:
     dataloader_workers: int = 1
     compile: bool = False
     pad_to_max_len: bool | None = None  # None: on with --compile on a GPU (see trainer/loop.pad_width)
+    group_by_length: bool = False
+    compile_layers: bool = False
     mem_fraction: list[float] | None = None
     inject_oom_at_step: int | None = None
     inject_oom_rank: int = 0
@@ -243,8 +245,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("gradient_checkpointing", _bool, "trade compute for activation memory", is_flag=True),
     Option("dataloader_workers", _int(0), "background processes preparing batches (default: 1)", "N"),
     Option("compile", _bool, "torch.compile the model (GPU)", is_flag=True, negatable=True),
+    Option("compile_layers", _bool, "with --compile: compile each repeated layer instead of the whole model "
+           "(a shorter compile, slower steps at small batches)", is_flag=True),
     Option("pad_to_max_len", _bool, "pad every batch to --max-len: the same shapes at every step "
            "(default: on with --compile, where a new shape costs a recompile)", is_flag=True, negatable=True),
+    Option("group_by_length", _bool, "sort each chunk of 8,192 samples of an epoch's order by length, longest "
+           "first: batches of similar rows, little padding", is_flag=True),
     Option("mem_fraction", _fractions, "cap each rank's CUDA memory (one value, or one per rank)", "F[,F...]"),
     Option("inject_oom_at_step", _int(), "raise a real torch.OutOfMemoryError in step N of the first attempt", "N"),
     Option("inject_oom_rank", _int(0), "the rank that raises it (default: 0)", "R"),
@@ -327,6 +333,8 @@ def validate(cfg: RunConfig, given: Any = ()) -> None:
         raise ConfigError("--main-process-ip: only with --num-machines > 1")
     if cfg.main_process_port > 65535:
         raise ConfigError(f"--main-process-port: expected a port from 1 to 65535, got {cfg.main_process_port}")
+    if cfg.compile_layers and not cfg.compile:
+        raise ConfigError("--compile-layers: only with --compile")
     if cfg.inject_oom_rank >= cfg.world_size:
         raise ConfigError(f"--inject-oom-rank: {cfg.inject_oom_rank} is not a rank of a run of {cfg.world_size}")
     if cfg.notify is not None:

@@ -1,12 +1,14 @@
 """``--compile``: torch.compile for the worker, set up so that its cost is paid once per run.
 
+- The whole model is compiled by default: at small batches the step is bound by launching
+  kernels, and one graph launches the fewest. ``--compile-layers`` compiles each repeated
+  layer (a T5Block, a LlamaDecoderLayer) in place instead: the layers share their code, so a
+  few graphs serve them all and the compile takes less time; the embeddings, the LM head and
+  the loss stay eager, and parameter names do not change. Its shapes are dynamic, so a new
+  rung or the short last step of an epoch reuses the same graphs.
 - The compile cache lives on disk under the run directory (``RUN_DIR/compile-cache``, or
   ``$SFTUI_COMPILE_CACHE`` to share one between runs): a restart after an OOM, a switch or a
   stop is a new process, and it loads what attempt 1 compiled instead of compiling again.
-- The batch dimension is compiled as dynamic (``loop.token_loss_sum`` marks it): a new rung of
-  the ladder, or the short last step of an epoch, reuses the same graph and the same cache
-  entry. The sequence dimensions stay static (``--pad-to-max-len``, on by default with
-  ``--compile``).
 - Every recompile, and torch's silent fall-back to eager past its recompile limit, becomes a
   ``log`` event: a run that quietly stopped being compiled says so in its log.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.fx.experimental._config as fx_config
 
 from sftui.rundir import EventLog
 
@@ -37,11 +40,17 @@ def cache_dir(run_path: Path) -> Path:
 
 
 class RecompileEvents(logging.Handler):
-    """torch._dynamo's recompile reasons and its recompile-limit warning, as ``log`` events."""
+    """torch._dynamo's recompile reasons and its recompile-limit warning, as ``log`` events.
+
+    While the first step compiles (``settled`` False), a second graph for the same layer code
+    is expected (the first layer of a stack computes the position bias, a decoder layer is not
+    an encoder layer): those are ``info``. Any later recompile is a ``warning``.
+    """
 
     def __init__(self, log: EventLog, rank: int):
         super().__init__(logging.DEBUG)
         self.log, self.rank = log, rank
+        self.settled = False
 
     def emit(self, record: logging.LogRecord) -> None:
         recompile = record.name.endswith("__recompiles")
@@ -49,22 +58,79 @@ class RecompileEvents(logging.Handler):
             return
         text = " ".join(record.getMessage().split())[:_MESSAGE_CHARS]
         prefix = "torch.compile recompiled" if recompile else "torch.compile"
+        level = "info" if recompile and not self.settled else "warning"
         try:
-            self.log.emit("log", level="warning", message=f"rank {self.rank}: {prefix}: {text}")
+            self.log.emit("log", level=level, message=f"rank {self.rank}: {prefix}: {text}")
         except Exception:  # noqa: BLE001 - a log line must never take training down
             self.handleError(record)
 
 
-def compile_model(model: Any, run_path: Path, log: EventLog, rank: int) -> Any:
-    """``torch.compile(model)`` with the cache under the run and recompiles reported; the
-    compile itself happens lazily, in the first step."""
+def compile_model(model: Any, layers: bool, run_path: Path, log: EventLog, rank: int, beat: Callable[[], None],
+                  interval: float) -> tuple[Any, "FirstStep"]:
+    """The model compiled as a whole, or with ``layers`` layer by layer (``compile_regions``;
+    still the whole model when it has no repeated layers); the cache under the run and
+    recompiles reported; and the context to run the first step in, where the compile happens."""
     where = cache_dir(run_path)
-    handler = RecompileEvents(log, rank)
+    events = RecompileEvents(log, rank)
     torch._logging.set_logs(recompiles=True)  # also printed into attempt-N.log
-    logging.getLogger("torch._dynamo").addHandler(handler)
+    logging.getLogger("torch._dynamo").addHandler(events)
+    compiled = compile_regions(model) if layers else None
     if rank == 0:
-        log.emit("log", level="info", message=f"torch.compile: cache in {where}")
-    return torch.compile(model)
+        log.emit("log", level="info", message=f"torch.compile: {compiled or WHOLE_MODEL}; cache in {where}")
+    if not compiled:
+        model = torch.compile(model)  # the batch dimension is marked dynamic by loop.token_loss_sum
+    return model, FirstStep(Heartbeat(beat, interval), events)
+
+
+WHOLE_MODEL = "the whole model"
+# Graphs per layer code: encoder and decoder layers and the first layer of each (it computes
+# the position bias). torch's default limit of 8 would leave little room before eager.
+_RECOMPILE_LIMIT = 32
+
+
+def repeated_layers(model: Any) -> list[torch.nn.Module]:
+    """The members of every ModuleList of two or more modules of one class, outermost only."""
+    found: list[torch.nn.Module] = []
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in inside):
+            continue
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+            found.extend(module)
+            inside.append(name + ".")
+    return found
+
+
+def compile_regions(model: Any, dynamic: bool | None = True) -> str | None:
+    """Compiles each repeated layer of ``model`` in place (``Module.compile``: parameter names
+    do not change); says what it compiled, or None when there is no repeated layer."""
+    layers = repeated_layers(model)
+    if not layers:
+        return None
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
+    # Without this, a batch dimension that happens to equal the number of heads (12: a rung of
+    # the default ladder) is taken for the same symbol, specialised, and recompiled later.
+    fx_config.use_duck_shape = False
+    for layer in layers:
+        layer.compile(dynamic=dynamic)
+    kinds = ", ".join(sorted({type(layer).__name__ for layer in layers}))
+    return f"{len(layers)} layers ({kinds}), {'dynamic' if dynamic else 'static'} shapes"
+
+
+class FirstStep:
+    """The first compiled step: heartbeats while it compiles, and recompiles inside it are
+    expected (see ``RecompileEvents``)."""
+
+    def __init__(self, heartbeat: "Heartbeat", events: RecompileEvents):
+        self.heartbeat, self.events = heartbeat, events
+
+    def __enter__(self) -> "FirstStep":
+        self.heartbeat.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.heartbeat.__exit__(*exc)
+        self.events.settled = True
 
 
 class Heartbeat:

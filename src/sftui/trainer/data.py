@@ -20,7 +20,7 @@ import mmap
 import os
 import shutil
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -37,6 +37,10 @@ ALPACA_TEMPLATE_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\
 ROLES = ("system", "user", "assistant")
 CACHE_VERSION = 1
 _CHUNK_ROWS = 4096
+# --group-by-length sorts chunks of this many samples of an epoch's permutation (see Plan).
+GROUP_CHUNK = 8192
+# An encoder-decoder row is grouped by its input length in this many bands, then by its labels.
+_INPUT_BANDS = 8
 
 
 class DataError(ConfigError):
@@ -450,6 +454,18 @@ def tokenize_to_cache(path: str, tokenizer: Any, max_len: int, seq2seq: bool, sk
     return Tokenized.open(directory)
 
 
+def length_key(data: Tokenized, max_len: int) -> np.ndarray:
+    """What ``--group-by-length`` sorts on: a causal row's length; for an encoder-decoder row,
+    its input length in one of a few bands, then its label length, so that both sides of a
+    step's rows are of similar length."""
+    if not data.seq2seq:
+        return data.n_tokens.astype(np.int64)
+    inputs = np.diff(data.offsets)
+    labels = np.diff(data.label_offsets)
+    band = np.minimum(inputs * _INPUT_BANDS // (max_len + 1), _INPUT_BANDS - 1)
+    return band * (max_len + 1) + labels
+
+
 # --- the sample plan ------------------------------------------------------------------------------
 
 
@@ -461,14 +477,27 @@ class Plan:
     world × grad_accum samples of that order, but never crosses an epoch boundary nor the
     run's target; so a run can stop after any step and resume at any batch or world size from
     exactly the next sample.
+
+    With ``lengths`` (``--group-by-length``), each chunk of ``GROUP_CHUNK`` consecutive
+    samples of that permutation is sorted by length, longest first: the rows of a step are
+    then of similar length and their batches carry little padding. The chunk size is fixed,
+    not derived from the batch or the world size, so the order stays a function of (seed,
+    epoch) and resuming at another batch still continues from exactly the next sample.
     """
 
     n: int        # usable rows
     seed: int
     target: int   # samples of the whole run
+    lengths: np.ndarray | None = field(default=None, compare=False)  # sort key per row, from length_key
 
     def order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        if self.lengths is None:
+            return order
+        for start in range(0, self.n, GROUP_CHUNK):
+            chunk = order[start:start + GROUP_CHUNK]
+            order[start:start + GROUP_CHUNK] = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+        return order
 
     def step_size(self, seen: int, per_step: int) -> int:
         return min(per_step, self.n - seen % self.n, self.target - seen)
@@ -509,9 +538,10 @@ class StepBatches:
     of the attempt, already collated; sftui's plan, not a sampler, owns the order."""
 
     def __init__(self, data: Tokenized, plan: Plan, steps: list[tuple[int, int]], rank: int, batch: int,
-                 grad_accum: int, pad_id: int, width: int | None = None):
+                 grad_accum: int, pad_id: int, width: int | None = None, multiple: int = 1):
         self.data, self.plan, self.steps = data, plan, steps
-        self.rank, self.batch, self.grad_accum, self.pad_id, self.width = rank, batch, grad_accum, pad_id, width
+        self.rank, self.batch, self.grad_accum, self.pad_id = rank, batch, grad_accum, pad_id
+        self.width, self.multiple = width, multiple
         self._order: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -528,7 +558,7 @@ class StepBatches:
             # A micro-batch past the end of a short last step still runs (every rank makes the
             # same number of passes): one real row with zero weight.
             micro.append(collate(self.data, part if len(part) else indices[:1], self.pad_id, weight=len(part) > 0,
-                                 width=self.width))
+                                 width=self.width, multiple=self.multiple))
         return {
             "seen": seen,
             "size": size,
@@ -542,18 +572,21 @@ class StepBatches:
 
 
 def collate(data: Tokenized, indices: np.ndarray, pad_id: int, weight: bool = True,
-            width: int | None = None) -> dict[str, Any]:
+            width: int | None = None, multiple: int = 1) -> dict[str, Any]:
     """Right-padded tensors of some rows; labels are -100 off target (by position, not id).
 
     ``width`` (at least the longest row: ``--max-len``) pads every batch to the same columns,
-    inputs and labels alike: a compiled model then sees one shape. The padding is masked out
-    of attention and carries label -100, so it changes neither the loss nor its token count.
+    inputs and labels alike: a compiled model then sees one shape. Otherwise the columns are
+    the longest row's, rounded up to a ``multiple`` (8 on a GPU: tensor-core-friendly shapes).
+    The padding is masked out of attention and carries label -100, so it changes neither the
+    loss nor its token count.
     """
     import torch
 
     def padded(flat: np.ndarray, offsets: np.ndarray, fill: int) -> tuple[np.ndarray, np.ndarray]:
         rows = [flat[offsets[i]:offsets[i + 1]] for i in indices]
         columns = max(max(len(r) for r in rows), width or 0)
+        columns = -(-columns // multiple) * multiple
         out = np.full((len(rows), columns), fill, np.int64)
         present = np.zeros((len(rows), columns), np.int64)
         for k, r in enumerate(rows):

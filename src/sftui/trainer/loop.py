@@ -38,6 +38,7 @@ PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("A100", 312.0
                ("A6000", 155.0), ("L4", 121.0), ("V100", 125.0))
 ACTIONS = ("switch", "stop", "checkpoint")
 CLIP_NORM = 1.0
+PAD_MULTIPLE = 8  # on a GPU, batch widths are rounded up to this: tensor-core-friendly shapes
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,8 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
     tok, train_data, eval_data = _prepare_data(run, cfg, spec["data_fingerprint"], me, phase)
     seq2seq = train_data.seq2seq
     target = int(spec["sample_budget"]) if spec.get("sample_budget") else cfg.epochs * train_data.n
-    plan = data.Plan(train_data.n, cfg.seed, target)
+    plan = data.Plan(train_data.n, cfg.seed, target,
+                     data.length_key(train_data, cfg.max_len) if cfg.group_by_length else None)
 
     # --- the model, the optimizer, and the state to resume from ---
     phase("loading_model")
@@ -105,11 +107,11 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
         from sftui.trainer import compiling  # torch._dynamo's logging hooks, only when compiling
 
         phase("compiling")
-        model = compiling.compile_model(model, run.path, log, me.rank)
         # The compile itself happens in the first step: heartbeats keep it from looking like a hang.
-        compile_beats: Any = compiling.Heartbeat(lambda: phase("compiling"), max(5.0, min(60.0, cfg.hang_timeout / 4)))
+        model, first_step = compiling.compile_model(model, cfg.compile_layers, run.path, log, me.rank,
+                                                    lambda: phase("compiling"), max(5.0, min(60.0, cfg.hang_timeout / 4)))
     else:
-        compile_beats = nullcontext()
+        first_step = nullcontext()
         if cfg.compile:
             log.emit("log", level="warning", message="--compile is ignored on the CPU")
 
@@ -118,7 +120,8 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
     steps = plan.steps(seen, per_step)
     total_steps = step + len(steps)
     loader = DataLoader(
-        data.StepBatches(train_data, plan, steps, me.rank, batch, accum, tok.pad_token_id, pad_width(cfg, cuda)),
+        data.StepBatches(train_data, plan, steps, me.rank, batch, accum, tok.pad_token_id, pad_width(cfg, cuda),
+                         PAD_MULTIPLE if cuda else 1),
         batch_size=None, num_workers=cfg.dataloader_workers,
         prefetch_factor=2 if cfg.dataloader_workers else None, pin_memory=cuda,
     )
@@ -170,7 +173,7 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
             if step == inject:
                 raise torch.OutOfMemoryError(
                     f"CUDA out of memory (injected by --inject-oom-at-step {step} on rank {me.rank})")
-            with compile_beats if step == (resume_step or 0) + 1 else nullcontext():
+            with first_step if step == (resume_step or 0) + 1 else nullcontext():
                 loss, grad_norm = train_step(accelerator, model, optimizer, item["micro"], item["n_target"], me.world,
                                              decoder_start, at)
             meter.loss += loss
@@ -242,6 +245,7 @@ def setup_device(cfg: RunConfig, me: Rank) -> tuple[Accelerator, bool]:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(me.local_rank)
+        torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in float32
         if cfg.mem_fraction:
             fraction = cfg.mem_fraction[me.rank] if len(cfg.mem_fraction) > 1 else cfg.mem_fraction[0]
             torch.cuda.set_per_process_memory_fraction(fraction, me.local_rank)
@@ -261,8 +265,9 @@ def setup_device(cfg: RunConfig, me: Rank) -> tuple[Accelerator, bool]:
 
 def pad_width(cfg: RunConfig, cuda: bool) -> int | None:
     """The columns every batch is padded to: ``--max-len`` with ``--pad-to-max-len`` (by default
-    with ``--compile`` on a GPU, where each new sequence length would be a recompile), else None
-    (each micro-batch's longest row). Shared with the memory probe."""
+    with ``--compile`` on a GPU: a compiled graph is fastest on one shape), else None (each
+    micro-batch's longest row, rounded up to PAD_MULTIPLE on a GPU). Shared with the memory
+    probe."""
     static = cfg.pad_to_max_len if cfg.pad_to_max_len is not None else cfg.compile and cuda
     return cfg.max_len if static else None
 
@@ -335,7 +340,7 @@ def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], decoder_start: in
     decoder's start token for an encoder-decoder model (labels feed the decoder, shifted right).
     """
     labels = batch["labels"]
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if decoder_start is not None:
         decoder_input_ids = torch.cat([torch.full_like(labels[:, :1], decoder_start), labels[:, :-1]], dim=1)
         inputs["decoder_input_ids"] = decoder_input_ids.masked_fill(decoder_input_ids == -100, decoder_start)
@@ -343,7 +348,8 @@ def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], decoder_start: in
     # rather than recompiling for each size. A no-op for a model that is not compiled.
     for tensor in inputs.values():
         torch._dynamo.maybe_mark_dynamic(tensor, 0)
-    logits = model(**inputs).logits
+    # No key/value cache: training never reuses one, and a compiled layer would guard on it.
+    logits = model(**inputs, use_cache=False).logits
     if decoder_start is None:
         logits, labels = logits[:, :-1], labels[:, 1:]
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
@@ -517,7 +523,8 @@ def _evaluate(model: Any, eval_data: data.Tokenized, batch: int, me: Rank, pad_i
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     mine = np.arange(me.rank, eval_data.n, me.world)
-    with torch.no_grad():
+    # Compiled layers stay out of it: an evaluation graph would be a second compile for a few batches.
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         for i in range(0, len(mine), batch):
             part = mine[i:i + batch]
             micro = {k: v.to(device) for k, v in data.collate(eval_data, part, pad_id).items()}

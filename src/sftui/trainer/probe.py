@@ -88,8 +88,11 @@ def probe(out: Path) -> int:
     model_state = 4 * sum(p.numel() * p.element_size() for p in net.parameters())
     decoder_start = net.config.decoder_start_token_id if train_data.seq2seq else None
     model, optimizer = accelerator.prepare(net, opt)
-    if cfg.compile:
-        model = torch.compile(model)
+    if cfg.compile:  # compiled as training compiles it
+        from sftui.trainer import compiling
+
+        if not (cfg.compile_layers and compiling.compile_regions(model)):
+            model = torch.compile(model)
     model.train()
 
     ladder, target = [int(b) for b in spec["ladder"]], float(spec["target"])

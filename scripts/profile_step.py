@@ -1,0 +1,269 @@
+"""Where the worker's optimizer step spends its time: variants timed in one process, and a profile.
+
+    PYTHONPATH=src python3 scripts/profile_step.py --out OUT_DIR [--variants eager-max:16,regional-grouped:192]
+        [--profile regional-grouped:192] [--steps 43] [--warmup 3] [--budget-s 420]
+    .venv/bin/python scripts/profile_step.py --smoke --out OUT_DIR      # CPU, tiny model: the script works
+
+Each variant is MODE:BATCH. MODE is how the step runs and what it is fed:
+
+    eager-max           eager, every batch padded to --max-len (256)
+    eager-dyn           eager, each batch padded to its longest row (rounded up to 8)
+    eager-grouped       eager-dyn on the --group-by-length order
+    regional-max        the worker's --compile (each repeated layer, dynamic shapes), padded to 256
+    regional-max-static the same with static shapes (torch.compile's default)
+    regional-dyn        regional-max, each batch padded to its longest row
+    regional-grouped    regional-dyn on the --group-by-length order
+
+Every variant uses the worker's own pieces: loop.setup_device, loop.new_model, accelerate's
+prepare, compiling.compile_regions, data.Plan / StepBatches through a DataLoader as the worker
+builds it, and loop.train_step. It reports samples/s, real tokens/s, the share of padded
+positions that are real tokens, MFU by DESIGN.md's definition (real tokens only), peak
+memory, and for compiled variants the first step's time (the compile). Variants named in
+--profile get a torch.profiler pass over a few steps: GPU kernel time by category (matrix
+products, attention, fused Triton kernels, other element-wise work, the optimizer, copies) and
+how much of the wall time the GPU was busy.
+
+The synthetic data is bench_throughput's (prompt 16–256, response 8–256 characters = tokens);
+with the default 3 × 8,192 rows a timed window of 43 steps at batch 192 spans one whole
+--group-by-length chunk, so a grouped variant is not timed on its long or its short rows only.
+Writes OUT/profile_step.json after every variant and OUT/profile-*.txt (the profiler tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from bench_throughput import write_data  # noqa: E402  (scripts/ is this script's own directory)
+
+MAX_LEN = 256
+SEED = 42
+MODES = ("eager-max", "eager-dyn", "eager-grouped", "regional-max", "regional-max-static", "regional-dyn",
+         "regional-grouped")
+# GPU kernel names by what they do, first match wins.
+CATEGORIES = (
+    ("attention", r"fmha|flash|attention|efficient|cudnn.*sdpa"),
+    ("matmul", r"gemm|cutlass|xmma|nvjet|cublas|matmul|sm90_|sm80_"),
+    ("optimizer", r"adam|multi_tensor|foreach|clip|norm_kernel|_amp_"),
+    ("loss", r"log_softmax|nll_loss|cross_entropy|softmax_warp"),
+    ("fused (Triton)", r"^triton_"),
+    ("copies", r"memcpy|memset|copy|cat|fill|index"),
+    ("element-wise", r"elementwise|vectorized|reduce|dropout|where|mul|add"),
+)
+STARTED = time.monotonic()
+
+
+def say(text: str) -> None:
+    print(f"[{time.monotonic() - STARTED:6.1f}s] {text}", flush=True)
+
+
+def prepare(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The tokenizer and the tokenized synthetic rows, through sftui's own cache."""
+    from sftui.trainer import data, model as models
+
+    rows = args.out / "data.jsonl"
+    if not rows.exists():
+        write_data(rows, args.rows)
+    models.build_char_tokenizer(data.char_counts(str(rows), False), args.out / "tokenizer", models.max_vocab(args.model))
+    tok = models.load_tokenizer(args.out / "tokenizer", preset=True)
+    cache = args.out / "cache"
+    tokenized = data.Tokenized.open(cache) if cache.exists() else data.tokenize_to_cache(
+        str(rows), tok, MAX_LEN, models.is_seq2seq(args.model), False, cache, args.rows, lambda f: None)
+    return tok, tokenized
+
+
+def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, accelerator: Any,
+                profile: bool) -> dict[str, Any]:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from sftui.config import RunConfig
+    from sftui.trainer import compiling, data, loop, model as models
+
+    mode, batch = name.split(":")
+    batch = int(batch)
+    cuda = torch.cuda.is_available()
+    device = accelerator.device
+    grouped, padded = mode.endswith("grouped"), mode.endswith("max") or mode.endswith("max-static")
+    cfg = RunConfig(model=args.model, max_len=MAX_LEN, seed=SEED, batch=batch, ladder=[batch])
+    net, opt = loop.new_model(cfg, tok, device, models.default_lr(args.model))
+    enc_fpt, dec_fpt = models.flops_per_token(net, tokenized.seq2seq)
+    decoder_start = net.config.decoder_start_token_id if tokenized.seq2seq else None
+    model, optimizer = accelerator.prepare(net, opt)
+    compiled = None
+    if mode.startswith("regional"):
+        torch._dynamo.reset()
+        compiled = compiling.compile_regions(model, dynamic=None if mode.endswith("static") else True)
+    model.train()
+
+    n_steps = args.warmup + args.steps + (args.profile_steps if profile else 0)
+    plan = data.Plan(tokenized.n, SEED, n_steps * batch, data.length_key(tokenized, MAX_LEN) if grouped else None)
+    steps = plan.steps(0, batch)
+    loader = DataLoader(data.StepBatches(tokenized, plan, steps, 0, batch, 1, tok.pad_token_id,
+                                         MAX_LEN if padded else None, loop.PAD_MULTIPLE if cuda else 1),
+                        batch_size=None, num_workers=2, prefetch_factor=4, pin_memory=cuda)
+
+    def sync() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    out: dict[str, Any] = {"variant": name, "compiled": compiled, "attn": getattr(net.config, "_attn_implementation", None)}
+    times: list[float] = []
+    real = enc = positions = samples = 0
+    prof: Any = None
+    t = sync()
+    for k, item in enumerate(loader, start=1):
+        timed = args.warmup < k <= args.warmup + args.steps
+        if k == args.warmup + args.steps + 1 and profile:
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                          + ([torch.profiler.ProfilerActivity.CUDA] if cuda else []))
+            prof.__enter__()
+            t = sync()
+        torch.manual_seed(SEED + k)
+        loss, _ = loop.train_step(accelerator, model, optimizer, item["micro"], item["n_target"], 1, decoder_start,
+                                  loop.StepPhase())
+        if k == 1:
+            t1 = sync()
+            out["first_step_s"] = round(t1 - t, 2)
+            out["first_loss"] = round(float(loss), 4)
+            say(f"{name}: first step {t1 - t:.1f} s (compile: {compiled or 'no'}), loss {float(loss):.3f}")
+        if k == args.warmup:
+            t = sync()
+        if timed:
+            samples += item["size"]
+            real += item["n_tokens"]
+            enc += item["n_enc"]
+            positions += sum(int(m["input_ids"].numel() + (m["labels"].numel() if tokenized.seq2seq else 0))
+                             for m in item["micro"])
+        if k == args.warmup + args.steps:
+            t2 = sync()
+            seconds = t2 - t
+            times.append(seconds)
+            rates = {"samples": samples / seconds, "enc_tokens": enc / seconds, "dec_tokens": (real - enc) / seconds}
+            out.update(samples_per_s=round(samples / seconds, 1), real_tokens_per_s=round(real / seconds),
+                       ms_per_step=round(seconds / args.steps * 1000, 1), real_share=round(real / max(1, positions), 3),
+                       mfu=loop._mfu(rates, enc_fpt, dec_fpt, net.config, loop._peak_tflops(cuda), 1),
+                       last_loss=round(float(loss), 4))
+    if prof is not None:
+        seconds = sync() - t
+        prof.__exit__(None, None, None)
+        out["profile"] = summarize_profile(prof, seconds, args.profile_steps, args.out / f"profile-{mode}-{batch}.txt")
+    if cuda:
+        out.update(peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
+                   peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+    del loader, model, optimizer, net, opt
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def summarize_profile(prof: Any, wall_s: float, n_steps: int, table_path: Path) -> dict[str, Any]:
+    """GPU kernel time per category over the profiled steps, and the GPU's busy share of the wall."""
+    import torch
+
+    kernels: dict[str, float] = {}
+    for e in prof.key_averages():
+        if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+        kernels[e.key] = kernels.get(e.key, 0.0) + us
+    by_cat: dict[str, float] = {}
+    for key, us in kernels.items():
+        cat = next((c for c, rx in CATEGORIES if re.search(rx, key, re.IGNORECASE)), "other")
+        by_cat[cat] = by_cat.get(cat, 0.0) + us
+    busy = sum(kernels.values()) / 1e6
+    sort_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    table_path.write_text(prof.key_averages().table(sort_by=sort_key, row_limit=60, max_name_column_width=90))
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+    return {"steps": n_steps, "wall_ms_per_step": round(wall_s / n_steps * 1000, 1),
+            "gpu_busy_ms_per_step": round(busy / n_steps * 1000, 1), "gpu_busy_share": round(busy / wall_s, 3),
+            "ms_per_step_by_category": {c: round(us / 1e3 / n_steps, 2) for c, us in
+                                        sorted(by_cat.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms_per_step": [(k[:100], round(us / 1e3 / n_steps, 2)) for k, us in top]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny model, a few steps: the script works (no claims)")
+    p.add_argument("--variants", default=None, help="comma-separated MODE:BATCH (see above)")
+    p.add_argument("--profile", default="", help="comma-separated variants to profile after their timed window")
+    p.add_argument("--warmup", type=int, default=None, help="steps before the timed window (default 3)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 43)")
+    p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--rows", type=int, default=None, help="synthetic rows (default 3 × 8,192)")
+    p.add_argument("--budget-s", type=float, default=420.0, help="start no variant after this many seconds")
+    args = p.parse_args()
+    args.model = "tiny" if args.smoke else "chatlm-mini"
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
+    args.steps = args.steps if args.steps is not None else (3 if args.smoke else 43)
+    args.rows = args.rows or (512 if args.smoke else 3 * 8192)
+    variants = (args.variants or ("eager-max:8,eager-grouped:8" if args.smoke else
+                                  "eager-max:16,regional-grouped:192")).split(",")
+    for v in variants:
+        mode, _, batch = v.partition(":")
+        if mode not in MODES or not batch.isdigit():
+            p.error(f"--variants: {v!r} is not MODE:BATCH with MODE one of {', '.join(MODES)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(args.out / "compile-cache"))
+
+    import torch
+
+    from sftui.config import RunConfig
+    from sftui.trainer import loop
+
+    accelerator, cuda = loop.setup_device(RunConfig(cpu=args.smoke), loop.Rank(0, 1, 0, 1))
+    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": shlex.join(sys.argv),
+                              "card": torch.cuda.get_device_name() if cuda else "CPU", "torch": torch.__version__,
+                              "model": args.model, "max_len": MAX_LEN, "warmup": args.warmup, "steps": args.steps,
+                              "variants": {}, "skipped": []}
+    say(f"{report['card']}, torch {torch.__version__}, {args.model}: preparing {args.rows} rows")
+    tok, tokenized = prepare(args)
+    profiled = set(filter(None, args.profile.split(",")))
+    for v in variants:
+        if time.monotonic() - STARTED > args.budget_s:
+            say(f"skipped {v}: past --budget-s")
+            report["skipped"].append(v)
+            continue
+        try:
+            res = run_variant(args, v, tok, tokenized, accelerator, v in profiled)
+        except Exception as e:  # noqa: BLE001 - one failing variant is a result; the others still run
+            res = {"variant": v, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}",
+                   "oom": loop.is_oom(e)}
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+        report["variants"][v] = res
+        (args.out / "profile_step.json").write_text(json.dumps(report, indent=2))
+        say(f"{v}: " + json.dumps({k: res.get(k) for k in ("samples_per_s", "real_tokens_per_s", "ms_per_step",
+                                                            "real_share", "mfu", "peak_reserved_gib", "error")}))
+        if "profile" in res:
+            say(f"{v} profile: " + json.dumps(res["profile"]))
+    print("\n| variant | samples/s | ms/step | real share | MFU | first step s | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for v, r in report["variants"].items():
+        mfu = f"{r['mfu'] * 100:.1f} %" if r.get("mfu") is not None else "n/a"
+        print(f"| {v} | {r.get('samples_per_s', r.get('error'))} | {r.get('ms_per_step')} | {r.get('real_share')} "
+              f"| {mfu} | {r.get('first_step_s')} | {r.get('peak_reserved_gib')} |")
+    say("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
