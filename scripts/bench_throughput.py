@@ -262,10 +262,10 @@ class Bench:
         self.save()
         say(f"bare rank: exit {res['exit']}, {res.get('samples_per_s')} samples/s")
 
-    def oom_recovery(self, name: str, compile_: bool) -> None:
+    def oom_recovery(self, name: str, compile_: bool, more: tuple[str, ...] = ()) -> None:
         at = 3
         extra = self.flags(16 if not self.args.smoke else 8, "16,12" if not self.args.smoke else "8,6", 2 * at)
-        extra += ["--on-oom", "auto", "--inject-oom-at-step", str(at)] + (["--compile"] if compile_ else [])
+        extra += ["--on-oom", "auto", "--inject-oom-at-step", str(at), *more] + (["--compile"] if compile_ else [])
         run_dir, code, seconds = self.sftui(name, extra)
         evs = rundir.read_all(run_dir / "events.jsonl")
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -273,7 +273,7 @@ class Bench:
         oom = next((e for e in evs if e["kind"] == "oom"), None)
         step2 = next((e for e in evs if e["kind"] == "step" and e.get("attempt") == 2), None)
         start2 = next((e for e in evs if e["kind"] == "attempt_start" and e.get("attempt") == 2), None)
-        res = {"exit": code, "compile": compile_, "wall_s": round(seconds, 1),
+        res = {"exit": code, "compile": compile_, "flags": list(more), "wall_s": round(seconds, 1),
                "recovery_s": round(step2["t"] - oom["t"], 1) if oom and step2 else None,
                "oom_to_attempt_start_s": round(start2["t"] - oom["t"], 1) if oom and start2 else None,
                "emergency_checkpoint": oom and oom.get("emergency_checkpoint"),
@@ -373,7 +373,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"- Supervisor overhead (batch {over['batch']}, eager): {over['supervised']} samples/s under "
                       f"`sftui run --headless`, {over['bare']} as a bare rank: {over['overhead_pct']:+.2f} %."]
     for name, r in report.get("oom_recovery", {}).items():
-        lines.append(f"- OOM recovery, compile {'on' if r['compile'] else 'off'}: {g(r['recovery_s'])} s from the "
+        how = ("on, " + " ".join(r["flags"])) if r.get("flags") else ("on" if r["compile"] else "off")
+        lines.append(f"- OOM recovery, compile {how}: {g(r['recovery_s'])} s from the "
                      f"`oom` event to the first step of attempt 2 ({g(r['oom_to_attempt_start_s'])} s to its start).")
     for b, chk in report.get("loss_check", {}).items():
         lines.append(f"- Loss, compiled vs eager at batch {b}: largest relative gap {chk['max_rel_gap'] * 100:.2f} % "
@@ -394,7 +395,8 @@ def main() -> int:
     p.add_argument("--budget-s", type=float, default=330.0, help="start no stage that would end after this")
     p.add_argument("--gpu", default="0")
     p.add_argument("--stages", default="hf,speed,oom",
-                   help="which parts run: hf (a), speed (b, c), oom (d); default all")
+                   help="which parts run: hf (a), speed (b, c), oom (d: oom-eager, oom-compiled, oom-layers); "
+                        "default all")
     p.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
@@ -446,10 +448,14 @@ def main() -> int:
         if e and c and (chk := loss_check(e, c, args.warmup)):
             rep.setdefault("loss_check", {})[str(b)] = chk
     bench.save()
-    if "oom" in stages and bench.fits("oom-eager", COST["oom"]):
+    if "oom" in stages:
+        stages |= {"oom-eager", "oom-compiled", "oom-layers"}
+    if "oom-eager" in stages and bench.fits("oom-eager", COST["oom"]):
         bench.oom_recovery("oom-eager", False)
-    if "oom" in stages and args.compile and bench.fits("oom-compiled", COST["oom_compiled"]):
+    if "oom-compiled" in stages and args.compile and bench.fits("oom-compiled", COST["oom_compiled"]):
         bench.oom_recovery("oom-compiled", True)
+    if "oom-layers" in stages and args.compile and bench.fits("oom-layers", COST["oom_compiled"]):
+        bench.oom_recovery("oom-layers", True, ("--compile-layers",))
 
     text = markdown(rep)
     (args.out / "bench_throughput.md").write_text(text)

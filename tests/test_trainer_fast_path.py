@@ -134,3 +134,14 @@ def test_only_the_outermost_repeated_layers_are_compiled() -> None:
     net = Net()
     assert compiling.repeated_layers(net) == list(net.layers)
     assert compiling.repeated_layers(torch.nn.Linear(2, 2)) == []
+
+
+def test_checkpoints_of_a_compiled_model_keep_the_parameter_names(monkeypatch) -> None:
+    """--compile wraps the whole model; a checkpoint written through that wrapper named every
+    weight ``_orig_mod.…`` and the next attempt refused it (seen on an H200 after an OOM)."""
+    net = _tiny_t5(40, 0, 1)
+    names = list(net.state_dict())
+    accelerator = Accelerator(cpu=True)
+    prepared = torch.compile(accelerator.prepare(net), backend="eager")
+    assert list(prepared.state_dict())[0].startswith("_orig_mod.")
+    assert list(loop.bare_model(accelerator, prepared).state_dict()) == names

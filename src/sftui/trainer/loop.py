@@ -138,7 +138,7 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
             phase("checkpointing")
             state = checkpoint.State(at_step, seen, seen // plan.n, batch, accum, me.world, spec["data_fingerprint"],
                                      cfg.max_len, cfg.seed)
-            path, size, seconds = checkpoint.save(run, accelerator.unwrap_model(model), opt, schedule.state_dict(seen),
+            path, size, seconds = checkpoint.save(run, bare_model(accelerator, model), opt, schedule.state_dict(seen),
                                                   state, cfg.keep_checkpoints, tag=f"r{me.rank}-{os.getpid()}")
             log.emit("checkpoint", step=at_step, path=str(path.relative_to(run.path)), seconds=round(seconds, 3),
                      bytes=size, reason=reason)
@@ -211,7 +211,7 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
                      mem_reserved_bytes=torch.cuda.memory_reserved(device) if cuda else None)
         if eval_data is not None and step % cfg.eval_every == 0:
             try:
-                _evaluate(accelerator.unwrap_model(model), eval_data, batch, me, tok.pad_token_id, decoder_start,
+                _evaluate(bare_model(accelerator, model), eval_data, batch, me, tok.pad_token_id, decoder_start,
                           device, log, step)
             except Exception as e:
                 if not is_oom(e):
@@ -233,7 +233,7 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
     save("final", step)
     if lead:
         phase("checkpointing")
-        models.save_final(accelerator.unwrap_model(model), tok, run.final)
+        models.save_final(bare_model(accelerator, model), tok, run.final)
     accelerator.wait_for_everyone()
     log.emit("worker_exit", rank=me.rank, reason="finished", step=step)
     return ev.WORKER_OK
@@ -261,6 +261,13 @@ def setup_device(cfg: RunConfig, me: Rank) -> tuple[Accelerator, bool]:
         ],
     )
     return accelerator, cuda
+
+
+def bare_model(accelerator: Accelerator, model: Any) -> Any:
+    """The model itself, for checkpoints, ``final/`` and evaluation: without DDP and without
+    torch.compile's wrapper, whose state dict would name every parameter ``_orig_mod.…`` (and
+    which accelerate keeps by default), so that a resumed attempt could not load it."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
 def pad_width(cfg: RunConfig, cuda: bool) -> int | None:
