@@ -250,7 +250,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("pad_to_max_len", _bool, "pad every batch to --max-len: the same shapes at every step "
            "(default: on with --compile, where a new shape costs a recompile)", is_flag=True, negatable=True),
     Option("group_by_length", _bool, "sort each chunk of 8,192 samples of an epoch's order by length, longest "
-           "first: batches of similar rows, little padding", is_flag=True),
+           "first: batches of similar rows, less padding (a gain for eager runs; --compile pads to --max-len)",
+           is_flag=True),
     Option("mem_fraction", _fractions, "cap each rank's CUDA memory (one value, or one per rank)", "F[,F...]"),
     Option("inject_oom_at_step", _int(), "raise a real torch.OutOfMemoryError in step N of the first attempt", "N"),
     Option("inject_oom_rank", _int(0), "the rank that raises it (default: 0)", "R"),
