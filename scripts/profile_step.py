@@ -9,7 +9,9 @@ Each variant is MODE:BATCH. MODE is how the step runs and what it is fed:
     eager-max           eager, every batch padded to --max-len (256)
     eager-dyn           eager, each batch padded to its longest row (rounded up to 8)
     eager-grouped       eager-dyn on the --group-by-length order
-    regional-max        the worker's --compile (each repeated layer, dynamic shapes), padded to 256
+    compiled-max        the worker's --compile (the whole model, the batch dimension dynamic), padded to 256
+    compiled-grouped    the same on the --group-by-length order, each batch padded to its longest row
+    regional-max        the worker's --compile --compile-layers (each repeated layer, dynamic shapes), padded
     regional-max-static the same with static shapes (torch.compile's default)
     regional-dyn        regional-max, each batch padded to its longest row
     regional-grouped    regional-dyn on the --group-by-length order
@@ -18,7 +20,8 @@ Every variant uses the worker's own pieces: loop.setup_device, loop.new_model, a
 prepare, compiling.compile_regions, data.Plan / StepBatches through a DataLoader as the worker
 builds it, and loop.train_step. It reports samples/s, real tokens/s, the share of padded
 positions that are real tokens, MFU by DESIGN.md's definition (real tokens only), peak
-memory, and for compiled variants the first step's time (the compile). Variants named in
+memory, for compiled variants the first step's time (the compile) and the recompiles after
+it (their count and first reasons: a recompile inside the timed window inflates it). Variants named in
 --profile get a torch.profiler pass over a few steps: GPU kernel time by category (matrix
 products, attention, fused Triton kernels, other element-wise work, the optimizer, copies) and
 how much of the wall time the GPU was busy.
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import re
 import shlex
@@ -49,8 +53,8 @@ from bench_throughput import write_data  # noqa: E402  (scripts/ is this script'
 
 MAX_LEN = 256
 SEED = 42
-MODES = ("eager-max", "eager-dyn", "eager-grouped", "regional-max", "regional-max-static", "regional-dyn",
-         "regional-grouped")
+MODES = ("eager-max", "eager-dyn", "eager-grouped", "compiled-max", "compiled-grouped", "regional-max",
+         "regional-max-static", "regional-dyn", "regional-grouped")
 # GPU kernel names by what they do, first match wins.
 CATEGORIES = (
     ("attention", r"fmha|flash|attention|efficient|cudnn.*sdpa"),
@@ -102,9 +106,12 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
     decoder_start = net.config.decoder_start_token_id if tokenized.seq2seq else None
     model, optimizer = accelerator.prepare(net, opt)
     compiled = None
-    if mode.startswith("regional"):
+    if mode.startswith(("regional", "compiled")):
         torch._dynamo.reset()
+    if mode.startswith("regional"):
         compiled = compiling.compile_regions(model, dynamic=None if mode.endswith("static") else True)
+    elif mode.startswith("compiled"):
+        model, compiled = torch.compile(model), compiling.WHOLE_MODEL
     model.train()
 
     n_steps = args.warmup + args.steps + (args.profile_steps if profile else 0)
@@ -119,6 +126,7 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
             torch.cuda.synchronize()
         return time.perf_counter()
 
+    recompiles = Recompiles()
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -138,6 +146,7 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
         loss, _ = loop.train_step(accelerator, model, optimizer, item["micro"], item["n_target"], 1, decoder_start,
                                   loop.StepPhase())
         if k == 1:
+            recompiles.after_first_step()
             t1 = sync()
             out["first_step_s"] = round(t1 - t, 2)
             out["first_loss"] = round(float(loss), 4)
@@ -159,6 +168,8 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
                        ms_per_step=round(seconds / args.steps * 1000, 1), real_share=round(real / max(1, positions), 3),
                        mfu=loop._mfu(rates, enc_fpt, dec_fpt, net.config, loop._peak_tflops(cuda), 1),
                        last_loss=round(float(loss), 4))
+    out.update(recompiles.report())
+    recompiles.close()
     if prof is not None:
         seconds = sync() - t
         prof.__exit__(None, None, None)
@@ -171,6 +182,34 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
     if cuda:
         torch.cuda.empty_cache()
     return out
+
+
+class Recompiles(logging.Handler):
+    """Counts torch._dynamo's recompiles after the first step, keeping the first reasons."""
+
+    def __init__(self) -> None:
+        import torch
+
+        super().__init__(logging.DEBUG)
+        torch._logging.set_logs(recompiles=True)
+        logging.getLogger("torch._dynamo").addHandler(self)
+        self.counting, self.count, self.reasons = False, 0, []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.counting and record.name.endswith("__recompiles"):
+            self.count += 1
+            if len(self.reasons) < 3:
+                self.reasons.append(" ".join(record.getMessage().split())[:600])
+
+    def after_first_step(self) -> None:
+        self.counting = True
+
+    def report(self) -> dict[str, Any]:
+        return {"recompiles_after_first_step": self.count, "recompile_reasons": self.reasons}
+
+    def close(self) -> None:
+        logging.getLogger("torch._dynamo").removeHandler(self)
+        super().close()
 
 
 def summarize_profile(prof: Any, wall_s: float, n_steps: int, table_path: Path) -> dict[str, Any]:
@@ -252,7 +291,8 @@ def main() -> int:
         report["variants"][v] = res
         (args.out / "profile_step.json").write_text(json.dumps(report, indent=2))
         say(f"{v}: " + json.dumps({k: res.get(k) for k in ("samples_per_s", "real_tokens_per_s", "ms_per_step",
-                                                            "real_share", "mfu", "peak_reserved_gib", "error")}))
+                                                            "real_share", "mfu", "peak_reserved_gib",
+                                                            "recompiles_after_first_step", "error")}))
         if "profile" in res:
             say(f"{v} profile: " + json.dumps(res["profile"]))
     print("\n| variant | samples/s | ms/step | real share | MFU | first step s | peak GiB |")
