@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from sftui import forecast  # noqa: E402
 from sftui.probing import ProbeResult, table  # noqa: E402
-from sftui.rundir import read_all, read_json  # noqa: E402
+from sftui.rundir import read_all  # noqa: E402
 
 GIB = 1024**3
 LADDER = "256,192,160,128,96,64,48,32,16,8"
@@ -209,7 +209,6 @@ def runs_at(rec: int, res: ProbeResult, out: Path, gpu: list[str], report: dict,
             f"under a cap of {fraction * res.gpus[0]['total'] / GIB:.2f} GiB")
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         shutil.rmtree(run_dir / "final", ignore_errors=True)
-
 
 
 def check_rungs(args: argparse.Namespace, rec: int, res: ProbeResult, out: Path, gpu: list[str], report: dict,

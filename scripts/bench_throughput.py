@@ -424,7 +424,7 @@ def main() -> int:
     say(f"{args.model} on {rep['card']}, batches {args.batches}, real tokens {rep['real_share'] * 100:.0f} % of padded")
 
     stages = set(args.stages.split(","))
-    mid = args.batches[1] if len(args.batches) > 2 else args.batches[0]  # 16: the comparison point
+    mid = 16 if 16 in args.batches else args.batches[0]  # the comparison point
     if "hf" in stages:
         bench.hf(args.batches)
     order = [mid] + [b for b in args.batches if b != mid] if "speed" in stages else []

@@ -184,32 +184,32 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
     return out
 
 
-class Recompiles(logging.Handler):
-    """Counts torch._dynamo's recompiles after the first step, keeping the first reasons."""
+class Recompiles:
+    """The worker's own recompile reporting (compiling.RecompileEvents) into a list instead of
+    events.jsonl: after the first step, each recompile is a warning line."""
 
     def __init__(self) -> None:
         import torch
 
-        super().__init__(logging.DEBUG)
-        torch._logging.set_logs(recompiles=True)
-        logging.getLogger("torch._dynamo").addHandler(self)
-        self.counting, self.count, self.reasons = False, 0, []
+        from sftui.trainer import compiling
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.counting and record.name.endswith("__recompiles"):
-            self.count += 1
-            if len(self.reasons) < 3:
-                self.reasons.append(" ".join(record.getMessage().split())[:600])
+        self.lines: list[dict[str, Any]] = []
+        self.handler = compiling.RecompileEvents(self, 0)
+        torch._logging.set_logs(recompiles=True)
+        logging.getLogger("torch._dynamo").addHandler(self.handler)
+
+    def emit(self, kind: str, **fields: Any) -> None:  # what RecompileEvents calls on an EventLog
+        self.lines.append(fields)
 
     def after_first_step(self) -> None:
-        self.counting = True
+        self.handler.settled = True
 
     def report(self) -> dict[str, Any]:
-        return {"recompiles_after_first_step": self.count, "recompile_reasons": self.reasons}
+        later = [f["message"] for f in self.lines if f["level"] == "warning" and "recompiled" in f["message"]]
+        return {"recompiles_after_first_step": len(later), "recompile_reasons": later[:3]}
 
     def close(self) -> None:
-        logging.getLogger("torch._dynamo").removeHandler(self)
-        super().close()
+        logging.getLogger("torch._dynamo").removeHandler(self.handler)
 
 
 def summarize_profile(prof: Any, wall_s: float, n_steps: int, table_path: Path) -> dict[str, Any]:

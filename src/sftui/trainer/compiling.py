@@ -74,12 +74,19 @@ def compile_model(model: Any, layers: bool, run_path: Path, log: EventLog, rank:
     events = RecompileEvents(log, rank)
     torch._logging.set_logs(recompiles=True)  # also printed into attempt-N.log
     logging.getLogger("torch._dynamo").addHandler(events)
-    compiled = compile_regions(model) if layers else None
+    model, compiled = compile_for_training(model, layers)
     if rank == 0:
-        log.emit("log", level="info", message=f"torch.compile: {compiled or WHOLE_MODEL}; cache in {where}")
-    if not compiled:
-        model = torch.compile(model)  # the batch dimension is marked dynamic by loop.token_loss_sum
+        log.emit("log", level="info", message=f"torch.compile: {compiled}; cache in {where}")
     return model, FirstStep(Heartbeat(beat, interval), events)
+
+
+def compile_for_training(model: Any, layers: bool) -> tuple[Any, str]:
+    """The model as training (and the memory probe) compile it: layer by layer with ``layers``
+    when it has repeated layers, else whole; and what was compiled, in words."""
+    compiled = compile_regions(model) if layers else None
+    if compiled:
+        return model, compiled
+    return torch.compile(model), WHOLE_MODEL  # the batch dimension is marked dynamic by loop.token_loss_sum
 
 
 WHOLE_MODEL = "the whole model"

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import sys
 import time
 from dataclasses import replace
@@ -45,7 +44,6 @@ def main() -> None:
 
 
 def probe(out: Path) -> int:
-    import torch
     import torch.distributed as dist
 
     from sftui import events as ev
@@ -88,11 +86,10 @@ def probe(out: Path) -> int:
     model_state = 4 * sum(p.numel() * p.element_size() for p in net.parameters())
     decoder_start = net.config.decoder_start_token_id if train_data.seq2seq else None
     model, optimizer = accelerator.prepare(net, opt)
-    if cfg.compile:  # compiled as training compiles it
+    if cfg.compile:
         from sftui.trainer import compiling
 
-        if not (cfg.compile_layers and compiling.compile_regions(model)):
-            model = torch.compile(model)
+        model, _ = compiling.compile_for_training(model, cfg.compile_layers)
     model.train()
 
     ladder, target = [int(b) for b in spec["ladder"]], float(spec["target"])
