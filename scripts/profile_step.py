@@ -16,6 +16,11 @@ Each variant is MODE:BATCH. MODE is how the step runs and what it is fed:
     regional-dyn        regional-max, each batch padded to its longest row
     regional-grouped    regional-dyn on the --group-by-length order
 
+A MODE may end in ``-f32bias``: T5's relative position bias left in float32 under autocast, as
+the worker had it before ``model.position_bias_in_compute_dtype`` (the before of that change).
+On a GPU the report also says which fused SDPA kernels accept a T5 self-attention's inputs
+(bf16 query, the bias as a float32 or a bf16 mask needing its gradient, dropout 0.1) and why not.
+
 Every variant uses the worker's own pieces: loop.setup_device, loop.new_model, accelerate's
 prepare, compiling.compile_regions, data.Plan / StepBatches through a DataLoader as the worker
 builds it, and loop.train_step. It reports samples/s, real tokens/s, the share of padded
@@ -65,6 +70,7 @@ CATEGORIES = (
     ("copies", r"memcpy|memset|copy|cat|fill|index"),
     ("element-wise", r"elementwise|vectorized|reduce|dropout|where|mul|add"),
 )
+F32_BIAS = "-f32bias"
 STARTED = time.monotonic()
 
 
@@ -97,11 +103,17 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
 
     mode, batch = name.split(":")
     batch = int(batch)
+    f32_bias = mode.endswith(F32_BIAS)
+    mode = mode.removesuffix(F32_BIAS)
     cuda = torch.cuda.is_available()
     device = accelerator.device
     grouped, padded = mode.endswith("grouped"), mode.endswith("max") or mode.endswith("max-static")
     cfg = RunConfig(model=args.model, max_len=MAX_LEN, seed=SEED, batch=batch, ladder=[batch])
     net, opt = loop.new_model(cfg, tok, device, models.default_lr(args.model))
+    if f32_bias:
+        for module_name, module in net.named_modules():
+            if module_name.endswith("relative_attention_bias"):
+                module._forward_hooks.clear()
     enc_fpt, dec_fpt = models.flops_per_token(net, tokenized.seq2seq)
     decoder_start = net.config.decoder_start_token_id if tokenized.seq2seq else None
     model, optimizer = accelerator.prepare(net, opt)
@@ -173,7 +185,8 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
     if prof is not None:
         seconds = sync() - t
         prof.__exit__(None, None, None)
-        out["profile"] = summarize_profile(prof, seconds, args.profile_steps, args.out / f"profile-{mode}-{batch}.txt")
+        out["profile"] = summarize_profile(prof, seconds, args.profile_steps,
+                                           args.out / f"profile-{mode}{F32_BIAS if f32_bias else ''}-{batch}.txt")
     if cuda:
         out.update(peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
                    peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
@@ -210,6 +223,30 @@ class Recompiles:
 
     def close(self) -> None:
         logging.getLogger("torch._dynamo").removeHandler(self.handler)
+
+
+def sdpa_kernels() -> dict[str, Any]:
+    """Which fused SDPA kernels take a T5 self-attention's inputs at batch 192 (bf16 q/k/v
+    needing gradients, the bias as the additive mask needing its own, dropout 0.1), with the
+    mask in float32 and in bf16; torch says why a kernel refuses in a warning."""
+    import warnings
+
+    import torch
+    from torch.backends import cuda as backends
+
+    q = torch.randn(192, 12, 256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    result: dict[str, Any] = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        mask = torch.randn(192, 12, 256, 256, device="cuda", dtype=dtype, requires_grad=True)
+        params = backends.SDPAParams(q, q, q, mask, 0.1, False, False)
+        for kernel, check in (("flash", backends.can_use_flash_attention), ("efficient", backends.can_use_efficient_attention),
+                              ("cudnn", backends.can_use_cudnn_attention)):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                ok = check(params, True)
+            result[f"{kernel}, {str(dtype).removeprefix('torch.')} mask"] = (
+                "yes" if ok else "; ".join(str(w.message).splitlines()[0][:200] for w in caught) or "no")
+    return result
 
 
 def summarize_profile(prof: Any, wall_s: float, n_steps: int, table_path: Path) -> dict[str, Any]:
@@ -257,7 +294,7 @@ def main() -> int:
                                   "eager-max:16,regional-grouped:192")).split(",")
     for v in variants:
         mode, _, batch = v.partition(":")
-        if mode not in MODES or not batch.isdigit():
+        if mode.removesuffix(F32_BIAS) not in MODES or not batch.isdigit():
             p.error(f"--variants: {v!r} is not MODE:BATCH with MODE one of {', '.join(MODES)}")
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(args.out / "compile-cache"))
@@ -272,6 +309,9 @@ def main() -> int:
                               "card": torch.cuda.get_device_name() if cuda else "CPU", "torch": torch.__version__,
                               "model": args.model, "max_len": MAX_LEN, "warmup": args.warmup, "steps": args.steps,
                               "variants": {}, "skipped": []}
+    if cuda:
+        report["sdpa_kernels"] = sdpa_kernels()
+        say("SDPA kernels for a T5 self-attention: " + json.dumps(report["sdpa_kernels"]))
     say(f"{report['card']}, torch {torch.__version__}, {args.model}: preparing {args.rows} rows")
     tok, tokenized = prepare(args)
     profiled = set(filter(None, args.profile.split(",")))

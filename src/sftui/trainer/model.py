@@ -144,6 +144,32 @@ def _preset(name: str, tok: "PreTrainedTokenizerBase", max_len: int) -> "PreTrai
     return T5ForConditionalGeneration(config)
 
 
+def position_bias_in_compute_dtype(model: Any) -> int:
+    """Make T5-style relative position biases come out in autocast's dtype; returns how many
+    bias embeddings were hooked (0 for models without one).
+
+    The bias is an fp32 embedding's output, also under bf16 autocast, and reaches
+    scaled_dot_product_attention as its additive mask. A mask of another dtype than the query
+    keeps SDPA off its fused kernels: every biased self-attention then runs SDPA's math path
+    in float32 (batch × heads × L × L scores, softmax and dropout, and the casts between).
+    Cast to bf16, the bias is as precise as the bf16 scores it is added to.
+    """
+    import torch
+
+    def to_autocast_dtype(module: Any, args: Any, out: Any) -> Any:
+        kind = out.device.type
+        if out.is_floating_point() and torch.is_autocast_enabled(kind):
+            return out.to(torch.get_autocast_dtype(kind))
+        return out
+
+    hooked = 0
+    for name, module in model.named_modules():
+        if name.endswith("relative_attention_bias") and isinstance(module, torch.nn.Embedding):
+            module.register_forward_hook(to_autocast_dtype)
+            hooked += 1
+    return hooked
+
+
 def flops_per_token(model: Any, seq2seq: bool) -> tuple[float, float]:
     """Training FLOPs per (encoder, decoder) token: 6 × the matmul parameters the token passes
     through, plus attention (12 × layers × width × average context, added by the caller)."""
