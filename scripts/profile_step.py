@@ -17,7 +17,9 @@ Each variant is MODE:BATCH. MODE is how the step runs and what it is fed:
     regional-grouped    regional-dyn on the --group-by-length order
 
 A MODE may end in ``-f32bias``: T5's relative position bias left in float32 under autocast, as
-the worker had it before ``model.position_bias_in_compute_dtype`` (the before of that change).
+the worker had it before ``model.position_bias_in_compute_dtype`` (the before of that change);
+and in ``-fused``: SDPA's math backend disabled, so every attention must take a fused kernel
+(or the variant fails, and the log's warnings say why each kernel refused).
 On a GPU the report also says which fused SDPA kernels accept a T5 self-attention's inputs
 (bf16 query, the bias as a float32 or a bf16 mask needing its gradient, dropout 0.1) and why not.
 
@@ -40,6 +42,7 @@ Writes OUT/profile_step.json after every variant and OUT/profile-*.txt (the prof
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -70,7 +73,7 @@ CATEGORIES = (
     ("copies", r"memcpy|memset|copy|cat|fill|index"),
     ("element-wise", r"elementwise|vectorized|reduce|dropout|where|mul|add"),
 )
-F32_BIAS = "-f32bias"
+SUFFIXES = ("-f32bias", "-fused")
 STARTED = time.monotonic()
 
 
@@ -93,6 +96,14 @@ def prepare(args: argparse.Namespace) -> tuple[Any, Any]:
     return tok, tokenized
 
 
+def split_mode(mode: str) -> tuple[str, list[str]]:
+    """MODE-SUFFIX... into the MODE and its suffixes."""
+    suffixes = [s for s in SUFFIXES if s in mode]
+    for s in suffixes:
+        mode = mode.replace(s, "")
+    return mode, suffixes
+
+
 def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, accelerator: Any,
                 profile: bool) -> dict[str, Any]:
     import torch
@@ -103,14 +114,13 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
 
     mode, batch = name.split(":")
     batch = int(batch)
-    f32_bias = mode.endswith(F32_BIAS)
-    mode = mode.removesuffix(F32_BIAS)
+    mode, suffixes = split_mode(mode)
     cuda = torch.cuda.is_available()
     device = accelerator.device
     grouped, padded = mode.endswith("grouped"), mode.endswith("max") or mode.endswith("max-static")
     cfg = RunConfig(model=args.model, max_len=MAX_LEN, seed=SEED, batch=batch, ladder=[batch])
     net, opt = loop.new_model(cfg, tok, device, models.default_lr(args.model))
-    if f32_bias:
+    if "-f32bias" in suffixes:
         for module_name, module in net.named_modules():
             if module_name.endswith("relative_attention_bias"):
                 module._forward_hooks.clear()
@@ -139,6 +149,12 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
         return time.perf_counter()
 
     recompiles = Recompiles()
+    attention: Any = contextlib.nullcontext  # a context manager per step (sdpa_kernel's is single-use)
+    if "-fused" in suffixes:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def attention() -> Any:
+            return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -155,8 +171,9 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
             prof.__enter__()
             t = sync()
         torch.manual_seed(SEED + k)
-        loss, _ = loop.train_step(accelerator, model, optimizer, item["micro"], item["n_target"], 1, decoder_start,
-                                  loop.StepPhase())
+        with attention():
+            loss, _ = loop.train_step(accelerator, model, optimizer, item["micro"], item["n_target"], 1,
+                                      decoder_start, loop.StepPhase())
         if k == 1:
             recompiles.after_first_step()
             t1 = sync()
@@ -186,7 +203,7 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
         seconds = sync() - t
         prof.__exit__(None, None, None)
         out["profile"] = summarize_profile(prof, seconds, args.profile_steps,
-                                           args.out / f"profile-{mode}{F32_BIAS if f32_bias else ''}-{batch}.txt")
+                                           args.out / f"profile-{mode}{''.join(suffixes)}-{batch}.txt")
     if cuda:
         out.update(peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
                    peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
@@ -294,7 +311,7 @@ def main() -> int:
                                   "eager-max:16,regional-grouped:192")).split(",")
     for v in variants:
         mode, _, batch = v.partition(":")
-        if mode.removesuffix(F32_BIAS) not in MODES or not batch.isdigit():
+        if split_mode(mode)[0] not in MODES or not batch.isdigit():
             p.error(f"--variants: {v!r} is not MODE:BATCH with MODE one of {', '.join(MODES)}")
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(args.out / "compile-cache"))
