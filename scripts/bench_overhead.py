@@ -13,7 +13,8 @@ A  "alone": the supervisor is paused (SIGSTOP) and no TUI is attached, so nothin
 B  "watched": the supervisor runs and `sftui attach` draws the TUI in a real pseudo-terminal
    (120 × 40, TERM=xterm-256color) for the whole window; it is quit with `q` at the window's end.
 
-A window's rate is the worker's own: samples between its first and last `step` event in the
+The run pads every batch to --max-len, so that each step does the same work and a window's rate
+does not depend on which rows it drew. A window's rate is the worker's own: samples between its first and last `step` event in the
 window over the time between them (events.jsonl, written by the worker itself). The overhead is
 the mean over the A/B pairs of (A − B) / A, with its standard error; the CPU time the supervisor
 and the TUI used in each window is reported beside it. Comparing windows of one run removes
@@ -161,11 +162,12 @@ def main() -> int:
     write_data(data, 20_000)
     run_dir = args.out / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+               PYTHONUNBUFFERED="1")
     if not args.smoke:
         env["CUDA_VISIBLE_DEVICES"] = args.gpu
     flags = ["--model", model, "--data", str(data), "--max-len", str(MAX_LEN), "--batch", str(args.batch),
-             "--ladder", str(args.batch), "--epochs", "50", "--log-every", str(args.log_every or (1 if args.smoke else 5)), "--checkpoint-every", "0",
+             "--ladder", str(args.batch), "--pad-to-max-len", "--epochs", "50", "--log-every", str(args.log_every or (1 if args.smoke else 5)), "--checkpoint-every", "0",
              "--keep-checkpoints", "1", "--on-oom", "stop", "--name", RUN_NAME, "--run-dir", str(run_dir)]
     flags += ["--cpu"] if args.smoke else (["--compile"] if args.compile else [])
     cmd = [sys.executable, "-m", "sftui", "run", "--detach", *flags]
@@ -195,13 +197,16 @@ def main() -> int:
         while time.monotonic() < deadline and rundir.read_json(run_dir / "run.json").get("status") == "running":
             time.sleep(1)
     report.update(summarize(report["windows"]))
+    if not report.get("tui_drew_every_window"):
+        say("the TUI did not draw the run in every window: no figure. Its output: "
+            + next((w["tui_output"] for w in report["windows"] if "tui_output" in w), "none"))
     for heavy in ("checkpoints", "final"):
         shutil.rmtree(run_dir / heavy, ignore_errors=True)
     (args.out / "bench_overhead.json").write_text(json.dumps(report, indent=2))
     text = markdown(report)
     (args.out / "bench_overhead.md").write_text(text)
     print(text, flush=True)
-    return 0
+    return 0 if report.get("tui_drew_every_window") else 1
 
 
 def window(cond: str, pair: int, run_dir: Path, supervisor: int, env: dict[str, str], seconds: float) -> dict[str, Any]:
@@ -223,6 +228,8 @@ def window(cond: str, pair: int, run_dir: Path, supervisor: int, env: dict[str, 
         res["tui_bytes_drawn"] = tui.bytes
         res["tui_exit"] = tui.quit()
         res["tui_drew_run"] = RUN_NAME.encode() in tui.seen
+        if not res["tui_drew_run"]:
+            res["tui_output"] = tui.seen[:600].decode(errors="replace")
     rate, steps = window_rate(steps_between(run_dir / "events.jsonl", t0, t1))
     res.update(samples_per_s=rate and round(rate, 3), steps=steps, t0=round(t0, 3), t1=round(t1, 3))
     return res

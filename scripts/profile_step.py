@@ -16,8 +16,8 @@ Each variant is MODE:BATCH. MODE is how the step runs and what it is fed:
     regional-dyn        regional-max, each batch padded to its longest row
     regional-grouped    regional-dyn on the --group-by-length order
 
-A MODE may end in ``-f32bias``: T5's relative position bias left in float32 under autocast, as
-the worker had it before ``model.position_bias_in_compute_dtype`` (the before of that change);
+A MODE may end in ``-stockbias``: T5's relative position bias as transformers makes it (float32,
+heads as the last memory dimension), without ``model.fused_attention_bias`` (its before);
 and in ``-fused``: SDPA's math backend disabled, so every attention must take a fused kernel
 (or the variant fails, and the log's warnings say why each kernel refused).
 On a GPU the report also says which fused SDPA kernels accept a T5 self-attention's inputs
@@ -73,7 +73,7 @@ CATEGORIES = (
     ("copies", r"memcpy|memset|copy|cat|fill|index"),
     ("element-wise", r"elementwise|vectorized|reduce|dropout|where|mul|add"),
 )
-SUFFIXES = ("-f32bias", "-fused")
+SUFFIXES = ("-stockbias", "-fused")
 STARTED = time.monotonic()
 
 
@@ -120,7 +120,7 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
     grouped, padded = mode.endswith("grouped"), mode.endswith("max") or mode.endswith("max-static")
     cfg = RunConfig(model=args.model, max_len=MAX_LEN, seed=SEED, batch=batch, ladder=[batch])
     net, opt = loop.new_model(cfg, tok, device, models.default_lr(args.model))
-    if "-f32bias" in suffixes:
+    if "-stockbias" in suffixes:
         for module_name, module in net.named_modules():
             if module_name.endswith("relative_attention_bias"):
                 module._forward_hooks.clear()
@@ -244,24 +244,29 @@ class Recompiles:
 
 def sdpa_kernels() -> dict[str, Any]:
     """Which fused SDPA kernels take a T5 self-attention's inputs at batch 192 (bf16 q/k/v
-    needing gradients, the bias as the additive mask needing its own, dropout 0.1), with the
-    mask in float32 and in bf16; torch says why a kernel refuses in a warning."""
+    needing gradients, dropout 0.1, the padding mask merged into the bias as transformers 5.17
+    does it), with the bias as transformers makes it and as ``fused_attention_bias`` makes it;
+    torch says why a kernel refuses in a warning."""
     import warnings
 
     import torch
     from torch.backends import cuda as backends
 
     q = torch.randn(192, 12, 256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    keep = torch.ones(192, 1, 1, 256, device="cuda", dtype=torch.bool)
+    lookup = torch.randn(256, 256, 12, device="cuda", requires_grad=True)  # (query, key, heads)
+    biases = {"stock bias": lookup.permute(2, 0, 1).unsqueeze(0),
+              "sftui bias": lookup.to(torch.bfloat16).permute(2, 0, 1).contiguous().unsqueeze(0)}
     result: dict[str, Any] = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        mask = torch.randn(192, 12, 256, 256, device="cuda", dtype=dtype, requires_grad=True)
+    for label, bias in biases.items():
+        mask = torch.where(keep, bias, torch.finfo(torch.bfloat16).min)
         params = backends.SDPAParams(q, q, q, mask, 0.1, False, False)
         for kernel, check in (("flash", backends.can_use_flash_attention), ("efficient", backends.can_use_efficient_attention),
                               ("cudnn", backends.can_use_cudnn_attention)):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 ok = check(params, True)
-            result[f"{kernel}, {str(dtype).removeprefix('torch.')} mask"] = (
+            result[f"{kernel}, {label}"] = (
                 "yes" if ok else "; ".join(str(w.message).splitlines()[0][:200] for w in caught) or "no")
     return result
 

@@ -131,24 +131,27 @@ def _t5_loss(net: T5ForConditionalGeneration, batch: dict[str, torch.Tensor]) ->
         return net(**batch).loss
 
 
-def test_position_bias_follows_autocast_and_keeps_the_loss() -> None:
-    """The worker's T5 position biases come out in autocast's dtype (the fused SDPA kernels need
-    the mask in the query's dtype); the loss and the bias's gradient stay what they were."""
+def test_position_bias_is_contiguous_in_autocast_dtype_and_keeps_the_loss() -> None:
+    """The worker's T5 position biases come out contiguous and in autocast's dtype (what SDPA's
+    fused kernels need of a mask); the loss and the bias's gradient stay what they were."""
     torch.manual_seed(0)
     config = T5Config(vocab_size=48, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
                       dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
     plain = T5ForConditionalGeneration(config)
     hooked = T5ForConditionalGeneration(config)
     hooked.load_state_dict(plain.state_dict())
-    assert model.position_bias_in_compute_dtype(hooked) == 2  # the encoder's and the decoder's
-    assert model.position_bias_in_compute_dtype(AutoModelForCausalLM.from_config(
+    assert model.fused_attention_bias(hooked) == 2  # the encoder's and the decoder's
+    assert model.fused_attention_bias(AutoModelForCausalLM.from_config(
         GPT2Config(vocab_size=48, n_embd=32, n_layer=1, n_head=2, n_positions=32))) == 0
 
     attention = hooked.encoder.block[0].layer[0].SelfAttention
-    assert attention.compute_bias(5, 5).dtype == torch.float32  # no autocast: untouched
+    bias = attention.compute_bias(5, 7)
+    assert bias.dtype == torch.float32 and bias.is_contiguous()  # no autocast: the dtype stays
+    assert torch.equal(bias, plain.encoder.block[0].layer[0].SelfAttention.compute_bias(5, 7))
+    assert not plain.encoder.block[0].layer[0].SelfAttention.compute_bias(5, 7).is_contiguous()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert attention.compute_bias(5, 5).dtype == torch.bfloat16
-        assert plain.encoder.block[0].layer[0].SelfAttention.compute_bias(5, 5).dtype == torch.float32
+        bias = attention.compute_bias(5, 7)
+        assert bias.dtype == torch.bfloat16 and bias.is_contiguous() and bias.shape == (1, 4, 5, 7)
 
     ids = torch.randint(1, 48, (3, 12))
     batch = {"input_ids": ids, "attention_mask": (torch.arange(12) < torch.tensor([[12], [9], [5]])).long(),

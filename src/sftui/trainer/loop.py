@@ -283,7 +283,7 @@ def new_model(cfg: RunConfig, tok: Any, device: torch.device, lr: float) -> tupl
     """The model on the device and its AdamW, not yet prepared by accelerate (a checkpoint is
     loaded into both first). Shared with the memory probe."""
     net = models.build_model(cfg.model, tok, cfg.seed, cfg.max_len, device)
-    models.position_bias_in_compute_dtype(net)
+    models.fused_attention_bias(net)
     if cfg.gradient_checkpointing:
         net.config.use_cache = False
         net.gradient_checkpointing_enable()

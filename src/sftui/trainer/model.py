@@ -144,28 +144,30 @@ def _preset(name: str, tok: "PreTrainedTokenizerBase", max_len: int) -> "PreTrai
     return T5ForConditionalGeneration(config)
 
 
-def position_bias_in_compute_dtype(model: Any) -> int:
-    """Make T5-style relative position biases come out in autocast's dtype; returns how many
-    bias embeddings were hooked (0 for models without one).
+def fused_attention_bias(model: Any) -> int:
+    """Shape T5-style relative position biases so that SDPA's fused kernels take the biased
+    self-attentions; returns how many bias embeddings were hooked (0 without any).
 
-    The bias is an fp32 embedding's output, also under bf16 autocast, and reaches
-    scaled_dot_product_attention as its additive mask. A mask of another dtype than the query
-    keeps SDPA off its fused kernels: every biased self-attention then runs SDPA's math path
-    in float32 (batch × heads × L × L scores, softmax and dropout, and the casts between).
-    Cast to bf16, the bias is as precise as the bf16 scores it is added to.
+    T5's ``compute_bias`` looks the bias up as (query, key, heads) and permutes it to
+    (1, heads, query, key): its last dimension then has stride ``heads``. SDPA gets it as the
+    additive mask, and every fused kernel on a GPU needs the mask's last stride to be 1, so
+    each biased self-attention ran SDPA's float32 math path (batch × heads × L × L scores,
+    softmax and dropout, and the casts between; seen on an H200 with transformers 5.17, whose
+    mask code does not make it contiguous). The hook lays the embedding's output out heads
+    first, so that the permuted bias is contiguous, and in autocast's dtype, the query's.
     """
     import torch
 
-    def to_autocast_dtype(module: Any, args: Any, out: Any) -> Any:
+    def heads_first(module: Any, args: Any, out: Any) -> Any:
         kind = out.device.type
-        if out.is_floating_point() and torch.is_autocast_enabled(kind):
-            return out.to(torch.get_autocast_dtype(kind))
-        return out
+        if torch.is_autocast_enabled(kind):
+            out = out.to(torch.get_autocast_dtype(kind))
+        return out.permute(2, 0, 1).contiguous().permute(1, 2, 0) if out.dim() == 3 else out
 
     hooked = 0
     for name, module in model.named_modules():
         if name.endswith("relative_attention_bias") and isinstance(module, torch.nn.Embedding):
-            module.register_forward_hook(to_autocast_dtype)
+            module.register_forward_hook(heads_first)
             hooked += 1
     return hooked
 
