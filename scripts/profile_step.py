@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -173,7 +174,7 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
         torch.manual_seed(SEED + k)
         with attention():
             loss, _ = loop.train_step(accelerator, model, optimizer, item["micro"], item["n_target"], 1,
-                                      decoder_start, loop.StepPhase())
+                                      decoder_start, loop.StepPhase(), widths_vary=not padded)
         if k == 1:
             recompiles.after_first_step()
             t1 = sync()
@@ -307,6 +308,9 @@ def main() -> int:
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--rows", type=int, default=None, help="synthetic rows (default 3 × 8,192)")
     p.add_argument("--budget-s", type=float, default=420.0, help="start no variant after this many seconds")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile's backend; 'eager' keeps dynamo's guards and recompiles but generates no code, "
+                        "so the recompiles of a compiled variant can be counted on the CPU")
     args = p.parse_args()
     args.model = "tiny" if args.smoke else "chatlm-mini"
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
@@ -325,6 +329,9 @@ def main() -> int:
 
     from sftui.config import RunConfig
     from sftui.trainer import loop
+
+    if args.compile_backend != "inductor":  # Module.compile (compiled layers) calls torch.compile too
+        torch.compile = functools.partial(torch.compile, backend=args.compile_backend)
 
     accelerator, cuda = loop.setup_device(RunConfig(cpu=args.smoke), loop.Rank(0, 1, 0, 1))
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": shlex.join(sys.argv),

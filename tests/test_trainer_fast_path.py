@@ -145,3 +145,25 @@ def test_checkpoints_of_a_compiled_model_keep_the_parameter_names(monkeypatch) -
     prepared = torch.compile(accelerator.prepare(net), backend="eager")
     assert list(prepared.state_dict())[0].startswith("_orig_mod.")
     assert list(loop.bare_model(accelerator, prepared).state_dict()) == names
+
+
+def test_a_compiled_model_takes_new_widths_without_compiling_again() -> None:
+    """Without --pad-to-max-len the width changes from batch to batch; the worker marks it dynamic
+    from the start, so a compiled model's graphs serve every width and batch size (unmarked,
+    the first new width cost a second whole compile)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    net = _tiny_t5(40, 0, 1)
+    counter = CompileCounter()
+    compiled = torch.compile(net, backend=counter)
+    generator = torch.Generator().manual_seed(0)
+    for batch, enc_width, dec_width in ((4, 24, 16), (4, 17, 9), (3, 30, 21), (6, 11, 5)):
+        micro = {"input_ids": torch.randint(2, 40, (batch, enc_width), generator=generator),
+                 "attention_mask": torch.ones(batch, enc_width, dtype=torch.long),
+                 "labels": torch.randint(2, 40, (batch, dec_width), generator=generator)}
+        loop.token_loss_sum(compiled, micro, 0, widths_vary=True).backward()
+        if batch == 4 and enc_width == 24:
+            first = counter.frame_count
+    assert first >= 1 and counter.frame_count == first
+    torch._dynamo.reset()

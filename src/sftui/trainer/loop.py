@@ -175,7 +175,7 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
                     f"CUDA out of memory (injected by --inject-oom-at-step {step} on rank {me.rank})")
             with first_step if step == (resume_step or 0) + 1 else nullcontext():
                 loss, grad_norm = train_step(accelerator, model, optimizer, item["micro"], item["n_target"], me.world,
-                                             decoder_start, at)
+                                             decoder_start, at, widths_vary=pad_width(cfg, cuda) is None)
             meter.loss += loss
         except Exception as e:
             if not is_oom(e):
@@ -301,10 +301,11 @@ class StepPhase:
 
 def train_step(accelerator: Accelerator, model: Any, optimizer: Any, micros: list[dict[str, torch.Tensor]],
                n_target: int, world: int, decoder_start: int | None,
-               at: StepPhase) -> tuple[torch.Tensor, torch.Tensor | float]:
+               at: StepPhase, widths_vary: bool = False) -> tuple[torch.Tensor, torch.Tensor | float]:
     """One optimizer step over this rank's micro-batches: forward, backward (DDP syncs on the
     last one only), clipping, AdamW. Returns (step loss on the device, grad norm). Shared with
-    the memory probe, so that it measures exactly what training allocates."""
+    the memory probe, so that it measures exactly what training allocates. ``widths_vary``:
+    the micro-batches are not padded to one width (see ``token_loss_sum``)."""
     device = accelerator.device
     loss = torch.zeros((), device=device)
     for m, micro in enumerate(micros):
@@ -312,7 +313,7 @@ def train_step(accelerator: Accelerator, model: Any, optimizer: Any, micros: lis
         last = m == len(micros) - 1
         with nullcontext() if last else accelerator.no_sync(model):
             at.where = "forward"
-            loss_sum = token_loss_sum(model, micro, decoder_start)
+            loss_sum = token_loss_sum(model, micro, decoder_start, widths_vary)
             at.where = "backward"
             accelerator.backward(scaled_loss(loss_sum, n_target, world))
         loss += loss_sum.detach() / max(1, n_target)
@@ -341,7 +342,8 @@ def _emergency_checkpoint(step: int, where: str, resume_step: int | None, save: 
     return last
 
 
-def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], decoder_start: int | None) -> torch.Tensor:
+def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], decoder_start: int | None,
+                   widths_vary: bool = False) -> torch.Tensor:
     """Sum (not mean) of the cross-entropy over the target tokens of a micro-batch.
 
     ``decoder_start`` is None for a causal LM (labels are the inputs, shifted by one) and the
@@ -353,9 +355,11 @@ def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], decoder_start: in
         decoder_input_ids = torch.cat([torch.full_like(labels[:, :1], decoder_start), labels[:, :-1]], dim=1)
         inputs["decoder_input_ids"] = decoder_input_ids.masked_fill(decoder_input_ids == -100, decoder_start)
     # The batch varies (ladder rungs, a short last step): a compiled model takes it as a symbol
-    # rather than recompiling for each size. A no-op for a model that is not compiled.
+    # rather than recompiling for each size. So does the width when batches are not padded to one:
+    # unmarked, the first new width costs a second whole compile (torch's automatic dynamic).
+    # A no-op for a model that is not compiled.
     for tensor in inputs.values():
-        torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        torch._dynamo.maybe_mark_dynamic(tensor, [0, 1] if widths_vary else 0)
     # No key/value cache: training never reuses one, and a compiled layer would guard on it.
     logits = model(**inputs, use_cache=False).logits
     if decoder_start is None:

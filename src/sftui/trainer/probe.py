@@ -114,9 +114,10 @@ def probe(out: Path) -> int:
         if not batch:
             break
         say(f"batch {batch}: {int(spec['steps'])} optimizer steps on the {batch} longest rows")
-        micro = _worst_case_batch(train_data, batch, tok.pad_token_id, loop.pad_width(cfg, True))
+        width = loop.pad_width(cfg, True)
+        micro = _worst_case_batch(train_data, batch, tok.pad_token_id, width)
         peak, per_s, oom = _trial(accelerator, model, optimizer, micro, me.world, decoder_start, int(spec["steps"]),
-                                  memory)
+                                  memory, widths_vary=width is None)
         if oom and me.world > 1:
             # The other ranks wait in a collective this rank will never join: say so and leave.
             write_json_atomic(out / f"oom-rank-{me.rank}.json", {"batch": batch, "message": oom})
@@ -218,10 +219,12 @@ def _worst_case_batch(data: Any, batch: int, pad_id: int, width: int | None = No
 
 
 def _trial(accelerator: Any, model: Any, optimizer: Any, micro: dict[str, Any], world: int,
-           decoder_start: int | None, steps: int, memory: CudaMemory) -> tuple[int | None, float | None, str | None]:
+           decoder_start: int | None, steps: int, memory: CudaMemory,
+           widths_vary: bool) -> tuple[int | None, float | None, str | None]:
     """(peak reserved bytes, samples/s of this rank, OOM message) of ``steps`` optimizer steps
     from what a fresh process at this batch starts with: the weights alone, the allocator's
-    cache empty; AdamW's state is made anew by the first step, in training's order."""
+    cache empty; AdamW's state is made anew by the first step, in training's order. The step is
+    compiled as training compiles it (``widths_vary`` as there)."""
     from sftui.trainer import loop
 
     n_target = int((micro["labels"] != -100).sum())
@@ -236,7 +239,8 @@ def _trial(accelerator: Any, model: Any, optimizer: Any, micro: dict[str, Any], 
             if s == 1:  # the first step pays for kernels' autotuning and the optimizer's state
                 memory.sync()
                 timed_from = time.monotonic()
-            loop.train_step(accelerator, model, optimizer, [micro], n_target, world, decoder_start, loop.StepPhase())
+            loop.train_step(accelerator, model, optimizer, [micro], n_target, world, decoder_start, loop.StepPhase(),
+                            widths_vary)
         memory.sync()
     except Exception as e:
         if not loop.is_oom(e):
