@@ -150,12 +150,13 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
         return time.perf_counter()
 
     recompiles = Recompiles()
-    attention: Any = contextlib.nullcontext  # a context manager per step (sdpa_kernel's is single-use)
-    if "-fused" in suffixes:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        def attention() -> Any:
-            return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+    def attention() -> Any:
+        """A context manager per step (sdpa_kernel's is single-use): with -fused, no math backend."""
+        if "-fused" not in suffixes:
+            return contextlib.nullcontext()
+        return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

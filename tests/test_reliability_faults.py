@@ -5,13 +5,17 @@ tests."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
+import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections import Counter
 from pathlib import Path
@@ -220,3 +224,30 @@ def test_tui_hangup_leaves_training_running(tmp_path):
     finally:
         pane.close()
         end_run(run_dir)
+
+
+def test_tui_ends_when_its_terminal_hangs_up_without_a_sighup(tmp_path):
+    """A terminal can go away without SIGHUP reaching the TUI: the tmux pane ran `make run` (make
+    does not pass it on) or the TUI sits in a session of its own, as here. Textual's input thread
+    then read end-of-file forever at a whole core; the TUI notices the hang-up and ends."""
+    from test_tui_support import make_run
+    from test_tui_tmux import SFTUI
+
+    run_dir = make_run(tmp_path, "finished")
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    tui = subprocess.Popen([str(SFTUI), "attach", str(run_dir)], stdin=slave, stdout=slave, stderr=slave,
+                           env=dict(os.environ, TERM="xterm-256color"), start_new_session=True)
+    os.close(slave)
+    try:
+        drawn, deadline = b"", time.monotonic() + 60
+        while b"FINISHED" not in drawn and time.monotonic() < deadline and tui.poll() is None:
+            if select.select([master], [], [], 0.5)[0]:
+                drawn += os.read(master, 65536)
+        assert b"FINISHED" in drawn, drawn[-2000:]
+        os.close(master)  # the terminal hangs up; nothing sends a signal
+        assert tui.wait(timeout=15) == 0
+    finally:
+        if tui.poll() is None:
+            tui.kill()
+            tui.wait()

@@ -9,8 +9,10 @@ training goes on, and ``run_tui`` prints the command to come back.
 
 from __future__ import annotations
 
+import errno
 import shlex
 import sys
+import termios
 import time
 from time import monotonic
 from pathlib import Path
@@ -47,12 +49,28 @@ COMPACT_HEIGHT = 32
 
 
 class Polled(Message):
-    """A poll finished: ``view`` is None when nothing visible changed."""
+    """A poll finished: ``view`` is None when nothing visible changed; ``hung_up``: the terminal
+    is gone."""
 
-    def __init__(self, view: View | None, error: str | None = None):
+    def __init__(self, view: View | None, error: str | None = None, hung_up: bool = False):
         super().__init__()
         self.view = view
         self.error = error
+        self.hung_up = hung_up
+
+
+def terminal_hung_up() -> bool:
+    """True once the terminal on stdin has hung up. A dropped SSH connection or a closed tmux pane
+    does not always reach the TUI as SIGHUP (the session's leader was `make`, not a shell, or the
+    TUI ran in a session of its own); Textual's input thread then reads end-of-file forever, at a
+    whole core. Only EIO counts: no terminal at all (a test's headless driver) is not a hang-up."""
+    try:
+        termios.tcgetattr(sys.__stdin__.fileno())
+    except termios.error as e:
+        return bool(e.args) and e.args[0] == errno.EIO
+    except (OSError, ValueError, AttributeError):  # stdin closed or replaced
+        return False
+    return False
 
 
 class CommandDone(Message):
@@ -88,6 +106,7 @@ class SftuiApp(App[None]):
         self.poller = Poller(self.run_dir, history=history)
         self.view: View | None = None
         self.poll_count = 0
+        self.hung_up = False  # the terminal went away: the app ended without a word
         self._polling = False
         self._poll_again = False
         self._timer: Timer | None = None
@@ -136,6 +155,9 @@ class SftuiApp(App[None]):
 
     @work(thread=True, exclusive=False, group="poll", exit_on_error=False)
     def _poll_worker(self, force: bool) -> None:
+        if terminal_hung_up():
+            self.post_message(Polled(None, hung_up=True))
+            return
         try:
             view = self.poller.poll(force=force)
             msg = Polled(view)
@@ -145,6 +167,10 @@ class SftuiApp(App[None]):
 
     def on_polled(self, message: Polled) -> None:
         self._polling = False
+        if message.hung_up:
+            self.hung_up = True
+            self.exit()
+            return
         self.poll_count += 1
         if message.error:
             self.notify(f"reading the run failed: {message.error}", severity="error", timeout=5)
@@ -316,7 +342,10 @@ class SftuiApp(App[None]):
 def run_tui(run_dir: Path) -> int:
     """Show the run until the user leaves; then print how to come back. Training is not touched."""
     run_dir = Path(run_dir).absolute()
-    SftuiApp(run_dir).run()
+    app = SftuiApp(run_dir)
+    app.run()
+    if app.hung_up:  # nobody to tell how to come back; training is not touched
+        return 0
     state = RunState(run_dir)
     state.load_run_json()
     state.supervisor_alive = lock_is_held(RunDir(run_dir))
