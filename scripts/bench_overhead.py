@@ -89,13 +89,6 @@ class Tui:
             if len(self.seen) < 65536:
                 self.seen += chunk
 
-    def cpu_s(self) -> float:
-        try:
-            t = psutil.Process(self.proc.pid).cpu_times()
-            return t.user + t.system
-        except psutil.Error:
-            return 0.0
-
     def quit(self) -> int | None:
         """`q` (the TUI's "leave"), then SIGTERM if it is still there after 5 s."""
         try:
@@ -228,7 +221,7 @@ def window(cond: str, pair: int, run_dir: Path, supervisor: int, env: dict[str, 
     res: dict[str, Any] = {"pair": pair, "condition": cond,
                            "supervisor_cpu_pct": round((cpu_s(supervisor) - sup0) / (t1 - t0) * 100, 2)}
     if tui is not None:
-        res["tui_cpu_pct"] = round(tui.cpu_s() / (t1 - t0) * 100, 2)
+        res["tui_cpu_pct"] = round(cpu_s(tui.proc.pid) / (t1 - t0) * 100, 2)
         res["tui_bytes_drawn"] = tui.bytes
         res["tui_exit"] = tui.quit()
         res["tui_drew_run"] = RUN_NAME.encode() in tui.seen

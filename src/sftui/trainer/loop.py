@@ -119,8 +119,9 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
     per_step = batch * me.world * accum
     steps = plan.steps(seen, per_step)
     total_steps = step + len(steps)
+    width = pad_width(cfg, cuda)
     loader = DataLoader(
-        data.StepBatches(train_data, plan, steps, me.rank, batch, accum, tok.pad_token_id, pad_width(cfg, cuda),
+        data.StepBatches(train_data, plan, steps, me.rank, batch, accum, tok.pad_token_id, width,
                          PAD_MULTIPLE if cuda else 1),
         batch_size=None, num_workers=cfg.dataloader_workers,
         prefetch_factor=2 if cfg.dataloader_workers else None, pin_memory=cuda,
@@ -175,7 +176,7 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
                     f"CUDA out of memory (injected by --inject-oom-at-step {step} on rank {me.rank})")
             with first_step if step == (resume_step or 0) + 1 else nullcontext():
                 loss, grad_norm = train_step(accelerator, model, optimizer, item["micro"], item["n_target"], me.world,
-                                             decoder_start, at, widths_vary=pad_width(cfg, cuda) is None)
+                                             decoder_start, at, widths_vary=width is None)
             meter.loss += loss
         except Exception as e:
             if not is_oom(e):
