@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from sftui import config as c
@@ -71,3 +73,28 @@ def test_ladder_math():
 def test_round_trip_through_run_json():
     cfg = c.build({"batch": 12, "cpu": True, "num_processes": 2})
     assert RunConfig.from_dict(cfg.to_dict() | {"unknown_key": 1}) == cfg
+
+
+def test_paths_in_a_config_file_are_read_from_its_directory(tmp_path, monkeypatch):
+    """A config kept beside its data works from any directory (it used to resolve from the cwd)."""
+    project = tmp_path / "project"
+    project.mkdir()
+    f = project / "run.toml"
+    f.write_text('data = "sft.jsonl"\neval_data = "/abs/eval.jsonl"\nmodel = "tiny"\n')
+    monkeypatch.chdir(tmp_path)
+    cfg = c.build({}, "project/run.toml")
+    assert Path(cfg.data).resolve() == project / "sft.jsonl"
+    assert cfg.eval_data == "/abs/eval.jsonl" and cfg.model == "tiny"
+    assert c.build({"data": "here.jsonl"}, str(f)).data == "here.jsonl"  # a flag is the shell's: from the cwd
+    f.write_text('data = "demo"\nmodel = "models/qwen"\n')
+    cfg = c.build({}, str(f))
+    assert cfg.data == "demo" and Path(cfg.model) == project / "models" / "qwen"
+
+
+def test_max_steps_becomes_the_samples_of_exactly_that_many_steps():
+    """Short last steps of an epoch count as steps: --max-steps N on 300 rows at 16 is 40 steps, not 41."""
+    for rows, per_step, steps in [(300, 16, 40), (19, 16, 3), (6000, 16, 375), (100, 7, 33), (5, 8, 4)]:
+        budget = c.samples_in_steps(steps, per_step, rows)
+        assert c.count_steps(0, per_step, rows, budget) == steps
+        assert c.count_steps(0, per_step, rows, budget + 1) == steps + 1
+    assert c.samples_in_steps(40, 16, 300) == 632

@@ -77,7 +77,7 @@ def test_node_refuses_what_it_cannot_join(tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
     for path, cfg in ((single, RunConfig(cpu=True)), (multi, two_machines())):
         rundir.create(path)
-        rundir.write_json_atomic(path / "run.json", new_run_json(cfg, "t", "demo"))
+        rundir.write_json_atomic(path / "run.json", new_run_json(cfg, "t", "demo", 6000))
     cases = [
         (single, "1", "a single-machine run"),
         (multi, "0", "--machine-rank: expected an integer >= 1, got 0"),
@@ -87,7 +87,7 @@ def test_node_refuses_what_it_cannot_join(tmp_path):
     for path, rank, message in cases:
         result = run_sftui("node", str(path), "--machine-rank", rank)
         assert result.returncode == 2 and message in result.stderr, (path, rank, result.stderr)
-    state = new_run_json(two_machines(), "t", "demo")
+    state = new_run_json(two_machines(), "t", "demo", 6000)
     rundir.write_json_atomic(multi / "run.json", {**state, "status": "finished"})
     result = run_sftui("node", str(multi), "--machine-rank", "1")
     assert result.returncode == 2 and "the run has already ended (finished)" in result.stderr
@@ -95,7 +95,7 @@ def test_node_refuses_what_it_cannot_join(tmp_path):
 
 def test_readers_merge_every_machines_event_file(tmp_path):
     run = rundir.create(tmp_path / "run")
-    rundir.write_json_atomic(run.run_json, new_run_json(two_machines(), "t", "demo"))
+    rundir.write_json_atomic(run.run_json, new_run_json(two_machines(), "t", "demo", 6000))
     with rundir.EventLog(run.node_events(0), attempt=1) as log:
         log.emit("rank_start", rank=0, pid=1, host="a", gpu_uuid=None)
     watcher = RunWatcher(run.path)

@@ -84,11 +84,14 @@ def test_kill_9_of_a_rank_at_a_random_step_fails_cleanly_and_resumes_losing_noth
 
     end = wait_for_event(run_dir, lambda e: e["kind"] == "run_end", 60)
     assert (end["status"], end["exit_code"]) == ("failed", 3), end
-    assert "a rank crashed in attempt 1" in end["reason"] and "attempt-1.log" in end["reason"]
+    # which rank, its pid and the signal (it used to say only "a rank crashed")
+    assert f"rank 0 (pid {rank0}) was killed by SIGKILL in attempt 1" in end["reason"], end["reason"]
+    assert "attempt-1.log" in end["reason"]
     ev = read_events(run_dir)
     (attempt_end,) = kinds(ev, "attempt_end")
     assert attempt_end["outcome"] == "crash" and attempt_end["exit_codes"] == [-signal.SIGKILL]
-    assert attempt_end["log_tail"][-1] == "[sftui] rank 0 was killed by SIGKILL"
+    assert attempt_end["log_tail"][-1] == f"[sftui] rank 0 (pid {rank0}) was killed by SIGKILL"
+    assert not any("Warning" in line for line in attempt_end["log_tail"]), attempt_end["log_tail"]
     assert attempt_end["last_step"] >= kill_after
     wait_no_processes(run_dir)
     assert {k: rundir.read_json(run_dir / "run.json")[k] for k in ("status", "exit_code")} == {"status": "failed",

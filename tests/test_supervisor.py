@@ -157,22 +157,38 @@ def test_resume_refuses_changed_data(tmp_path):
     assert result.returncode == 2 and "--max-len: cannot change on --resume" in result.stderr
 
 
-def test_kill_9_supervisor_ends_its_ranks_and_run_is_lost_then_resumable(tmp_path):
-    data = write_rows(tmp_path / "d.jsonl", 96)
-    run_dir = detach(tmp_path, "--data", str(data), "--batch", "8", "--num-processes", "2", "--checkpoint-every", "2")
-    wait_for_event(run_dir, lambda e: e["kind"] == "checkpoint" and e["step"] >= 2)
+def test_kill_9_supervisor_ranks_checkpoint_then_leave_and_resume_redoes_nothing(tmp_path):
+    """Issue 14, items 14 and 9: a rank that loses its supervisor checkpoints at the next step
+    boundary and leaves (both ranks agree on the step); --resume trains from exactly there, and a
+    checkpoint request the dead supervisor had served is not served again."""
+    data = write_rows(tmp_path / "d.jsonl", 400)
+    run_dir = detach(tmp_path, "--data", str(data), "--batch", "4", "--num-processes", "2")
+    wait_for_event(run_dir, lambda e: e["kind"] == "step" and e["step"] >= 2)
+    assert run_sftui("checkpoint", str(run_dir)).returncode == 0
+    served = wait_for_event(run_dir, lambda e: e["kind"] == "checkpoint" and e["reason"] == "request")
     pid = run_json(run_dir)["supervisor_pid"]
     ranks = [e["pid"] for e in kinds(read_events(run_dir), "rank_start")]
     os.kill(pid, signal.SIGKILL)
     t0 = time.monotonic()
-    wait_no_processes(run_dir, timeout=10)
+    wait_no_processes(run_dir, timeout=30)
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in ranks)
-    assert time.monotonic() - t0 < 10
-    status = run_sftui("status", str(run_dir), "--json")
-    assert json.loads(status.stdout)["status"] == "lost"
+    assert time.monotonic() - t0 < 30
+    ev = read_events(run_dir)
+    last = kinds(ev, "checkpoint")[-1]
+    trained = max(s["step"] for s in map(json.loads, (run_dir / "samples.jsonl").read_text().splitlines()))
+    assert last["reason"] == "supervisor_lost" and last["step"] == trained > served["step"], last
+    assert sorted((e["rank"], e["reason"], e["step"]) for e in kinds(ev, "worker_exit")) == \
+        [(0, "stop", trained), (1, "stop", trained)]
+    status = run_sftui("status", str(run_dir))
+    assert " lost " in status.stdout and f"sftui run --resume {run_dir}" in status.stdout, status.stdout
+    assert json.loads(run_sftui("status", str(run_dir), "--json").stdout)["status"] == "lost"
+
     result = run_sftui("run", "--resume", str(run_dir), "--headless", cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
-    assert_each_sample_once(run_dir, 96)
+    ev = read_events(run_dir)
+    assert kinds(ev, "attempt_start")[-1]["resume_step"] == trained
+    assert [e["reason"] for e in kinds(ev, "checkpoint") if e["attempt"] == 2] == ["final"]
+    assert_each_sample_once(run_dir, 400)
 
 
 def test_a_killed_rank_fails_the_run_with_its_log_tail(tmp_path):

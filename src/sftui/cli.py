@@ -87,10 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("run_dir", metavar="RUN_DIR")
     sb.add_argument("batch_size", metavar="N")
 
-    d = sub.add_parser("decide", help="answer a pending out-of-memory question: restart [N] or stop")
+    d = sub.add_parser("decide", help="answer a pending out-of-memory question: restart [BATCH] or stop",
+                       description="Answer a pending out-of-memory question. BATCH is a per-GPU batch size (the "
+                       "TUI's prompt takes rung numbers instead); without it, the proposed rung.")
     d.add_argument("run_dir", metavar="RUN_DIR")
     d.add_argument("action", choices=("restart", "stop"))
-    d.add_argument("batch_size", nargs="?", metavar="N")
+    d.add_argument("batch_size", nargs="?", metavar="BATCH", help="per-GPU batch size to restart at (default: the proposed one)")
 
     probe = sub.add_parser("probe", help="measure peak GPU memory per batch size and recommend a rung",
                            description="A few optimizer steps at two or more batch sizes on the longest rows, on the "
@@ -155,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     }[args.command]
     try:
         return handler(args)
+    except BrokenPipeError:
+        # `sftui status R | head -1`: the reader took what it wanted. No traceback, and nothing
+        # more written at exit to the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ev.EXIT_FINISHED
     except ConfigError as e:
         fail(str(e))
     except ProbeFailed as e:
@@ -207,14 +214,22 @@ def resolve_devices(cfg: RunConfig) -> str | None:
     return None
 
 
-def check_data(cfg: RunConfig) -> str:
-    """Read every data row in the foreground (a bad row stops us before anything is written)."""
-    from sftui.trainer import data
+def check_data(cfg: RunConfig) -> tuple[str, int]:
+    """Read every data row in the foreground (a bad row stops us before anything is written);
+    return the training data's fingerprint and its usable rows. Rows that --skip-bad-rows
+    leaves out are counted on stderr, so they are never a surprise."""
+    from sftui.trainer import data, demo
 
+    rows = demo.DEMO_ROWS
     for path in (cfg.data, cfg.eval_data):
         if path is not None and path != "demo":
-            data.validate_file(path, cfg.skip_bad_rows)
-    return data.fingerprint(cfg.data)
+            usable, skipped = data.validate_file(path, cfg.skip_bad_rows)
+            if path == cfg.data:
+                rows = usable
+            if skipped:
+                print(f"sftui: {path}: skipping {skipped:,} bad rows of {usable + skipped:,} (--skip-bad-rows)",
+                      file=sys.stderr)
+    return data.fingerprint(cfg.data), rows
 
 
 def prepare_new(args: argparse.Namespace, cfg: RunConfig) -> RunDir:
@@ -231,7 +246,7 @@ def prepare_new(args: argparse.Namespace, cfg: RunConfig) -> RunDir:
     cfgmod.check_paths(cfg)
     note = resolve_devices(cfg)
     cfgmod.validate(cfg)
-    fingerprint = check_data(cfg)
+    fingerprint, rows = check_data(cfg)
     if cfg.lr is None:
         from sftui.trainer.model import default_lr
 
@@ -240,7 +255,7 @@ def prepare_new(args: argparse.Namespace, cfg: RunConfig) -> RunDir:
     path = (Path(args.run_dir) if args.run_dir else default_run_dir(name)).absolute()
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         if (path / "run.json").exists():
-            raise ConfigError(f"--run-dir: {path}: already holds a run (continue it with --resume {path})")
+            raise ConfigError(f"--run-dir: {path}: already holds a run ({existing_run_advice(RunDir(path))})")
         raise ConfigError(f"--run-dir: {path}: exists and is not an empty directory")
     from sftui import rundir
 
@@ -250,10 +265,23 @@ def prepare_new(args: argparse.Namespace, cfg: RunConfig) -> RunDir:
     except OSError as e:
         raise ConfigError(f"--run-dir: {path}: {e.strerror or e}") from None
     batch = probe_first_rung(run, cfg, fingerprint, existed) if auto else None
-    write_json_atomic(run.run_json, new_run_json(cfg, name, fingerprint, batch))
+    write_json_atomic(run.run_json, new_run_json(cfg, name, fingerprint, rows, batch))
     if note:
         print(f"sftui: {note}", file=sys.stderr)
     return run
+
+
+def existing_run_advice(run: RunDir) -> str:
+    """What to do with a run directory that is taken, by the state of the run in it."""
+    if lock_is_held(run):
+        return f"it is training now: sftui attach {run.path}"
+    try:
+        status = read_json(run.run_json).get("status")
+    except (OSError, ValueError):
+        status = None
+    if status == "finished":
+        return "it has finished; give another --run-dir"
+    return f"continue it with --resume {run.path}"
 
 
 def probe_first_rung(run: RunDir, cfg: RunConfig, fingerprint: str, existed: bool) -> int:
@@ -292,7 +320,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     cfgmod.check_paths(cfg)
     resolve_devices(cfg)
     cfgmod.validate(cfg)
-    fingerprint = check_data(cfg)
+    fingerprint, _ = check_data(cfg)
     result = probing.run_probe(cfg, fingerprint, target)
     print(json.dumps(result.to_json(cfg), indent=2) if args.json else probing.table(result), flush=True)
     return 0
@@ -344,7 +372,7 @@ def prepare_resume(args: argparse.Namespace, values: dict[str, Any]) -> RunDir:
     cfg.ladder = cfgmod.ladder_with(cfg.ladder, int(state["batch_size"]))
     cfgmod.validate(cfg)
     cfgmod.check_paths(cfg)
-    fingerprint = check_data(cfg)
+    fingerprint, _ = check_data(cfg)
     if fingerprint != state.get("data_fingerprint"):
         raise ConfigError(f"--resume: the data changed since the run started ({cfg.data}); refusing to resume")
     state.update(config=cfg.to_dict(), status="starting", ladder=cfg.ladder, world_size=cfg.world_size,
@@ -429,16 +457,22 @@ def cmd_status(args: argparse.Namespace) -> int:
             "effective_batch": s.effective_batch, "step": s.step, "total_steps": s.total_steps, "epoch": s.epoch,
             "loss": s.loss, "samples_per_s": s.samples_per_s, "eta_s": s.eta_s, "ladder": s.ladder,
             "oom_rungs": s.oom_rungs, "pending_decision": s.pending_decision, "exit_code": s.exit_code,
-            "reason": s.reason, "telemetry": s.telemetry,
+            "reason": s.reason, "rows": s.rows, "skipped_rows": s.skipped_rows,
+            "telemetry": s.telemetry if s.live else None,
         }, indent=2, default=str))
         return 0
     print(f"{s.name}  {s.display_status}  attempt {s.attempt}  batch {rung_text(s.batch_size, s.world_size, s.grad_accum)}")
-    print(f"  step {s.step}/{s.total_steps if s.total_steps is not None else '?'}  epoch {s.epoch:.2f}  "
-          f"loss {fmt_num(s.loss, '.4f')}  {fmt_num(s.samples_per_s, '.1f')} samples/s  ETA {fmt_duration(s.eta_s)}")
-    mem = memory_text(s.telemetry)
-    if mem:
-        print(f"  {mem}")
-    if s.telemetry:
+    eta = f"  ETA {fmt_duration(s.eta_s)}" if s.eta_s is not None else ""
+    print(f"  step {s.step}/{s.total_steps if s.total_steps is not None else '?'}  epoch {s.epoch_text}  "
+          f"loss {fmt_num(s.loss, '.4f')}  {fmt_num(s.samples_per_s, '.1f')} samples/s{eta}")
+    if s.budget_note:
+        print(f"  {s.budget_note}")
+    if s.skipped_rows:
+        print(f"  {s.skipped_rows:,} bad rows skipped (--skip-bad-rows), {s.rows:,} trained on")
+    if s.telemetry and s.live:  # an ended run's last sample is not the machine now
+        mem = memory_text(s.telemetry)
+        if mem:
+            print(f"  {mem}")
         for g in s.telemetry.get("gpus") or []:
             print(f"  GPU{g['index']} {g.get('name') or 'n/a'}{' *' if g.get('in_run') else ''}  "
                   f"util {fmt_num(g.get('util'), '.0f')}%  temp {fmt_num(g.get('temp'), '.0f')}C  "
@@ -446,9 +480,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         if s.telemetry.get("gpu_error"):
             print(f"  GPU: {s.telemetry['gpu_error']}")
     if s.pending_decision:
-        print(f"  waiting for a decision: sftui decide {s.path} restart [N] | stop")
+        print(f"  waiting for a decision: sftui decide {s.path} restart [BATCH] | stop")
     if s.reason:
         print(f"  {s.reason}")
+    if s.display_status == "lost":
+        print(f"  its supervisor is gone (killed, or the machine restarted); continue with: sftui run --resume {s.path}")
     if s.log:
         print(f"  last event: {s.log[-1].splitlines()[0]}")
     return 0
@@ -464,7 +500,7 @@ def cmd_control(args: argparse.Namespace) -> int:
     if args.command == "decide":
         payload["action"] = args.action
         if args.batch_size is not None:
-            payload["batch_size"] = cfgmod.positive_int(args.batch_size, "N")
+            payload["batch_size"] = cfgmod.positive_int(args.batch_size, "BATCH")
     try:
         reply = request(run, payload)
     except ControlError as e:

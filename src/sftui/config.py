@@ -23,6 +23,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 DEFAULT_LADDER = (16, 12, 8)
 PRESETS = ("tiny", "chatlm-mini")
+PATH_OPTIONS = {"model": PRESETS, "data": ("demo",), "eval_data": ()}  # option -> its values that are no path
 ON_OOM = ("ask", "auto", "stop")
 # torchrun's and accelerate's default; fixed rather than picked free, because the other machines
 # must know it before the run starts.
@@ -299,6 +300,12 @@ def load_toml(path: str) -> dict[str, Any]:
             values[name] = option.parse(",".join(str(v) for v in value), where)
         else:
             values[name] = option.parse(value if isinstance(value, str) else str(value), where)
+    # A path in a config file is read from the file's directory, as people expect of a file
+    # they keep beside their data; not from wherever sftui happens to be started.
+    for name, keywords in PATH_OPTIONS.items():
+        value = values.get(name)
+        if isinstance(value, str) and value not in keywords and not os.path.isabs(value):
+            values[name] = str(Path(path).parent / value)
     return values
 
 
@@ -393,3 +400,21 @@ def grad_accum_for(cfg: RunConfig, batch: int) -> int:
     if cfg.effective_batch is None:
         return cfg.grad_accum
     return max(1, round(cfg.effective_batch / (batch * cfg.world_size)))
+
+
+def count_steps(seen: int, per_step: int, rows: int, target: int) -> int:
+    """Optimizer steps from ``seen`` samples to ``target``, ``per_step`` samples a step, never
+    crossing an epoch of ``rows`` samples (the sample plan's rule, trainer/data.Plan)."""
+    total = 0
+    while seen < target:
+        epoch_end = min(target, (seen // rows + 1) * rows)
+        total += -(-(epoch_end - seen) // per_step)
+        seen = epoch_end
+    return total
+
+
+def samples_in_steps(steps: int, per_step: int, rows: int) -> int:
+    """The samples the first ``steps`` optimizer steps of a fresh run train: what ``--max-steps``
+    becomes, so that without a batch change the run ends at exactly that step."""
+    whole_epochs, rest = divmod(steps, -(-rows // per_step))
+    return whole_epochs * rows + min(rows, rest * per_step)

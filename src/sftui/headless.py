@@ -7,6 +7,7 @@ line per other event. It is an observer of the supervisor running in the same pr
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any, Callable, TextIO
@@ -38,6 +39,7 @@ class HeadlessLog:
     def __init__(self, run: RunDir, telemetry: Callable[[], dict[str, Any] | None], out: TextIO | None = None):
         self.state = RunState(run.path)
         self.state.load_run_json()
+        self.state.supervisor_alive = True  # it runs in this very process
         self.telemetry = telemetry
         self.out = out or sys.stdout
         self.log_every = int(self.state.config.get("log_every") or 10)
@@ -63,13 +65,18 @@ class HeadlessLog:
     def step_line(self) -> str:
         s = self.state
         total = s.total_steps if s.total_steps is not None else "?"
-        return (f"step {s.step}/{total}  epoch {s.epoch:.2f}/{s.epochs or '?'}  loss {fmt_num(s.loss, '.4f')}  "
+        return (f"step {s.step}/{total}  epoch {s.epoch_text}  loss {fmt_num(s.loss, '.4f')}  "
                 f"lr {fmt_num(s.lr, '.2e')}  batch {rung_text(s.batch_size, s.world_size, s.grad_accum)}  "
                 f"{fmt_num(s.samples_per_s, '.1f')} samples/s  ETA {fmt_duration(s.eta_s)}  "
                 f"{memory_text(self.telemetry())}").rstrip()
 
     def _print(self, text: str, t: float | None) -> None:
         stamp = _clock(t)
-        for i, part in enumerate(text.split("\n")):
-            self.out.write(f"{stamp} {part}\n" if i == 0 else f"{' ' * len(stamp)} {part}\n")
-        self.out.flush()
+        try:
+            for i, part in enumerate(text.split("\n")):
+                self.out.write(f"{stamp} {part}\n" if i == 0 else f"{' ' * len(stamp)} {part}\n")
+            self.out.flush()
+        except BrokenPipeError:
+            # The log's reader went away (`sftui run --headless | head`): training goes on, and
+            # the run directory keeps every event. Later lines (and the exit's flush) go nowhere.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.out.fileno())

@@ -13,9 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sftui.config import count_steps
 from sftui.rundir import EventTails, JsonlTail, RunDir, lock_is_held, read_json, tail_lines
 
 LIVE_STATUSES = ("starting", "running", "waiting")
+OUTCOME_WORDS = {"cuda_oom": "out of memory", "host_oom": "the host ran out of memory", "crash": "crash",
+                 "hang": "hang", "stopped": "stopped", "switch": "batch switch", "finished": "finished"}
 GIB = 1024**3
 
 
@@ -65,6 +68,11 @@ def describe_event(e: dict[str, Any]) -> str | None:
     if k == "rank_start":
         gpu = g("gpu_uuid")
         return f"rank {g('rank')} started (pid {g('pid')} on {g('host')}" + (f", {gpu})" if gpu else ", CPU)")
+    if k == "data":
+        skipped = g("skipped")
+        return (f"data: {g('rows'):,} rows" + (f", {skipped:,} bad rows skipped (--skip-bad-rows)" if skipped else "")
+                + (f", {g('eval_rows'):,} eval rows" if g("eval_rows") else "")
+                + f"; {g('target_samples'):,} samples to train")
     if k == "checkpoint":
         return f"checkpoint step {g('step')} ({g('reason')}): {fmt_gib(g('bytes'), 2)} GiB in {fmt_num(g('seconds'), '.1f')} s"
     if k == "eval":
@@ -75,7 +83,8 @@ def describe_event(e: dict[str, Any]) -> str | None:
                 + (" [injected]" if g("injected") else "")
                 + (f"; emergency checkpoint at step {ck}" if ck is not None else "; no emergency checkpoint"))
     if k == "worker_exit":
-        return f"rank {g('rank')} exited: {g('reason')} at step {g('step')}"
+        step = g("step")
+        return f"rank {g('rank')} exited: {g('reason')}" + (f" after step {step}" if step is not None else "")
     if k == "decision_needed":
         prop = g("proposed_batch")
         deadline = g("deadline")
@@ -87,7 +96,9 @@ def describe_event(e: dict[str, Any]) -> str | None:
         src = g("from")
         return f"batch {src if src is not None else '(auto)'} → {g('to')} (by {g('by')})"
     if k == "attempt_end":
-        text = f"attempt {g('attempt')} ended: {g('outcome')} after step {g('last_step')}"
+        outcome = OUTCOME_WORDS.get(g("outcome"), g("outcome"))
+        last = g("last_step")
+        text = f"attempt {g('attempt')} ended: {outcome}" + (f" after step {last}" if last is not None else " before its first step")
         tail = g("log_tail") or []
         return text + ("".join("\n    " + line for line in tail) if tail else "")
     if k == "log":
@@ -116,11 +127,16 @@ class RunState:
     exit_code: int | None = None
     reason: str | None = None
     supervisor_alive: bool = False
+    sample_budget: int | None = None  # --max-steps as samples (run.json), None when epochs decide
+    # from the data event: the rows the run trains on, those --skip-bad-rows left out, the samples of the run
+    rows: int | None = None
+    skipped_rows: int | None = None
+    target_samples: int | None = None
     # from step events
     step: int = 0
     total_steps: int | None = None
     epoch: float = 0.0
-    epochs: int | None = None
+    epochs: float | None = None  # the run's total in epochs: --epochs, or what --max-steps' samples make
     samples_seen: int = 0
     loss: float | None = None
     lr: float | None = None
@@ -140,6 +156,7 @@ class RunState:
     log: deque[str] = field(default_factory=lambda: deque(maxlen=200))
     telemetry: dict[str, Any] | None = None
     telemetry_history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=120))
+    _phase_line: bool = False  # the newest log line is a phase heartbeat's
 
     @property
     def display_status(self) -> str:
@@ -147,6 +164,30 @@ class RunState:
         if self.status in LIVE_STATUSES and not self.supervisor_alive:
             return "lost"
         return self.status
+
+    @property
+    def live(self) -> bool:
+        """A supervisor runs the run now: live numbers (speed, ETA, memory) mean something."""
+        return self.display_status in LIVE_STATUSES
+
+    @property
+    def epoch_text(self) -> str:
+        """``1.25/2``: the epoch so far over the run's total, in one precision, never past it."""
+        total = self.epochs
+        if not total:
+            return f"{self.epoch:.2f}"
+        digits = 2 if total >= 1 else 3
+        shown = f"{total}" if float(total).is_integer() else f"{total:.{digits}f}"
+        return f"{min(self.epoch, total):.{digits}f}/{shown}"
+
+    @property
+    def budget_note(self) -> str | None:
+        """Why the total is not ``--max-steps``: after a batch change the sample budget rules."""
+        max_steps = self.config.get("max_steps")
+        if not max_steps or not self.sample_budget or self.total_steps in (None, max_steps):
+            return None
+        return (f"--max-steps {max_steps} = {self.sample_budget:,} samples; after the batch change "
+                f"that is {self.total_steps} steps")
 
     @property
     def effective_batch(self) -> int | None:
@@ -157,7 +198,7 @@ class RunState:
     @property
     def eta_s(self) -> float | None:
         eff = self.effective_batch
-        if not self.samples_per_s or not eff or self.total_steps is None:
+        if not self.samples_per_s or not eff or self.total_steps is None or self.display_status != "running":
             return None
         return max(0, self.total_steps - self.step) * eff / self.samples_per_s
 
@@ -178,6 +219,14 @@ class RunState:
         self.pending_decision = data.get("pending_decision")
         self.exit_code = data.get("exit_code")
         self.reason = data.get("reason")
+        self.sample_budget = data.get("sample_budget")
+
+    def _recount_steps(self) -> None:
+        """The run's total at the rung now on, before its first step event says it: a switch
+        changes how many steps the remaining samples take."""
+        eff = self.effective_batch
+        if eff and self.rows and self.target_samples and self.total_steps is not None:
+            self.total_steps = self.step + count_steps(self.samples_seen, eff, self.rows, self.target_samples)
 
     def apply(self, e: dict[str, Any]) -> str | None:
         """Fold one event in; return its readable line (None for step/rank_stats)."""
@@ -200,16 +249,34 @@ class RunState:
                 self.mem_peak[e.get("rank", 0)] = peak
                 self.rung_peaks[self.batch_size] = max(peak, self.rung_peaks.get(self.batch_size, 0))
             return None
-        if k == "phase":
+        if k == "run_start":
+            # A run's events hold one run_start … run_end segment per supervisor (a resume, a
+            # supervisor lost and restarted): what counts is the newest.
+            self.status, self.exit_code, self.reason, self.pending_decision = "running", None, None, None
+        elif k == "phase":
+            repeat = self.phase == e.get("phase") and self._phase_line
             self.phase = e.get("phase")
             self.phase_progress = e.get("progress")
+            line = describe_event(e)
+            if repeat and self.log:
+                self.log[-1] = line  # a heartbeat updates its phase's line rather than adding one
+            elif line is not None:
+                self.log.append(line)
+            self._phase_line = True
+            return line
         elif k == "attempt_start":
             self.attempt = e.get("attempt", self.attempt)
             self.batch_size = e.get("batch_size", self.batch_size)
             self.grad_accum = e.get("grad_accum", self.grad_accum)
             self.world_size = e.get("world_size", self.world_size)
+            if isinstance(e.get("resume_step"), int):
+                self.step = e["resume_step"]
             self.mem_peak = {}
             self.crash_tail = []
+            self._recount_steps()
+        elif k == "data":
+            self.rows, self.skipped_rows = e.get("rows"), e.get("skipped")
+            self.target_samples = e.get("target_samples")
         elif k == "eval" and isinstance(e.get("loss"), (int, float)):
             self.eval_losses.append((e.get("step", self.step), float(e["loss"])))
         elif k == "oom":
@@ -223,12 +290,15 @@ class RunState:
         elif k == "batch_change":
             self.batch_size = e.get("to", self.batch_size)
         elif k == "attempt_end":
+            if isinstance(e.get("last_step"), int):
+                self.step = e["last_step"]
             if e.get("outcome") in ("crash", "hang", "host_oom"):
                 self.crash_tail = list(e.get("log_tail") or [])
         elif k == "run_end":
             self.status = e.get("status", self.status)
             self.exit_code = e.get("exit_code")
             self.reason = e.get("reason")
+        self._phase_line = False
         line = describe_event(e)
         if line is not None:
             self.log.append(line)

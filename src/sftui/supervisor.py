@@ -51,9 +51,10 @@ OTHER_MACHINES_WAIT_S = 5.0       # multi-node: how long the other machines' las
 Observer = Callable[[dict[str, Any]], None]
 
 
-def new_run_json(cfg: RunConfig, name: str, data_fingerprint: str, batch: int | None = None) -> dict[str, Any]:
-    """The initial run.json of a fresh run (see docs/DESIGN.md "As built"); ``batch`` is the
-    probe's rung when the config says ``auto``."""
+def new_run_json(cfg: RunConfig, name: str, data_fingerprint: str, rows: int,
+                 batch: int | None = None) -> dict[str, Any]:
+    """The initial run.json of a fresh run (see docs/DESIGN.md "As built"); ``rows`` are the
+    data's usable rows, ``batch`` is the probe's rung when the config says ``auto``."""
     batch = int(cfg.batch) if batch is None else batch
     accum = cfgmod.grad_accum_for(cfg, batch)
     effective = batch * cfg.world_size * accum
@@ -71,7 +72,7 @@ def new_run_json(cfg: RunConfig, name: str, data_fingerprint: str, batch: int | 
         "ladder": list(cfg.ladder),
         "oom_rungs": [],
         "oom_restarts": 0,
-        "sample_budget": cfg.max_steps * effective if cfg.max_steps else None,
+        "sample_budget": cfgmod.samples_in_steps(cfg.max_steps, effective, rows) if cfg.max_steps else None,
         "request_seq": 0,
         "data_fingerprint": data_fingerprint,
         "supervisor_pid": None,
@@ -113,8 +114,9 @@ class AttemptWatch:
             self.trained = True
         elif kind == "worker_exit":
             self.worker_exits[int(e.get("rank", 0))] = str(e.get("reason"))
-            if self.last_step is None and isinstance(e.get("step"), int):
-                self.last_step = e["step"]
+            # Step events come every --log-every steps: a rank's exit says where it really was.
+            if isinstance(e.get("step"), int):
+                self.last_step = max(self.last_step or 0, e["step"])
         elif kind == "oom":
             self.ooms.append(e)
         elif kind == "log" and e.get("level") == "error":
@@ -161,6 +163,8 @@ class Supervisor:
         self._watch: AttemptWatch | None = None
         self._last_error: str | None = None
         self._last_tui_ping = 0.0
+        self._request_seq_written = int(self.state["request_seq"])
+        self._rank_ends: list[str] = []  # how the failed ranks of the last attempt ended  # the newest request.json written
         self._mem_fractions: deque[tuple[float, float]] = deque(maxlen=100)
         self.sampler = Sampler(interval=1.0)
         self.events: EventLog | None = None
@@ -192,8 +196,10 @@ class Supervisor:
         self.sampler.start()
         try:
             server = ControlServer(self.run.default_socket_path(), self._handle)
+            # A request an earlier supervisor wrote was served, or died with it: none is acted on again.
+            self._request_seq_written = max(self._request_seq_written, self._request_seq_on_disk())
             self._save(status="running", supervisor_pid=os.getpid(), socket=str(server.path),
-                       exit_code=None, reason=None, pending_decision=None)
+                       exit_code=None, reason=None, pending_decision=None, request_seq=self._request_seq_written)
             self.emit("run_start", config=self.state["config"], resumed=self.state["attempt"] > 0)
             if self.cfg.batch == "auto" and self.state["attempt"] == 0:
                 self.emit("batch_change", **{"from": None, "to": self.state["batch_size"], "by": "probe"})
@@ -243,6 +249,8 @@ class Supervisor:
                     "host_oom": "the host ran out of memory (a rank was killed)"}[outcome]
             if self._last_error:
                 what += f": {self._last_error}"
+            elif outcome == "crash" and self._rank_ends:
+                what = "; ".join(self._rank_ends)
             return ev.EXIT_FAILED, "failed", f"{what} in attempt {attempt_no}; see {self.run.attempt_log(attempt_no)}"
 
     def _stopped_result(self, reason: str) -> tuple[int, str, str]:
@@ -307,22 +315,24 @@ class Supervisor:
             outcome = "stopped"
         self._last_error = watch.errors[-1] if watch.errors else None
         tail = None
+        self._rank_ends = []
         if outcome in ("crash", "hang", "host_oom"):
-            self._log_rank_ends(n, codes, hung)
+            self._rank_ends = self._log_rank_ends(n, codes, [p.pid for p in attempt.procs], hung)
             tail = tail_lines(self.run.attempt_log(n), 20)
         self.emit("attempt_end", attempt=n, exit_codes=codes, outcome=outcome, last_step=watch.last_step, log_tail=tail)
         with self._lock:
             self._attempt = None
             self._watch = None
-            self._save(request_seq=self.state.get("request_seq_written", self.state["request_seq"]))
+            self._save(request_seq=self._request_seq_written)
         return outcome, n
 
-    def _log_rank_ends(self, n: int, codes: list[int | None], hung: bool) -> None:
-        """How each rank ended, as the last lines of the attempt's log (and so of its log tail):
-        a rank killed with SIGKILL writes nothing of its own."""
+    def _log_rank_ends(self, n: int, codes: list[int | None], pids: list[int], hung: bool) -> list[str]:
+        """How each rank that failed ended (which, its pid, the signal or exit code), as the last
+        lines of the attempt's log (and so of its log tail); returned for the run's reason. A rank
+        killed with SIGKILL writes nothing of its own."""
         lines = [f"no step or heartbeat for {self.cfg.hang_timeout:g} s: the attempt was torn down"] if hung else []
-        for r, c in enumerate(codes):
-            who = f"rank {r}" if self.cfg.num_machines == 1 else "machine 0's launcher"
+        for r, (c, pid) in enumerate(zip(codes, pids)):
+            who = f"rank {r} (pid {pid})" if self.cfg.num_machines == 1 else f"machine 0's launcher (pid {pid})"
             if c is not None and c < 0:
                 try:
                     name = signal.Signals(-c).name
@@ -336,6 +346,7 @@ class Supervisor:
                 f.writelines(f"[sftui] {line}\n" for line in lines)
         except OSError:
             pass
+        return lines
 
     def _start(self, n: int) -> Attempt:
         """This machine's processes of attempt ``n``: every rank, or (multi-node) machine 0's
@@ -489,9 +500,15 @@ class Supervisor:
         return {"ok": True, "message": f"restarting at batch {batch}"}
 
     def _request(self, action: str, batch: int | None) -> None:
-        seq = max(self.state["request_seq"], self.state.get("request_seq_written", 0)) + 1
+        seq = self._request_seq_written + 1
         write_json_atomic(self.run.request, {"seq": seq, "action": action, "batch_size": batch})
-        self.state["request_seq_written"] = seq
+        self._request_seq_written = seq
+
+    def _request_seq_on_disk(self) -> int:
+        try:
+            return int(read_json(self.run.request)["seq"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
 
     # --- signals and notifications ---
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 import sys
 
-from sftui.trainer.__main__ import _die_with_parent
+from sftui.trainer.lifeline import die_with_parent
 
 
 def main() -> None:
-    _die_with_parent()
+    die_with_parent()
     os.environ["SFTUI_SUPERVISOR_PID"] = str(os.getpid())
+    os.environ["SFTUI_VIA_LAUNCHER"] = "1"  # its ranks die with it (no lifeline: see trainer/__main__)
     from accelerate.commands.launch import main as accelerate_launch
 
     sys.argv = ["accelerate launch", *sys.argv[1:]]

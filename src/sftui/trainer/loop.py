@@ -12,11 +12,12 @@ import math
 import os
 import socket
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,7 @@ from sftui import events as ev
 from sftui.config import ConfigError, RunConfig
 from sftui.rundir import EventLog, RunDir, read_json, write_json_atomic
 from sftui.trainer import checkpoint, data, model as models, rendezvous
+from sftui.trainer.lifeline import Lifeline
 
 OOM_MARKERS = ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
                "CUDNN_STATUS_NOT_ALLOCATED", "CUDNN_STATUS_NOT_ALLOC")
@@ -36,7 +38,8 @@ OOM_MARKERS = ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN
 PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("A100", 312.0), ("A800", 312.0),
                ("L40S", 362.0), ("L40", 181.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("A10G", 70.0),
                ("A6000", 155.0), ("L4", 121.0), ("V100", 125.0))
-ACTIONS = ("switch", "stop", "checkpoint")
+ACTIONS = ("switch", "stop", "checkpoint", "lost")  # request.json's, then a rank's own: its supervisor died
+LOST_SEQ = 2**40  # above any request's seq, so that every rank's MAX agrees on it
 CLIP_NORM = 1.0
 PAD_MULTIPLE = 8  # on a GPU, batch widths are rounded up to this: tensor-core-friendly shapes
 
@@ -57,7 +60,7 @@ class Rank:
                    int(env.get("SFTUI_ATTEMPT", 1)))
 
 
-def train(run: RunDir, log: EventLog, me: Rank) -> int:
+def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None) -> int:
     spec = read_json(run.run_json)
     cfg = RunConfig.from_dict(spec["config"])
     batch, accum = int(spec["batch_size"]), int(spec["grad_accum"])
@@ -89,6 +92,12 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
     target = int(spec["sample_budget"]) if spec.get("sample_budget") else cfg.epochs * train_data.n
     plan = data.Plan(train_data.n, cfg.seed, target,
                      data.length_key(train_data, cfg.max_len) if cfg.group_by_length else None)
+    # --max-steps counts whole epochs of its own: the epoch shown never passes its total.
+    epochs: float = cfg.epochs if not spec.get("sample_budget") else round(target / train_data.n, 6)
+    epochs = int(epochs) if epochs == int(epochs) else epochs
+    if lead:
+        log.emit("data", rows=train_data.n, skipped=train_data.skipped,
+                 eval_rows=eval_data.n if eval_data is not None else None, target_samples=target)
 
     # --- the model, the optimizer, and the state to resume from ---
     phase("loading_model")
@@ -126,7 +135,8 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
         batch_size=None, num_workers=cfg.dataloader_workers,
         prefetch_factor=2 if cfg.dataloader_workers else None, pin_memory=cuda,
     )
-    requests = Requests(run, int(spec.get("request_seq") or 0), lead, me.world, device)
+    requests = Requests(run, int(spec.get("request_seq") or 0), lead, me.world, device,
+                        (lambda: lifeline.lost) if lifeline is not None else (lambda: False))
     inject = cfg.inject_oom_at_step if me.attempt == 1 and me.rank == cfg.inject_oom_rank else None
     samples_log = os.open(run.samples, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600) \
         if lead and cfg.record_samples else None
@@ -161,6 +171,8 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
 
     # --- training ---
     phase("training")
+    if lifeline is not None:
+        lifeline.training = True
     model.train()
     meter = Meter(device)
     for item in loader:
@@ -199,7 +211,7 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
         if action is not None or last_step or step == (resume_step or 0) + 1 or step % cfg.log_every == 0:
             loss, norm, per_s = meter.read(me.world)
             if lead:
-                log.emit("step", step=step, total_steps=total_steps, epoch=round(seen / plan.n, 6), epochs=cfg.epochs,
+                log.emit("step", step=step, total_steps=total_steps, epoch=round(seen / plan.n, 6), epochs=epochs,
                          samples_seen=seen, loss=loss, lr=opt.param_groups[0]["lr"], grad_norm=norm,
                          samples_per_s=per_s["samples"], tokens_per_s=per_s["tokens"], batch_size=batch,
                          grad_accum=accum, mfu=_mfu(per_s, enc_fpt, dec_fpt, net.config, peak_tflops, me.world))
@@ -221,9 +233,10 @@ def train(run: RunDir, log: EventLog, me: Rank) -> int:
             if oom is not None:  # step is complete: the next one is where training stopped
                 return leave_for_oom(step + 1, *oom)
 
-        if action is not None and action[0] in ("switch", "stop"):
-            save(action[0], step)
-            log.emit("worker_exit", rank=me.rank, reason=action[0], step=step)
+        if action is not None and action[0] in ("switch", "stop", "lost"):
+            # A lost supervisor: keep every step trained so far for --resume, then leave.
+            save("supervisor_lost" if action[0] == "lost" else action[0], step)
+            log.emit("worker_exit", rank=me.rank, reason="stop" if action[0] == "lost" else action[0], step=step)
             return ev.WORKER_OK
         if action is not None:
             save("request", step)
@@ -250,6 +263,10 @@ def setup_device(cfg: RunConfig, me: Rank) -> tuple[Accelerator, bool]:
         if cfg.mem_fraction:
             fraction = cfg.mem_fraction[me.rank] if len(cfg.mem_fraction) > 1 else cfg.mem_fraction[0]
             torch.cuda.set_per_process_memory_fraction(fraction, me.local_rank)
+    # torch 2.13 deprecates DDP's broadcast_buffers for forward_sync_buffers, which accelerate's
+    # kwargs handler does not know yet; the choice is deliberate (below), and the warning opened
+    # the log tail of every failed attempt.
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
     group_timeout = timedelta(seconds=max(60.0, cfg.hang_timeout))
     rendezvous.init_loopback_group(cuda, group_timeout)  # one node: nothing listens beyond loopback
     accelerator = Accelerator(
@@ -407,8 +424,10 @@ class Requests:
     and an event, read one step late, so the check never waits for the GPU to drain.
     """
 
-    def __init__(self, run: RunDir, handled_seq: int, lead: bool, world: int, device: torch.device):
+    def __init__(self, run: RunDir, handled_seq: int, lead: bool, world: int, device: torch.device,
+                 lost: Callable[[], bool] = lambda: False):
         self.path, self.handled, self.lead, self.world, self.device = run.request, handled_seq, lead, world, device
+        self.lost = lost  # () -> bool: this rank's supervisor is gone
         self._stat: tuple[float, int] | None = None
         self._value = 0
         self._cuda = device.type == "cuda" and world > 1
@@ -423,7 +442,7 @@ class Requests:
             self._stat = (st.st_mtime, st.st_size)
             try:
                 req = read_json(self.path)
-                seq, action = int(req["seq"]), ACTIONS.index(req["action"]) + 1
+                seq, action = int(req["seq"]), ACTIONS[:3].index(req["action"]) + 1
                 self._value = seq * 8 + action
             except (OSError, ValueError, KeyError, TypeError):
                 pass  # written atomically by the supervisor; anything else is not a request
@@ -432,6 +451,8 @@ class Requests:
     def exchange(self) -> tuple[str, int] | None:
         """(action, seq) of a request newer than any handled, the same on every rank, or None."""
         value = self._poll_file() if self.lead else 0
+        if self.lost():
+            value = LOST_SEQ * 8 + ACTIONS.index("lost") + 1
         if self.world > 1:
             value = self._all_reduce(value)
         seq, action = divmod(value, 8)

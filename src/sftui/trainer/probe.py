@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 def main() -> None:
-    from sftui.trainer.__main__ import _die_with_parent, _exit_now
+    from sftui.trainer.lifeline import die_with_parent, exit_now
 
-    _die_with_parent()
+    die_with_parent()
     if len(sys.argv) != 2:
         print("usage: python -m sftui.trainer.probe PROBE_DIR", file=sys.stderr)
-        _exit_now(2)
+        exit_now(2)
     from sftui import events as ev
     from sftui.config import ConfigError
 
@@ -40,7 +40,7 @@ def main() -> None:
     except ConfigError as e:
         print(f"probe: error: {e}", flush=True)
         code = ev.WORKER_BAD_INPUT
-    _exit_now(code)
+    exit_now(code)
 
 
 def probe(out: Path) -> int:
