@@ -119,3 +119,19 @@ def test_an_oom_reports_one_step_number_and_max_steps_becomes_a_sample_budget(tm
     status = run_sftui("status", str(run_dir)).stdout
     assert "--max-steps 6 = 24 samples; after the batch change that is 8 steps" in status, status
     assert "step None" not in result.stdout and "error at step" not in result.stdout
+
+
+def test_a_headless_run_trains_on_when_its_log_reader_goes_away(tmp_path):
+    """`sftui run --headless | head -1`: the log's reader closes the pipe; the supervisor must not die
+    of it (its observer raised BrokenPipeError): the run trains to the end, exit 0."""
+    data = write_rows(tmp_path / "d.jsonl", 40)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "sftui", "run", "--headless", "--run-dir", str(run_dir), *COMMON,
+                             "--data", str(data), "--batch", "4", "--log-every", "1"], env=sftui_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    proc.stdout.readline()
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and b"Traceback" not in err, err[-2000:]
+    assert kinds(read_events(run_dir), "run_end")[0]["status"] == "finished"
+    assert (run_dir / "final").is_dir()
