@@ -5,6 +5,7 @@ supervisor and machine 1's `sftui node`, each with its own `accelerate launch`, 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -154,7 +155,8 @@ def test_two_machines_oom_on_machine_1_restarts_both_losing_nothing(tmp_path):
     assert len(kinds(machine1_events, "rank_start")) == len(kinds(read_events(run_dir), "rank_start")) == 2
     assert "OUT OF MEMORY at step 3" in out0 and "run finished" in out0
     for n in (1, 2):
-        assert (run_dir / f"attempt-{n}.log").stat().st_size and (run_dir / f"attempt-{n}.node-1.log").stat().st_size
+        # each machine's launcher wrote its own log (empty when nothing warned)
+        assert (run_dir / f"attempt-{n}.log").is_file() and (run_dir / f"attempt-{n}.node-1.log").is_file()
     assert_each_sample_once(run_dir, rows)
     wait_no_processes(run_dir)
 
@@ -169,6 +171,7 @@ def test_killing_machine_1s_agent_ends_its_ranks_and_fails_the_attempt(tmp_path)
     assert machine0.returncode == 3, out0[-3000:]
     (attempt_end,) = kinds(all_events(run_dir), "attempt_end")
     assert attempt_end["outcome"] == "crash"
-    assert "[sftui] machine 0's launcher exited with code 1" in attempt_end["log_tail"]
+    assert any(re.fullmatch(r"\[sftui\] machine 0's launcher \(pid \d+\) exited with code 1", line)
+               for line in attempt_end["log_tail"]), attempt_end["log_tail"]
     wait_no_processes(run_dir)  # machine 1's launcher and rank went with its agent (parent-death signal)
     assert not psutil.pid_exists(machine1.pid)

@@ -14,6 +14,7 @@ SAMPLE_FIELDS = {
     "phase": {"phase": "tokenizing", "progress": 0.5},
     "attempt_start": {"batch_size": 16, "grad_accum": 2, "world_size": 2, "effective_batch": 64, "resume_step": 5},
     "rank_start": {"rank": 0, "pid": 1, "host": "h", "gpu_uuid": None},
+    "data": {"rows": 19, "skipped": 2, "eval_rows": None, "target_samples": 35},
     "checkpoint": {"step": 5, "path": "p", "seconds": 0.5, "bytes": 1 << 30, "reason": "oom"},
     "eval": {"step": 5, "loss": 1.5, "samples": 10},
     "oom": {"step": 6, "batch_size": 16, "rank": 1, "gpu_uuid": None, "where": "forward", "message": "m",
@@ -33,6 +34,45 @@ def test_every_kind_but_step_and_rank_stats_reads_as_a_line():
         line = describe_event(ev.make(kind, 1, **SAMPLE_FIELDS.get(kind, {})))
         assert (line is None) == (kind in ("step", "rank_stats")), kind
     assert "Boom" in describe_event(ev.make("attempt_end", 1, **SAMPLE_FIELDS["attempt_end"]))
+
+
+def test_the_newest_segment_rules_and_a_pending_decision_reads_as_waiting(tmp_path):
+    """A run's events hold a segment per supervisor: the stop of the first must not colour the
+    second (issue 14: a resumed run read as "stopped, exit 130"); an OOM question read as waiting."""
+    run = rundir.create(tmp_path / "r")
+    rundir.write_json_atomic(run.run_json, {"name": "r", "status": "waiting", "config": {"max_steps": 3},
+                                            "batch_size": 16, "grad_accum": 1, "world_size": 1, "ladder": [16, 8],
+                                            "sample_budget": 35})
+    with rundir.EventLog(run.events, attempt=1) as log:
+        log.emit("run_start", config={})
+        log.emit("run_end", status="stopped", reason="stopped at step 1", exit_code=130)
+        log.emit("run_start", config={}, resumed=True)
+        log.emit("attempt_start", batch_size=16, grad_accum=1, world_size=1, effective_batch=16, resume_step=1)
+        log.emit("data", rows=19, skipped=2, eval_rows=None, target_samples=35)
+        log.emit("step", step=2, total_steps=3, epoch=1.0, epochs=1.842105, samples_seen=19, loss=2.0)
+        for pct in (0.0, 0.5, 1.0):
+            log.emit("phase", phase="tokenizing", progress=pct)
+        log.emit("oom", step=3, batch_size=16, rank=0, where="forward", emergency_checkpoint=2, injected=True)
+        log.emit("worker_exit", rank=0, reason="oom", step=2)
+        log.emit("attempt_end", exit_codes=[75], outcome="cuda_oom", last_step=2, log_tail=None)
+        log.emit("decision_needed", reason="oom", proposed_batch=8, deadline=0)
+    w = RunWatcher(run.path)
+    w.poll()
+    s = w.state
+    assert (s.status, s.exit_code, s.reason, s.skipped_rows) == ("waiting", None, None, 2)
+    assert s.pending_decision and s.step == 2 and s.eta_s is None
+    assert [line for line in s.log if "tokenizing" in line] == ["phase tokenizing 100%"]
+    assert s.log[-2] == "attempt 1 ended: out of memory after step 2"
+    with rundir.EventLog(run.events, attempt=1) as log:
+        log.emit("decision", by="policy", action="restart", batch_size=8)
+        log.emit("batch_change", **{"from": 16, "to": 8, "by": "oom"})
+        log.emit("attempt_start", batch_size=8, grad_accum=1, world_size=1, effective_batch=8, resume_step=2)
+    w.poll()
+    s = w.state
+    # 16 samples of epoch 1 left: two steps of 8, known before any step event of the new rung says so
+    assert (s.status, s.step, s.total_steps) == ("running", 2, 4)
+    assert s.budget_note == "--max-steps 3 = 35 samples; after the batch change that is 4 steps"
+    assert s.epoch_text == "1.00/1.84"
 
 
 def test_formatting_helpers():
@@ -56,11 +96,12 @@ def test_watcher_folds_events_and_says_lost(tmp_path):
     w.poll()
     s = w.state
     assert s.step == 10 and s.losses == [(10, 2.0)] and s.effective_batch == 16 * 2 * 2
-    assert s.eta_s == 10 * 64 / 64.0
     assert s.display_status == "lost"  # run.json says running but no supervisor holds the lock
+    assert s.eta_s is None  # nothing is training: no time to the end
     fd = rundir.acquire_lock(run)
     w.poll()
     assert w.state.display_status == "running"
+    assert w.state.eta_s == 10 * 64 / 64.0
     import os
     os.close(fd)
 

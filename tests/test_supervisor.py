@@ -102,7 +102,7 @@ def test_user_decides_and_switches_batch_from_the_command_line(tmp_path):
     status = run_sftui("status", str(run_dir), "--json")
     assert json.loads(status.stdout)["status"] == "waiting"
     bad = run_sftui("decide", str(run_dir), "restart", "zero")
-    assert bad.returncode == 2 and "N: expected an integer" in bad.stderr
+    assert bad.returncode == 2 and "BATCH: expected an integer" in bad.stderr
     ok = run_sftui("decide", str(run_dir), "restart", "6")
     assert ok.returncode == 0, ok.stderr
     wait_for_event(run_dir, lambda e: e["kind"] == "step" and e.get("attempt") == 2 and e["step"] >= 4)

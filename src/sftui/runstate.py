@@ -69,10 +69,10 @@ def describe_event(e: dict[str, Any]) -> str | None:
         gpu = g("gpu_uuid")
         return f"rank {g('rank')} started (pid {g('pid')} on {g('host')}" + (f", {gpu})" if gpu else ", CPU)")
     if k == "data":
-        skipped = g("skipped")
-        return (f"data: {g('rows'):,} rows" + (f", {skipped:,} bad rows skipped (--skip-bad-rows)" if skipped else "")
+        skipped, target = g("skipped"), g("target_samples")
+        return (f"data: {g('rows') or 0:,} rows" + (f", {skipped:,} bad rows skipped (--skip-bad-rows)" if skipped else "")
                 + (f", {g('eval_rows'):,} eval rows" if g("eval_rows") else "")
-                + f"; {g('target_samples'):,} samples to train")
+                + (f"; {target:,} samples to train" if target else ""))
     if k == "checkpoint":
         return f"checkpoint step {g('step')} ({g('reason')}): {fmt_gib(g('bytes'), 2)} GiB in {fmt_num(g('seconds'), '.1f')} s"
     if k == "eval":
@@ -284,9 +284,9 @@ class RunState:
             if e.get("batch_size") and e["batch_size"] not in self.oom_rungs:
                 self.oom_rungs.append(e["batch_size"])
         elif k == "decision_needed":
-            self.pending_decision = e
+            self.pending_decision, self.status = e, "waiting"
         elif k == "decision":
-            self.pending_decision = None
+            self.pending_decision, self.status = None, "running"
         elif k == "batch_change":
             self.batch_size = e.get("to", self.batch_size)
         elif k == "attempt_end":

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rich.text import Text
-from textual import work
+from textual import events, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
+from textual.geometry import Size
 from textual.message import Message
 from textual.timer import Timer
 from textual.widgets import Footer
@@ -107,6 +108,7 @@ class SftuiApp(App[None]):
         self.view: View | None = None
         self.poll_count = 0
         self.hung_up = False  # the terminal went away: the app ended without a word
+        self.stop_requested = False  # this screen asked the supervisor to stop the run (s + y, or n at an OOM)
         self._polling = False
         self._poll_again = False
         self._timer: Timer | None = None
@@ -128,14 +130,17 @@ class SftuiApp(App[None]):
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
-        self._set_compact()
+        self._set_compact(self.size)
         self.poll_now()
 
-    def on_resize(self) -> None:
-        self._set_compact()
+    def on_resize(self, event: events.Resize) -> None:
+        # This handler runs before App._on_resize has stored the new size (``self.size`` is still
+        # the old one here) and before the screens lay out for it: the classes must follow the
+        # event's size, or each resize gets the previous size's layout.
+        self._set_compact(event.size)
 
-    def _set_compact(self) -> None:
-        w, h = self.size
+    def _set_compact(self, size: Size) -> None:
+        w, h = size
         main = self.screen_stack[0]  # the dashboard, even while a dialog is on top
         main.set_class(w < COMPACT_WIDTH or h < COMPACT_HEIGHT, "compact")
         main.set_class(h < 20, "tiny")
@@ -256,6 +261,8 @@ class SftuiApp(App[None]):
         return True
 
     def _send(self, payload: dict[str, Any], announce: str | None) -> None:
+        if _is_stop(payload):
+            self.stop_requested = True
         if announce:
             self.notify(announce, timeout=3)
         self._command_worker(payload)
@@ -272,6 +279,8 @@ class SftuiApp(App[None]):
 
     def on_command_done(self, message: CommandDone) -> None:
         if message.error:
+            if _is_stop(message.payload):
+                self.stop_requested = False  # it never reached the supervisor: nothing to wait for
             self.notify(f"{message.payload['cmd']}: {message.error}", severity="error", timeout=6)
             if message.payload["cmd"] == "decide" and self._oom is not None:
                 self._oom.failed(message.error)
@@ -339,26 +348,71 @@ class SftuiApp(App[None]):
         self.exit()
 
 
-def run_tui(run_dir: Path) -> int:
-    """Show the run until the user leaves; then print how to come back. Training is not touched."""
-    run_dir = Path(run_dir).absolute()
-    app = SftuiApp(run_dir)
-    app.run()
-    if app.hung_up:  # nobody to tell how to come back; training is not touched
-        return 0
+def _is_stop(payload: dict[str, Any]) -> bool:
+    """A request that ends the run: ``s`` confirmed, or ``n`` at the out-of-memory prompt."""
+    return payload.get("cmd") == "stop" or (payload.get("cmd") == "decide" and payload.get("action") == "stop")
+
+
+STOP_WAIT_S = 120.0  # how long leaving after a stop waits for the worker's checkpoint and the run's end
+
+
+def read_run(run_dir: Path) -> RunState:
+    """run.json and the lock, as the run stands now (no events: the exit code is in run.json)."""
     state = RunState(run_dir)
     state.load_run_json()
     state.supervisor_alive = lock_is_held(RunDir(run_dir))
-    live = state.status in LIVE_STATUSES and state.supervisor_alive
+    return state
+
+
+def wait_for_end(run_dir: Path, timeout: float = STOP_WAIT_S, interval: float = 0.2) -> RunState:
+    """The run once it is no longer live, or as it stands after ``timeout`` seconds."""
+    deadline = monotonic() + timeout
+    state = read_run(run_dir)
+    while state.live and monotonic() < deadline:
+        time.sleep(interval)
+        state = read_run(run_dir)
+    return state
+
+
+def exit_code_after(app: SftuiApp, wait_s: float = STOP_WAIT_S) -> int:
+    """What ``sftui run`` / ``sftui attach`` print and return once the screen is gone: the run's
+    own exit code when it has ended (after a stop asked from this screen, once the worker has
+    checkpointed and the run has ended, up to ``wait_s``); 0 while training goes on."""
+    run_dir = app.run_dir
+    state = read_run(run_dir)
+    if app.hung_up:  # nobody to tell anything; training is not touched
+        return state.exit_code if state.status in ENDED and state.exit_code is not None else 0
+    if app.stop_requested and state.live:
+        print("sftui: waiting for the run to stop (the worker checkpoints first; Ctrl-C leaves at once) …",
+              file=sys.stderr, flush=True)
+        try:
+            state = wait_for_end(run_dir, wait_s)
+        except KeyboardInterrupt:
+            state = read_run(run_dir)
     attach = f"sftui attach {shlex.quote(str(run_dir))}"
-    if live:
+    if state.live:
         pending = state.pending_decision or {}
         if state.status == "waiting" and isinstance(pending.get("deadline"), (int, float)):
             left = max(0, pending["deadline"] - time.time())
             print(f"An out-of-memory decision is pending; the supervisor decides by itself in {left:.0f} s.")
-        print(f"Training goes on in the background (run {state.name or run_dir.name}, {state.status}). Come back with:")
+        if app.stop_requested:
+            print(f"The run has not stopped within {wait_s:.0f} s (run {state.name or run_dir.name}, "
+                  f"{state.status}); it stops after its checkpoint. Look at it with:")
+        else:
+            print(f"Training goes on in the background (run {state.name or run_dir.name}, {state.status}). "
+                  "Come back with:")
     else:
         print(f"The run is {state.display_status}; no training is going on. Look at it again with:")
     print(attach)
     sys.stdout.flush()
+    if state.status in ENDED and state.exit_code is not None:
+        return state.exit_code
     return 0
+
+
+def run_tui(run_dir: Path) -> int:
+    """Show the run until the user leaves; then print how to come back and return the exit code
+    of ``sftui run`` / ``sftui attach`` (``exit_code_after``). Leaving does not touch training."""
+    app = SftuiApp(Path(run_dir).absolute())
+    app.run()
+    return exit_code_after(app)

@@ -1,4 +1,8 @@
-"""One row per GPU from the latest telemetry sample, or the reason there are none."""
+"""One row per GPU from the latest telemetry sample, or the reason there are none.
+
+Once the run is not live nobody samples the GPUs: the title says when the last sample was
+taken, the rows are dimmed, the run's marker goes, and utilization, temperature and power (of
+that moment only) are left out; memory stays, as last seen."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from rich.text import Text
 
 from sftui.runstate import fmt_gib
 from sftui.tui.render import bar, crop, level_style, lines_text, sparkline
-from sftui.tui.view import Panel, View
+from sftui.tui.view import Panel, View, seen_at
 
 SPARK_W = 10
 
@@ -31,7 +35,14 @@ def _frac(a: Any, b: Any) -> float | None:
 class GpuPanel(Panel):
     def key(self, view: View) -> Hashable:
         tele = view.telemetry or {}
-        return (tele.get("t"), tele.get("gpu_error"), view.state.config.get("cpu"))
+        return (tele.get("t"), tele.get("gpu_error"), view.state.config.get("cpu"), view.state.live)
+
+    def show(self, view: View) -> None:
+        super().show(view)
+        t = (view.telemetry or {}).get("t")
+        title = "GPUs" if view.state.live or t is None else f"GPUs · last seen {seen_at(t, self.app.clock())}"
+        if title != self.border_title:
+            self.border_title = title
 
     def wanted_lines(self, view: View | None) -> int:
         if view is None or not view.telemetry or not view.telemetry.get("gpus"):
@@ -55,20 +66,21 @@ class GpuPanel(Panel):
         for sample in view.state.telemetry_history:
             for g in sample.get("gpus") or []:
                 history.setdefault(g.get("uuid") or g.get("index"), []).append(g)
-        return lines_text([self.row(g, history.get(g.get("uuid") or g.get("index"), []), width) for g in gpus])
+        live = view.state.live
+        return lines_text([self.row(g, history.get(g.get("uuid") or g.get("index"), []), width, live) for g in gpus])
 
-    def row(self, g: dict[str, Any], hist: list[dict[str, Any]], width: int) -> Text:
+    def row(self, g: dict[str, Any], hist: list[dict[str, Any]], width: int, live: bool = True) -> Text:
         mem_frac = _frac(g.get("mem_used"), g.get("mem_total"))
         util = g.get("util")
-        mark = Text("▶", "bold green") if g.get("in_run") else Text(" ")
+        mark = Text("▶", "bold green") if g.get("in_run") and live else Text(" ")
         fields: list[tuple[str, int, Text]] = [  # (name, drop order: higher goes first, text)
             ("mark", 0, Text.assemble(mark, (f"{g.get('index', '?')}", "bold"))),
             ("name", 5, Text(f"{_short_name(g.get('name'))[:18]:<18}")),
             ("bar", 0, Text("")),
             ("mem", 0, Text(f"{fmt_gib(g.get('mem_used')):>5}/{fmt_gib(g.get('mem_total'))} GiB")),
-            ("util", 1, Text(f"{'n/a' if util is None else f'{util:.0f}%':>4}", level_style(_frac(util, 100)))),
-            ("temp", 2, Text("n/a" if g.get("temp") is None else f"{g['temp']:.0f}°C")),
-            ("power", 3, Text(self.power(g))),
+            *([("util", 1, Text(f"{'n/a' if util is None else f'{util:.0f}%':>4}", level_style(_frac(util, 100)))),
+               ("temp", 2, Text("n/a" if g.get("temp") is None else f"{g['temp']:.0f}°C")),
+               ("power", 3, Text(self.power(g)))] if live else []),
             ("spark", 4, Text.assemble(("mem ", "dim"),
                                         sparkline([_frac(h.get("mem_used"), h.get("mem_total")) for h in hist], SPARK_W, "cyan"),
                                         (" util ", "dim"),
@@ -84,8 +96,11 @@ class GpuPanel(Panel):
         bar_w = max(1, min(bar_max, width - fixed))
         parts = []
         for n, _, t in fields:
-            parts.append(bar(mem_frac, bar_w) if n == "bar" else t)
-        return crop(Text(" ").join(parts), width)
+            parts.append(bar(mem_frac, bar_w, None if live else "grey50") if n == "bar" else t)
+        line = Text(" ").join(parts)
+        if not live:
+            line.stylize("dim")
+        return crop(line, width)
 
     @staticmethod
     def power(g: dict[str, Any]) -> str:

@@ -6,7 +6,7 @@ from typing import Hashable
 
 from rich.text import Text
 
-from sftui.runstate import fmt_num, rung_text
+from sftui.runstate import rung_text
 from sftui.tui.render import fit_line
 from sftui.tui.view import Panel, View
 
@@ -30,7 +30,7 @@ class HeaderPanel(Panel):
     def key(self, view: View) -> Hashable:
         s = view.state
         return (view.status, s.name, s.attempt, s.batch_size, s.grad_accum, s.world_size, s.step,
-                s.total_steps, round(s.epoch or 0, 2), s.reason, s.exit_code)
+                s.total_steps, round(s.epoch or 0, 2), s.epochs, s.reason, s.exit_code)
 
     def placeholder(self) -> Text:
         return Text.assemble((" sftui ", "bold reverse"), " ", ("reading the run…", "dim"))
@@ -49,7 +49,7 @@ class HeaderPanel(Panel):
         total = f"/{s.total_steps}" if s.total_steps else ""
         chips.append((f"step {s.step}{total}", 2))
         if s.epochs:
-            chips.append((f"epoch {fmt_num(s.epoch, '.2f')}/{s.epochs}", 5))
+            chips.append((f"epoch {s.epoch_text}", 5))  # never above its total
         if status in ("finished", "failed", "stopped") and (s.reason or s.exit_code is not None):
             why = s.reason or ""
             chips.append((Text(f"{why} (exit {s.exit_code})".strip(), "italic"), 4))

@@ -21,7 +21,7 @@ KEYS = (
 OOM_KEYS = (
     ("y  Enter", "restart at the proposed rung"),
     ("n", "stop the run"),
-    ("1 … 9", "restart at that rung of the ladder"),
+    ("1 … 9", "restart at rung 1 … 9 of the ladder (a rung's number, not a batch size)"),
 )
 
 

@@ -30,7 +30,10 @@ class LogPanel(Panel):
 
     def key(self, view: View) -> Hashable:
         s = view.state
-        return (len(s.log), s.log[-1] if s.log else None, tuple(view.attempt_tail), view.status)
+        # every line, not just the count: a phase heartbeat rewrites the last line in place, and a
+        # full log (200 lines) that appends a repeat of its last line keeps count and last line
+        # the same while every line shown moves up
+        return (tuple(s.log), tuple(view.attempt_tail), view.status)
 
     def build(self, view: View, width: int, height: int) -> Text:
         s = view.state

@@ -110,8 +110,13 @@ class OomScreen(ModalScreen[None]):
 
     def rungs_text(self) -> Text:
         prop = self.decision.get("proposed_batch")
-        lines = [Text("Or pick a rung:", "dim")]
-        for i, rung in enumerate(self.view.state.ladder[:9], 1):
+        ladder = self.view.state.ladder[:9]
+        # `sftui decide R restart N` takes a batch size; here a digit is a rung's number
+        head = "Or pick a rung:"
+        if ladder:
+            head = f"Or press a rung's number (not a batch size), e.g. {len(ladder)} for batch {ladder[-1]}:"
+        lines = [Text(head, "dim")]
+        for i, rung in enumerate(ladder, 1):
             line = rung_line(i, rung, self.view, 30)
             line.pad_right(max(0, 22 - line.cell_len))
             if rung == prop:
@@ -127,7 +132,7 @@ class OomScreen(ModalScreen[None]):
             parts += [("y", "bold reverse"), "/", ("Enter", "bold reverse"), f" restart at {prop}   "]
         parts += [("n", "bold reverse"), " stop the run   "]
         if n:
-            parts += [(f"1–{n}" if n > 1 else "1", "bold reverse"), " that rung"]
+            parts += [(f"1–{n}" if n > 1 else "1", "bold reverse"), " restart at that rung"]
         parts += ["\n", ("q", "bold reverse"), " leave this screen (the timeout decides)"]
         return Text.assemble(*parts)
 
@@ -177,6 +182,7 @@ class OomScreen(ModalScreen[None]):
     def action_pick(self, i: int) -> None:
         ladder = self.view.state.ladder
         if not 1 <= i <= len(ladder):
-            self.notify(f"no rung {i}: the ladder has {len(ladder)}", severity="warning")
+            self.notify(f"no rung {i}: the ladder has {len(ladder)} (a digit picks a rung's number, "
+                        "not a batch size)", severity="warning")
             return
         self._send("restart", ladder[i - 1], f"restart at batch {ladder[i - 1]} requested")

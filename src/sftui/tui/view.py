@@ -214,6 +214,15 @@ def wall_clock() -> Callable[[], float]:
     return time.time
 
 
+def seen_at(t: Any, now: float) -> str:
+    """When a telemetry sample was taken, local time: ``22:13:18``, with the date when not today."""
+    if not isinstance(t, (int, float)):
+        return "?"
+    when = time.localtime(t)
+    same_day = time.strftime("%Y%m%d", when) == time.strftime("%Y%m%d", time.localtime(now))
+    return time.strftime("%H:%M:%S" if same_day else "%b %d %H:%M", when)
+
+
 # --- rung helpers shared by the ladder, the confirmations and the OOM prompt ----------------------
 
 
