@@ -4,6 +4,7 @@ supervisor and machine 1's `sftui node`, each with its own `accelerate launch`, 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -28,7 +29,7 @@ from sftui import rundir
 from sftui.config import RunConfig
 from sftui.launch import accelerate_args, accelerate_config, free_loopback_port
 from sftui.runstate import RunWatcher
-from sftui.supervisor import new_run_json
+from sftui.runfile import RunFile
 
 COMMON = ["--cpu", "--max-len", "32", "--log-every", "1", "--record-samples", "--checkpoint-every", "0"]
 
@@ -77,8 +78,7 @@ def test_bad_multi_node_usage_is_one_line_and_writes_nothing(tmp_path):
 def test_node_refuses_what_it_cannot_join(tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
     for path, cfg in ((single, RunConfig(cpu=True)), (multi, two_machines())):
-        rundir.create(path)
-        rundir.write_json_atomic(path / "run.json", new_run_json(cfg, "t", "demo", 6000))
+        RunFile.new(cfg, "t", "demo", 6000).write(rundir.create(path))
     cases = [
         (single, "1", "a single-machine run"),
         (multi, "0", "--machine-rank: expected an integer >= 1, got 0"),
@@ -88,15 +88,14 @@ def test_node_refuses_what_it_cannot_join(tmp_path):
     for path, rank, message in cases:
         result = run_sftui("node", str(path), "--machine-rank", rank)
         assert result.returncode == 2 and message in result.stderr, (path, rank, result.stderr)
-    state = new_run_json(two_machines(), "t", "demo", 6000)
-    rundir.write_json_atomic(multi / "run.json", {**state, "status": "finished"})
+    dataclasses.replace(RunFile.new(two_machines(), "t", "demo", 6000), status="finished").write(rundir.RunDir(multi))
     result = run_sftui("node", str(multi), "--machine-rank", "1")
     assert result.returncode == 2 and "the run has already ended (finished)" in result.stderr
 
 
 def test_readers_merge_every_machines_event_file(tmp_path):
     run = rundir.create(tmp_path / "run")
-    rundir.write_json_atomic(run.run_json, new_run_json(two_machines(), "t", "demo", 6000))
+    RunFile.new(two_machines(), "t", "demo", 6000).write(run)
     with rundir.EventLog(run.node_events(0), attempt=1) as log:
         log.emit("rank_start", rank=0, pid=1, host="a", gpu_uuid=None)
     watcher = RunWatcher(run.path)

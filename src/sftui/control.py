@@ -15,7 +15,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from sftui.rundir import RunDir, read_json
+from sftui.rundir import RunDir
+from sftui.runfile import RunFile
 
 COMMANDS = ("ping", "set_batch", "decide", "checkpoint", "stop")
 
@@ -26,7 +27,7 @@ class ControlError(Exception):
 
 def socket_path(run: RunDir) -> Path | None:
     try:
-        path = read_json(run.run_json).get("socket")
+        path = RunFile.read(run).socket
     except (OSError, ValueError):
         return None
     return Path(path) if path else None

@@ -1,4 +1,5 @@
-"""The plain log of `sftui run --headless`: for nohup, tmux scripts, cron and schedulers.
+"""The plain-text client: the log of `sftui run --headless` (for nohup, tmux scripts, cron and
+schedulers) and the text of `sftui status`.
 
 One line per ``--log-every`` steps (time, step/total, epoch, loss, lr, the rung as
 batch×GPUs×accum=effective, samples/s, ETA, memory per GPU, system memory) and one readable
@@ -80,3 +81,48 @@ class HeadlessLog:
             # The log's reader went away (`sftui run --headless | head`): training goes on, and
             # the run directory keeps every event. Later lines (and the exit's flush) go nowhere.
             os.dup2(os.open(os.devnull, os.O_WRONLY), self.out.fileno())
+
+
+def status_json(s: RunState) -> dict[str, Any]:
+    """``sftui status --json``: the run as scripts read it."""
+    return {
+        "run_dir": str(s.path), "name": s.name, "status": s.display_status, "attempt": s.attempt,
+        "batch_size": s.batch_size, "grad_accum": s.grad_accum, "world_size": s.world_size,
+        "effective_batch": s.effective_batch, "step": s.step, "total_steps": s.total_steps, "epoch": s.epoch,
+        "loss": s.loss, "samples_per_s": s.samples_per_s, "eta_s": s.eta_s, "ladder": s.ladder,
+        "oom_rungs": s.oom_rungs, "pending_decision": s.pending_decision, "exit_code": s.exit_code,
+        "reason": s.reason, "rows": s.rows, "skipped_rows": s.skipped_rows,
+        "telemetry": s.telemetry if s.live else None,  # an ended run's last sample is not the machine now
+    }
+
+
+def status_lines(s: RunState) -> list[str]:
+    """``sftui status``: a few lines, like ``nvitop --once``; live numbers only while it runs."""
+    lines = [f"{s.name}  {s.display_status}  attempt {s.attempt}  batch {rung_text(s.batch_size, s.world_size, s.grad_accum)}"]
+    eta = f"  ETA {fmt_duration(s.eta_s)}" if s.eta_s is not None else ""
+    lines.append(f"  step {s.step}/{s.total_steps if s.total_steps is not None else '?'}  epoch {s.epoch_text}  "
+                 f"loss {fmt_num(s.loss, '.4f')}  {fmt_num(s.samples_per_s, '.1f')} samples/s{eta}")
+    if s.budget_note:
+        lines.append(f"  {s.budget_note}")
+    if s.skipped_rows:
+        lines.append(f"  {s.skipped_rows:,} bad rows skipped (--skip-bad-rows), {s.rows:,} trained on")
+    if s.telemetry and s.live:
+        mem = memory_text(s.telemetry)
+        if mem:
+            lines.append(f"  {mem}")
+        for g in s.telemetry.get("gpus") or []:
+            lines.append(f"  GPU{g['index']} {g.get('name') or 'n/a'}{' *' if g.get('in_run') else ''}  "
+                         f"util {fmt_num(g.get('util'), '.0f')}%  temp {fmt_num(g.get('temp'), '.0f')}C  "
+                         f"power {fmt_num(g.get('power_w'), '.0f')} W")
+        if s.telemetry.get("gpu_error"):
+            lines.append(f"  GPU: {s.telemetry['gpu_error']}")
+    if s.pending_decision:
+        lines.append(f"  waiting for a decision: sftui decide {s.path} restart [BATCH] | stop")
+    if s.reason:
+        lines.append(f"  {s.reason}")
+    if s.display_status == "lost":
+        lines.append(f"  its supervisor is gone (killed, or the machine restarted); continue with: "
+                     f"sftui run --resume {s.path}")
+    if s.log:
+        lines.append(f"  last event: {s.log[-1].splitlines()[0]}")
+    return lines

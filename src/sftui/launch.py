@@ -164,10 +164,10 @@ def accelerate_args(run: RunDir, node: int) -> list[str]:
             "--rdzv_conf", f"is_host={int(node == 0)}", "-m", "sftui.trainer", str(run.path)]
 
 
-def rendezvous_id(state: dict[str, Any], attempt: int) -> str:
-    """The c10d run id of one attempt: a launcher left over from an earlier attempt (or run)
-    cannot join this one."""
-    return f"sftui-{int(state['created'])}-attempt-{attempt}"
+def rendezvous_id(created: float, attempt: int) -> str:
+    """The c10d run id of one attempt of the run created at ``created``: a launcher left over
+    from an earlier attempt (or run) cannot join this one."""
+    return f"sftui-{int(created)}-attempt-{attempt}"
 
 
 def start_launcher(run: RunDir, attempt: int, cfg: RunConfig, node: int, rdzv_id: str) -> Attempt:

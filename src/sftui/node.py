@@ -14,25 +14,25 @@ import time
 from typing import Any
 
 from sftui import events as ev
-from sftui.config import ConfigError, RunConfig
+from sftui.config import ConfigError
 from sftui.launch import Attempt, rendezvous_id, start_launcher
-from sftui.rundir import EventLog, RunDir, read_json
+from sftui.rundir import EventLog, RunDir
+from sftui.runfile import RunFile
 
 POLL_S = 0.25
-ENDED = ("finished", "failed", "stopped")
 
 
-def check(run: RunDir, node: int) -> dict[str, Any]:
+def check(run: RunDir, node: int) -> RunFile:
     """run.json, once it is clear that machine ``node`` can take part in this run."""
-    state = read_json(run.run_json)
-    machines = int(state["config"].get("num_machines") or 1)
+    state = RunFile.read(run)
+    machines = state.cfg.num_machines
     if machines == 1:
         raise ConfigError(f"{run.path}: a single-machine run (machine 0 starts a multi-node run with "
                           "sftui run --num-machines N)")
     if not 1 <= node < machines:
         raise ConfigError(f"--machine-rank: expected 1 to {machines - 1} (machine 0 runs sftui run), got {node}")
-    if state.get("status") in ENDED:
-        raise ConfigError(f"{run.path}: the run has already ended ({state['status']})")
+    if state.ended:
+        raise ConfigError(f"{run.path}: the run has already ended ({state.status})")
     return state
 
 
@@ -54,11 +54,11 @@ def follow(run: RunDir, node: int) -> int:
         try:
             while not stopped_by:
                 try:
-                    state = read_json(run.run_json)
+                    state = RunFile.read(run)
                 except (OSError, ValueError):  # mid-replace on a network filesystem: next time
                     time.sleep(POLL_S)
                     continue
-                status, attempt = state.get("status"), int(state.get("attempt") or 0)
+                status, attempt = state.status, state.attempt
                 if current is not None and (attempt != current.number or status != "running"):
                     current.terminate()
                     say(f"attempt {current.number}: torn down (run {status}, attempt {attempt})")
@@ -67,13 +67,11 @@ def follow(run: RunDir, node: int) -> int:
                     current.wait_logs()
                     say(f"attempt {current.number}: launcher exited with code {current.poll()[0]}")
                     current = None
-                if status in ENDED:
-                    say(f"run {status}: {state.get('reason')}")
-                    code = state.get("exit_code")
-                    return int(code) if code is not None else ev.EXIT_FAILED
+                if state.ended:
+                    say(f"run {status}: {state.reason}")
+                    return state.exit_code if state.exit_code is not None else ev.EXIT_FAILED
                 if current is None and status == "running" and attempt > launched:
-                    current = start_launcher(run, attempt, RunConfig.from_dict(state["config"]), node,
-                                             rendezvous_id(state, attempt))
+                    current = start_launcher(run, attempt, state.cfg, node, rendezvous_id(state.created, attempt))
                     launched = attempt
                     log.emit("log", attempt=attempt, level="info",
                              message=f"machine {node} launched attempt {attempt} (pid {current.pgid})")

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from sftui.config import count_steps
-from sftui.rundir import EventTails, JsonlTail, RunDir, lock_is_held, read_json, tail_lines
+from sftui.rundir import EventTails, JsonlTail, RunDir, lock_is_held, tail_lines
+from sftui.runfile import RunFile
 
 LIVE_STATUSES = ("starting", "running", "waiting")
 OUTCOME_WORDS = {"cuda_oom": "out of memory", "host_oom": "the host ran out of memory", "crash": "crash",
@@ -204,22 +205,15 @@ class RunState:
 
     def load_run_json(self) -> None:
         try:
-            data = read_json(RunDir(self.path).run_json)
+            rf = RunFile.read(RunDir(self.path))
         except (OSError, ValueError):
             return
-        self.name = data.get("name") or self.path.name
-        self.status = data.get("status", "unknown")
-        self.config = data.get("config") or {}
-        self.attempt = data.get("attempt")
-        self.batch_size = data.get("batch_size")
-        self.grad_accum = data.get("grad_accum")
-        self.world_size = data.get("world_size")
-        self.ladder = list(data.get("ladder") or [])
-        self.oom_rungs = list(data.get("oom_rungs") or [])
-        self.pending_decision = data.get("pending_decision")
-        self.exit_code = data.get("exit_code")
-        self.reason = data.get("reason")
-        self.sample_budget = data.get("sample_budget")
+        self.name = rf.name or self.path.name
+        self.status, self.config, self.attempt = rf.status, rf.config, rf.attempt
+        self.batch_size, self.grad_accum, self.world_size = rf.batch_size, rf.grad_accum, rf.world_size
+        self.ladder, self.oom_rungs = list(rf.ladder), list(rf.oom_rungs)
+        self.pending_decision, self.exit_code, self.reason = rf.pending_decision, rf.exit_code, rf.reason
+        self.sample_budget = rf.sample_budget
 
     def _recount_steps(self) -> None:
         """The run's total at the rung now on, before its first step event says it: a switch

@@ -9,6 +9,7 @@ the control socket. Every reader (headless log, TUI, ``status``) sees all this t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import signal
@@ -25,8 +26,8 @@ import psutil
 
 from sftui import config as cfgmod
 from sftui import events as ev
-from sftui.config import RunConfig
 from sftui.control import ControlServer
+from sftui.runfile import RunFile
 from sftui.launch import Attempt, rendezvous_id, start_attempt, start_launcher
 from sftui.rundir import (
     EventLog,
@@ -49,38 +50,6 @@ TUI_PING_FRESH_S = 5.0            # a TUI that pinged this recently counts as at
 OTHER_MACHINES_WAIT_S = 5.0       # multi-node: how long the other machines' last events get to arrive
 
 Observer = Callable[[dict[str, Any]], None]
-
-
-def new_run_json(cfg: RunConfig, name: str, data_fingerprint: str, rows: int,
-                 batch: int | None = None) -> dict[str, Any]:
-    """The initial run.json of a fresh run (see docs/DESIGN.md "As built"); ``rows`` are the
-    data's usable rows, ``batch`` is the probe's rung when the config says ``auto``."""
-    batch = int(cfg.batch) if batch is None else batch
-    accum = cfgmod.grad_accum_for(cfg, batch)
-    effective = batch * cfg.world_size * accum
-    return {
-        "v": 1,
-        "name": name,
-        "created": time.time(),
-        "config": cfg.to_dict(),
-        "status": "starting",
-        "attempt": 0,
-        "batch_size": batch,
-        "grad_accum": accum,
-        "world_size": cfg.world_size,
-        "effective_batch": effective,
-        "ladder": list(cfg.ladder),
-        "oom_rungs": [],
-        "oom_restarts": 0,
-        "sample_budget": cfgmod.samples_in_steps(cfg.max_steps, effective, rows) if cfg.max_steps else None,
-        "request_seq": 0,
-        "data_fingerprint": data_fingerprint,
-        "supervisor_pid": None,
-        "socket": None,
-        "pending_decision": None,
-        "exit_code": None,
-        "reason": None,
-    }
 
 
 def checkpoint_step(run: RunDir) -> int | None:
@@ -152,8 +121,8 @@ class Supervisor:
         self.run = run
         self.observers = observers or []
         self.detached = detached
-        self.state: dict[str, Any] = read_json(run.run_json)
-        self.cfg = RunConfig.from_dict(self.state["config"])
+        self.state = RunFile.read(run)
+        self.cfg = self.state.cfg
         self._lock = threading.RLock()
         self._decisions: queue.Queue[dict[str, Any]] = queue.Queue()
         self._stop_reason: str | None = None   # "user" | "sigterm" | "sigint"
@@ -163,7 +132,7 @@ class Supervisor:
         self._watch: AttemptWatch | None = None
         self._last_error: str | None = None
         self._last_tui_ping = 0.0
-        self._request_seq_written = int(self.state["request_seq"])
+        self._request_seq_written = self.state.request_seq
         self._rank_ends: list[str] = []  # how the failed ranks of the last attempt ended  # the newest request.json written
         self._mem_fractions: deque[tuple[float, float]] = deque(maxlen=100)
         self.sampler = Sampler(interval=1.0)
@@ -172,10 +141,11 @@ class Supervisor:
 
     # --- run.json ---
 
-    def _save(self, **changes: Any) -> None:
+    def _save(self, state: RunFile | None = None, **changes: Any) -> None:
+        """run.json as ``state`` (or as now) with ``changes``, written atomically."""
         with self._lock:
-            self.state.update(changes)
-            write_json_atomic(self.run.run_json, self.state)
+            self.state = dataclasses.replace(state or self.state, **changes)
+            self.state.write(self.run)
 
     def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
         assert self.events is not None
@@ -200,9 +170,9 @@ class Supervisor:
             self._request_seq_written = max(self._request_seq_written, self._request_seq_on_disk())
             self._save(status="running", supervisor_pid=os.getpid(), socket=str(server.path),
                        exit_code=None, reason=None, pending_decision=None, request_seq=self._request_seq_written)
-            self.emit("run_start", config=self.state["config"], resumed=self.state["attempt"] > 0)
-            if self.cfg.batch == "auto" and self.state["attempt"] == 0:
-                self.emit("batch_change", **{"from": None, "to": self.state["batch_size"], "by": "probe"})
+            self.emit("run_start", config=self.state.config, resumed=self.state.attempt > 0)
+            if self.cfg.batch == "auto" and self.state.attempt == 0:
+                self.emit("batch_change", **{"from": None, "to": self.state.batch_size, "by": "probe"})
             code, status, reason = self._attempts()
         except BaseException as e:  # the run must end with a run_end whatever happens here
             code, status, reason = ev.EXIT_FAILED, "failed", f"supervisor error: {type(e).__name__}: {e}"
@@ -227,7 +197,7 @@ class Supervisor:
             if self._stop_reason:
                 return self._stopped_result("stopped before the next attempt")
             outcome, attempt_no = self._one_attempt()
-            batch = self.state["batch_size"]
+            batch = self.state.batch_size
             if outcome == "finished":
                 return ev.EXIT_FINISHED, "finished", "trained to the end"
             if outcome == "stopped":
@@ -258,19 +228,17 @@ class Supervisor:
         return code, "stopped", reason + f"; resume with: sftui run --resume {self.run.path}"
 
     def _set_rung(self, batch: int) -> None:
-        accum = cfgmod.grad_accum_for(self.cfg, batch)
-        self._save(batch_size=batch, grad_accum=accum, effective_batch=batch * self.cfg.world_size * accum,
-                   ladder=cfgmod.ladder_with(self.state["ladder"], batch))
+        self._save(self.state.with_rung(batch))
 
     # --- one attempt ---
 
     def _one_attempt(self) -> tuple[str, int]:
-        n = self.state["attempt"] + 1
-        self._set_rung(self.state["batch_size"])
+        n = self.state.attempt + 1
+        self._set_rung(self.state.batch_size)
         self._save(attempt=n, status="running")
         resume = checkpoint_step(self.run)
-        self.emit("attempt_start", attempt=n, batch_size=self.state["batch_size"], grad_accum=self.state["grad_accum"],
-                  world_size=self.cfg.world_size, effective_batch=self.state["effective_batch"], resume_step=resume)
+        self.emit("attempt_start", attempt=n, batch_size=self.state.batch_size, grad_accum=self.state.grad_accum,
+                  world_size=self.cfg.world_size, effective_batch=self.state.effective_batch, resume_step=resume)
         watch = AttemptWatch()
         with self._lock:
             self._watch = watch
@@ -356,7 +324,7 @@ class Supervisor:
         self.emit("log", attempt=n, level="info",
                   message=f"waiting for {self.cfg.num_machines} machines at {self.cfg.main_process_ip}:"
                   f"{self.cfg.main_process_port}; on machine R: sftui node {self.run.path} --machine-rank R")
-        return start_launcher(self.run, n, self.cfg, 0, rendezvous_id(self.state, n))
+        return start_launcher(self.run, n, self.cfg, 0, rendezvous_id(self.state.created, n))
 
     def _await_other_machines(self, watch: AttemptWatch) -> None:
         """Machine 0's launcher has exited; the other machines' last events (an OOM, their ranks'
@@ -399,10 +367,10 @@ class Supervisor:
 
     def _after_oom(self, batch: int) -> tuple[int, str, str] | None:
         """Apply the OOM policy; None to go on with the next attempt, else the run's result."""
-        oom_rungs = sorted(set(self.state["oom_rungs"]) | {batch}, reverse=True)
-        restarts = self.state.get("oom_restarts", 0)
+        oom_rungs = sorted(set(self.state.oom_rungs) | {batch}, reverse=True)
+        restarts = self.state.oom_restarts
         self._save(oom_rungs=oom_rungs)
-        proposed = cfgmod.next_rung(self.state["ladder"], batch)
+        proposed = cfgmod.next_rung(self.state.ladder, batch)
         levers = "lower --max-len or use --gradient-checkpointing"
         if restarts >= self.cfg.max_oom_restarts:
             return ev.EXIT_FAILED, "failed", f"out of memory at batch {batch} after {restarts} OOM restarts (--max-oom-restarts); {levers}"
@@ -413,7 +381,7 @@ class Supervisor:
             decision = {"by": "policy", "action": "restart", "batch_size": proposed}
         else:
             decision = {"by": "policy", "action": "stop", "batch_size": None}
-        self.emit("decision", attempt=self.state["attempt"], **decision)
+        self.emit("decision", attempt=self.state.attempt, **decision)
         self._save(pending_decision=None, status="running")
         if decision["action"] == "stop":
             if decision["by"] == "user":
@@ -423,7 +391,7 @@ class Supervisor:
             return ev.EXIT_FAILED, "failed", f"out of memory at batch {batch}; --on-oom {policy} stopped the run"
         new = int(decision["batch_size"])
         self._save(oom_restarts=restarts + 1)
-        self.emit("batch_change", attempt=self.state["attempt"], **{"from": batch, "to": new, "by": "oom"})
+        self.emit("batch_change", attempt=self.state.attempt, **{"from": batch, "to": new, "by": "oom"})
         self._set_rung(new)
         return None
 
@@ -431,7 +399,7 @@ class Supervisor:
         deadline = time.time() + self.cfg.oom_timeout
         while not self._decisions.empty():
             self._decisions.get_nowait()
-        need = self.emit("decision_needed", attempt=self.state["attempt"], reason="oom",
+        need = self.emit("decision_needed", attempt=self.state.attempt, reason="oom",
                          proposed_batch=proposed, deadline=round(deadline, 3))
         self._save(status="waiting", pending_decision=need)
         self._notify(need)
@@ -457,19 +425,19 @@ class Supervisor:
             if cmd == "ping":
                 if req.get("client") == "tui":
                     self._last_tui_ping = time.monotonic()
-                return {"ok": True, "status": self.state["status"], "attempt": self.state["attempt"],
-                        "batch_size": self.state["batch_size"], "pid": os.getpid()}
+                return {"ok": True, "status": self.state.status, "attempt": self.state.attempt,
+                        "batch_size": self.state.batch_size, "pid": os.getpid()}
             if cmd == "decide":
                 return self._handle_decide(req)
             if cmd == "stop":
                 self._stop_reason = self._stop_reason or "user"
-                if self.state["status"] == "waiting":
+                if self.state.status == "waiting":
                     self._decisions.put({"by": "user", "action": "stop", "batch_size": None})
                 else:
                     self._request("stop", None)
                 return {"ok": True, "message": "stopping at the next step boundary, after a checkpoint"}
             if self._attempt is None:
-                return {"ok": False, "error": f"no attempt is running (status {self.state['status']})"}
+                return {"ok": False, "error": f"no attempt is running (status {self.state.status})"}
             if cmd == "checkpoint":
                 self._request("checkpoint", None)
                 return {"ok": True, "message": "checkpoint requested"}
@@ -477,7 +445,7 @@ class Supervisor:
                 batch = req.get("batch_size")
                 if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
                     return {"ok": False, "error": f"batch_size must be a positive integer, got {batch!r}"}
-                if batch == self.state["batch_size"] and self._pending_switch is None:
+                if batch == self.state.batch_size and self._pending_switch is None:
                     return {"ok": False, "error": f"already training at batch {batch}"}
                 self._pending_switch = batch
                 self._request("switch", batch)
@@ -485,7 +453,7 @@ class Supervisor:
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
     def _handle_decide(self, req: dict[str, Any]) -> dict[str, Any]:
-        if self.state["status"] != "waiting":
+        if self.state.status != "waiting":
             return {"ok": False, "error": "no decision is pending"}
         action = req.get("action")
         if action == "stop":
@@ -493,7 +461,7 @@ class Supervisor:
             return {"ok": True, "message": "stopping"}
         if action != "restart":
             return {"ok": False, "error": f"action must be restart or stop, got {action!r}"}
-        batch = req.get("batch_size") or (self.state.get("pending_decision") or {}).get("proposed_batch")
+        batch = req.get("batch_size") or (self.state.pending_decision or {}).get("proposed_batch")
         if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
             return {"ok": False, "error": "give a batch size to restart at (the ladder has no smaller rung)"}
         self._decisions.put({"by": "user", "action": "restart", "batch_size": batch})
@@ -534,7 +502,7 @@ class Supervisor:
 
     def _safe_request_stop(self) -> None:
         # Runs in a signal handler: no locks (the handler may interrupt a holder of the lock).
-        if self.state.get("status") == "waiting":
+        if self.state.status == "waiting":
             self._decisions.put({"by": "user", "action": "stop", "batch_size": None})
         elif self._attempt is not None:
             self._request("stop", None)

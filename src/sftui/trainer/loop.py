@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from sftui import events as ev
 from sftui.config import ConfigError, RunConfig
 from sftui.rundir import EventLog, RunDir, read_json, write_json_atomic
+from sftui.runfile import RunFile
 from sftui.trainer import checkpoint, data, model as models, rendezvous
 from sftui.trainer.lifeline import Lifeline
 
@@ -61,9 +62,9 @@ class Rank:
 
 
 def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None) -> int:
-    spec = read_json(run.run_json)
-    cfg = RunConfig.from_dict(spec["config"])
-    batch, accum = int(spec["batch_size"]), int(spec["grad_accum"])
+    spec = RunFile.read(run)
+    cfg = spec.cfg
+    batch, accum = int(spec.batch_size), int(spec.grad_accum)
     lead = me.rank == 0
 
     def phase(name: str, progress: float | None = None) -> None:
@@ -79,21 +80,21 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
     # --- resume point: refuse a checkpoint made from other data or another max length ---
     resume = run.latest_checkpoint()
     start = checkpoint.read_state(resume) if resume else None
-    if start and start.data_fingerprint != spec["data_fingerprint"]:
+    if start and start.data_fingerprint != spec.data_fingerprint:
         raise ConfigError(f"{resume}: the data changed since this checkpoint was written "
-                          f"(fingerprint {start.data_fingerprint[:12]} there, {spec['data_fingerprint'][:12]} now)")
+                          f"(fingerprint {start.data_fingerprint[:12]} there, {spec.data_fingerprint[:12]} now)")
     if start and start.max_len != cfg.max_len:
         raise ConfigError(f"{resume}: written with --max-len {start.max_len}, this run has {cfg.max_len}")
 
     # --- data: rank 0 validates and tokenizes (once per run: cached), the others wait ---
     phase("validating")
-    tok, train_data, eval_data = _prepare_data(run, cfg, spec["data_fingerprint"], me, phase)
+    tok, train_data, eval_data = _prepare_data(run, cfg, spec.data_fingerprint, me, phase)
     seq2seq = train_data.seq2seq
-    target = int(spec["sample_budget"]) if spec.get("sample_budget") else cfg.epochs * train_data.n
+    target = spec.sample_budget if spec.sample_budget else cfg.epochs * train_data.n
     plan = data.Plan(train_data.n, cfg.seed, target,
                      data.length_key(train_data, cfg.max_len) if cfg.group_by_length else None)
     # --max-steps counts whole epochs of its own: the epoch shown never passes its total.
-    epochs: float = cfg.epochs if not spec.get("sample_budget") else round(target / train_data.n, 6)
+    epochs: float = cfg.epochs if not spec.sample_budget else round(target / train_data.n, 6)
     epochs = int(epochs) if epochs == int(epochs) else epochs
     if lead:
         log.emit("data", rows=train_data.n, skipped=train_data.skipped,
@@ -135,7 +136,7 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
         batch_size=None, num_workers=cfg.dataloader_workers,
         prefetch_factor=2 if cfg.dataloader_workers else None, pin_memory=cuda,
     )
-    requests = Requests(run, int(spec.get("request_seq") or 0), lead, me.world, device,
+    requests = Requests(run, spec.request_seq, lead, me.world, device,
                         (lambda: lifeline.lost) if lifeline is not None else (lambda: False))
     inject = cfg.inject_oom_at_step if me.attempt == 1 and me.rank == cfg.inject_oom_rank else None
     samples_log = os.open(run.samples, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600) \
@@ -147,7 +148,7 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
         (emergency) this rank writes alone, with no collective."""
         if lead or alone:
             phase("checkpointing")
-            state = checkpoint.State(at_step, seen, seen // plan.n, batch, accum, me.world, spec["data_fingerprint"],
+            state = checkpoint.State(at_step, seen, seen // plan.n, batch, accum, me.world, spec.data_fingerprint,
                                      cfg.max_len, cfg.seed)
             path, size, seconds = checkpoint.save(run, bare_model(accelerator, model), opt, schedule.state_dict(seen),
                                                   state, cfg.keep_checkpoints, tag=f"r{me.rank}-{os.getpid()}")
