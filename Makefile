@@ -8,7 +8,7 @@ BIN     = $(VENV)/bin
 TORCH_CPU_SPEC ?= torch==2.13.0
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: run test clean-venv
+.PHONY: run test test-fast clean-venv
 
 $(BIN)/sftui: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ run: $(BIN)/sftui
 
 test: $(BIN)/sftui
 	$(BIN)/python -m pytest -q
+
+# The unit tests only (no real runs): a couple of minutes, for the edit-test loop.
+test-fast: $(BIN)/sftui
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -38,6 +38,23 @@ def sftui():
     return run_sftui
 
 
+# Modules whose tests start real runs (supervisor, ranks, accelerate launch, tmux): seconds to
+# minutes each. `make test-fast` (pytest -m "not slow") leaves them out; `make test` runs all.
+# A slow test in another module carries @pytest.mark.slow itself.
+SLOW_MODULES = {
+    "test_supervisor", "test_newcomer_runs", "test_reliability_faults", "test_reliability_shared",
+    "test_reliability_input", "test_multinode", "test_probe", "test_tui_tmux", "test_tui_supervisor",
+    "test_trainer_resume", "test_trainer_oom", "test_trainer_models", "test_trainer_fast_path",
+    "test_trainer_static", "test_trainer_options",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 # --- helpers for runs of the real supervisor and worker ---
 
 import json

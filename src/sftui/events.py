@@ -37,12 +37,6 @@ KINDS: dict[str, tuple[str, ...]] = {
     "run_end": ("status", "reason", "exit_code"),
 }
 
-PHASES = ("validating", "tokenizing", "loading_model", "compiling", "training", "checkpointing")
-CHECKPOINT_REASONS = ("periodic", "request", "switch", "oom", "stop", "final")
-WORKER_EXIT_REASONS = ("finished", "oom", "switch", "stop", "error")
-OUTCOMES = ("finished", "cuda_oom", "host_oom", "crash", "hang", "stopped", "switch")
-RUN_STATUSES = ("finished", "failed", "stopped")
-
 # --- exit codes of `sftui` itself (DESIGN.md "Command line") ---
 EXIT_FINISHED = 0
 EXIT_USAGE = 2          # bad usage, config or input: one line on stderr, nothing written

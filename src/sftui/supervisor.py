@@ -404,7 +404,7 @@ class Supervisor:
         self._save(status="waiting", pending_decision=need)
         self._notify(need)
         while time.time() < deadline and not self._stop_reason:
-            self._pump(AttemptWatch())
+            self._drain()  # observers (the headless log) follow what clients do meanwhile
             try:
                 return self._decisions.get(timeout=TICK_S)
             except queue.Empty:
