@@ -13,11 +13,10 @@ from sftui.runstate import RunState
 from sftui.tui.app import SftuiApp
 from sftui.tui.confirm import ConfirmScreen
 from sftui.tui.ladder import rung_line
-from sftui.tui.view import View, forecast_text
-from test_tui_keys import Recorder, ready, screen_text
-from test_tui_support import HeldLock, fixed_clock, make_run
-
-GIB = 1024**3
+from sftui.tui.view import forecast_text
+from sftui.viewmodel import View
+from test_tui_keys import Recorder
+from test_tui_support import GIB, HeldLock, fixed_clock, make_run, polled, screen_text
 
 
 def view_of(ladder, rung_peaks, oom_rungs=(), probe=None, budget=80 * GIB, batch=None) -> View:
@@ -78,7 +77,7 @@ async def test_ladder_panel_and_rung_down_confirmation_show_the_forecast(tmp_pat
     try:
         app = SftuiApp(path, clock=fixed_clock)
         async with app.run_test(size=(120, 40)) as pilot:
-            await ready(pilot)
+            await polled(pilot)
             text = screen_text(app)
             assert " 5     4  ~21.8 GiB" in text and " 4     8  ~41.4 GiB" in text  # the probe's points + the run's
             assert " 2    16  ✗ OOM" in text and " 3 ▶  12  61.2 GiB" in text  # rungs 2-5 of 5: around ▶12

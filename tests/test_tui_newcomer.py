@@ -5,18 +5,15 @@
 place; (12) the exit code of `sftui run` / `sftui attach` after the TUI.
 
 The real app on replayed run directories (test_tui_support.make_run), driven with Textual's
-pilot; the screen is read from the app's own SVG screenshot.
+pilot; the screen is read from the app's own SVG screenshot (test_tui_support.screen_lines).
 """
 
 from __future__ import annotations
 
-import html
 import os
-import re
 import shlex
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -28,50 +25,15 @@ from sftui.tui.gpus import GpuPanel
 from sftui.tui.oom import OomScreen
 from sftui.tui.progress import ProgressPanel
 from sftui.tui.system import SystemPanel
-from sftui.tui.view import Panel, seen_at
-from test_tui_keys import NotedApp, Recorder, until
+from sftui.tui.view import Panel
+from sftui.viewmodel import seen_at
+from test_tui_keys import NotedApp, Recorder
 from test_tui_supervisor import end_run
-from test_tui_support import CLOCK, HeldLock, fixed_clock, make_run
+from test_tui_support import (CLOCK, WAIT_S, HeldLock, fixed_clock, make_run, polled, screen_lines, screen_text,
+                              shows, until)
 from test_tui_tmux import SFTUI, Pane
 
-WAIT_S = 30.0  # generous: a loaded 2-core box
 LAST_SAMPLE = "22:13:18"  # the newest telemetry sample of make_run, CLOCK - 2 s, in UTC (conftest pins TZ)
-_SVG_TEXT = re.compile(r'<text class="[^"]*-r\d+" x="([\d.]+)" y="[\d.]+" textLength="[\d.]+" '
-                       r'clip-path="url\(#[^)]*-line-(\d+)\)">([^<]*)</text>')
-
-
-def screen_lines(app: SftuiApp) -> list[str]:
-    """What the terminal shows, as text lines, from ``export_screenshot`` (rich's SVG: one cell
-    is 12.2 px wide; every glyph on these screens is one cell)."""
-    rows: dict[int, list[tuple[int, str]]] = {}
-    for m in _SVG_TEXT.finditer(app.export_screenshot()):
-        text = html.unescape(m.group(3)).replace("\xa0", " ")
-        rows.setdefault(int(m.group(2)), []).append((round(float(m.group(1)) / 12.2), text))
-    out = []
-    for n in range(app.size.height):
-        line = ""
-        for col, text in sorted(rows.get(n, [])):
-            line = line.ljust(col) + text
-        out.append(line.rstrip())
-    return out
-
-
-def screen(app: SftuiApp) -> str:
-    return "\n".join(screen_lines(app))
-
-
-async def polled(pilot, screen_type: type | None = None) -> None:
-    """Until the first poll is shown (and a screen of that type is on top)."""
-    app = pilot.app
-    await until(pilot, lambda: app.view is not None and (screen_type is None or isinstance(app.screen, screen_type)),
-                WAIT_S, "the first poll")
-    await pilot.pause()
-
-
-async def shows(pilot, predicate, what: str) -> None:
-    await until(pilot, lambda: predicate(screen(pilot.app)), WAIT_S, what)
-
-
 def emit(path: Path, kind: str, attempt: int | None = 2, **fields) -> None:
     with EventLog(RunDir(path).events, attempt=attempt) as log:
         log.emit(kind, **fields)
@@ -178,7 +140,7 @@ async def test_6_the_system_panel_follows_the_run_ending_with_no_new_sample(live
     app = SftuiApp(path, clock=fixed_clock, poll_interval=0.1)
     async with app.run_test(size=(80, 24)) as pilot:
         await polled(pilot)
-        assert "RSS 9.25 GiB" in screen(app)
+        assert "RSS 9.25 GiB" in screen_text(app)
         end_as_stopped(path)
         lock.release()
         await shows(pilot, lambda text: "STOPPED" in text, "the stop")
@@ -196,7 +158,7 @@ async def test_6_no_eta_placeholder_before_the_speed_is_known(tmp_path):
         async with app.run_test(size=(80, 24)) as pilot:
             await polled(pilot)
             assert app.view.state.live and app.view.state.eta_s is None
-            text = screen(app)
+            text = screen_text(app)
     finally:
         lock.release()
     assert "RUNNING" in text
@@ -267,7 +229,7 @@ async def test_13_the_oom_prompt_says_digits_pick_rung_numbers(tmp_path):
             await polled(pilot, OomScreen)
             await shows(pilot, lambda text: "Or press a rung's number (not a batch size), e.g. 3 for batch 8:" in text,
                         "the rung numbers explained, whole at 80 columns")
-            assert "1–3 restart at that rung" in screen(app)
+            assert "1–3 restart at that rung" in screen_text(app)
             await pilot.press("9")
             assert app.noted("no rung 9") and app.noted("not a batch size")
             await pilot.press("3")
@@ -292,7 +254,7 @@ async def test_log_shows_a_heartbeat_that_rewrites_the_last_line(live_run):
         emit(path, "phase", phase="tokenizing", progress=0.4)
         await shows(pilot, lambda text: "phase tokenizing 40%" in text, "the second heartbeat")
         assert len(app.view.state.log) == count  # rewritten in place, not appended
-        assert "phase tokenizing 20%" not in screen(app)
+        assert "phase tokenizing 20%" not in screen_text(app)
 
 
 async def test_log_shows_a_repeated_line_once_the_log_is_full(live_run):
@@ -379,9 +341,9 @@ def test_12_sftui_run_stopped_from_the_tui_exits_4_in_tmux(tmp_path):
                   f"--run-dir {run_dir}; echo sftui-exit=$?")
         pane.wait(r"│ step [1-9]\d*/\d+", 120)  # training
         pane.key("s")
-        pane.wait(r"Stop training\?", 10)
+        pane.wait(r"Stop training\?")
         pane.key("y")
-        pane.wait(r"stop requested", 10)
+        pane.wait(r"stop requested")
         pane.key("q")  # at once: the run has not stopped yet
         m = pane.wait(r"sftui-exit=(\d+)", 150)
         assert m.group(1) == "4", pane.text()

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import re
+from itertools import combinations
 
 import pytest
-from rich.text import Text
+from textual.geometry import Region
+from textual.widgets import Footer
 
 from sftui.tui.app import SftuiApp
 from sftui.tui.gpus import GpuPanel
 from sftui.tui.ladder import rung_line
 from sftui.tui.render import bar, fit_line, flow, loss_chart, sparkline
-from sftui.tui.view import Poller
-from test_tui_support import HeldLock, fixed_clock, gpu_sample, make_run
+from sftui.tui.view import Panel
+from sftui.viewmodel import Poller
+from test_tui_support import HeldLock, fixed_clock, gpu_sample, make_run, polled, screen_lines, shows
 
 NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
@@ -77,6 +80,33 @@ def test_rung_line_never_cuts_a_number(tmp_path_factory, width):
         assert re.search(r"61(\.2)?G", line) or "61.2 GiB" in line
 
 
+def layout_faults(app: SftuiApp) -> list[str]:
+    """Where the dashboard's widgets do not share the screen cleanly: a panel whose text does not
+    fit its own region (the compositor would crop it, maybe mid-number), a widget partly off the
+    screen, two widgets on the same cells."""
+    shown = [w for w in app.screen.query("*") if isinstance(w, (Panel, Footer)) and w.display]
+    screen = Region(0, 0, *app.size)
+    faults = []
+    for w in shown:
+        name = w.id or type(w).__name__
+        if not screen.contains_region(w.region):
+            faults.append(f"{name} is partly off the screen")
+        if isinstance(w, Panel):
+            lines = w.render().split("\n")
+            size = w.content_size
+            if len(lines) > size.height or any(line.cell_len > size.width for line in lines):
+                faults.append(f"{name}'s text does not fit its {size.width}x{size.height} cells")
+    for a, b in combinations(shown, 2):
+        if a.region.overlaps(b.region):
+            faults.append(f"{a.id or type(a).__name__} overlaps {b.id or type(b).__name__}")
+    return faults
+
+
+# At 40x12 the fixed-width ladder and system panels (20 + 28 columns) do not fit beside the
+# progress, and the docked footer covers the log's last line: a known defect, kept visible here.
+KNOWN_FAULTS = {(40, 12): ["system is partly off the screen", "log overlaps Footer"]}
+
+
 @pytest.mark.parametrize("size", [(80, 24), (60, 20), (100, 30), (200, 60), (40, 12)])
 async def test_any_size_renders_without_overlap(tmp_path, size):
     path = make_run(tmp_path, "live")
@@ -84,17 +114,13 @@ async def test_any_size_renders_without_overlap(tmp_path, size):
     try:
         app = SftuiApp(path, clock=fixed_clock)
         async with app.run_test(size=size) as pilot:
-            while app.view is None:
-                await pilot.pause(0.02)
-            await pilot.pause()
-            lines = [s.text for s in app.screen._compositor.render_strips()]
-            assert len(lines) == size[1]
-            assert all(len(line) <= size[0] for line in lines)
+            await polled(pilot)
+            assert layout_faults(app) == KNOWN_FAULTS.get(size, [])
             if size[0] >= 80:
-                assert "12×2×2=48" in lines[0]  # the rung is in the header whenever there is room
+                assert "12×2×2=48" in screen_lines(app)[0]  # the rung is in the header whenever there is room
             await pilot.resize_terminal(80, 24)
-            await pilot.pause()
-            assert "step 60/400" in app.screen._compositor.render_strips()[0].text
+            await shows(pilot, lambda text: "step 60/400" in text.split("\n")[0], "the header at 80x24")
+            assert layout_faults(app) == []
     finally:
         lock.release()
 

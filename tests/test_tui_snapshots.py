@@ -10,7 +10,7 @@ import pytest
 
 from sftui.tui.app import SftuiApp
 from sftui.tui.oom import OomScreen
-from test_tui_support import HeldLock, fixed_clock, make_run
+from test_tui_support import HeldLock, fixed_clock, make_run, polled
 
 
 @pytest.fixture
@@ -19,16 +19,6 @@ def live_run(tmp_path):
     lock = HeldLock(path)
     yield path
     lock.release()
-
-
-async def polled(pilot, screen_type=None):
-    """Wait until the first poll has been shown (and a screen of that type is on top)."""
-    app = pilot.app
-    for _ in range(200):
-        if app.view is not None and (screen_type is None or isinstance(app.screen, screen_type)):
-            break
-        await pilot.pause(0.02)
-    await pilot.pause()
 
 
 def test_main_80x24(live_run, snap_compare):

@@ -21,7 +21,8 @@ from sftui.rundir import RunDir, lock_is_held, read_json
 from sftui.tui.app import SftuiApp
 from sftui.tui.confirm import ConfirmScreen
 from sftui.tui.oom import OomScreen
-from test_tui_keys import NotedApp, screen_text, until
+from test_tui_keys import NotedApp
+from test_tui_support import screen_text, until
 
 START_S = 90  # start-up, tokenizing and six steps on a loaded 2-core machine
 

@@ -1,20 +1,28 @@
-"""Replayed run directories for the TUI tests (test input data, written through rundir's own writers).
+"""What the TUI tests share: replayed run directories (test input data, written through rundir's
+own writers), and how a test waits for the app and reads its screen.
 
-No tests here: the TUI test modules import ``make_run`` and ``CLOCK`` from this file.
+No tests here: the TUI test modules import from this file.
 """
 
 from __future__ import annotations
 
+import html
 import math
 import os
+import re
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from textual.app import App
+from textual.pilot import Pilot
 
 from sftui import events as ev
 from sftui.rundir import EventLog, RunDir, acquire_lock, create, write_json_atomic
 
 CLOCK = 1_700_000_000.0  # the fixed "now" of every snapshot
 GIB = 1024**3
+WAIT_S = 30.0  # how long a test waits for the app: generous, a loaded 2-core box is slow, not wrong
 GPU_UUIDS = ("GPU-11111111-aaaa-bbbb-cccc-000000000000", "GPU-22222222-aaaa-bbbb-cccc-000000000000")
 
 
@@ -177,3 +185,53 @@ class HeldLock:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+# --- the app as a test sees it ------------------------------------------------------------------
+
+_SVG_TEXT = re.compile(r'<text class="[^"]*-r\d+" x="([\d.]+)" y="[\d.]+" textLength="[\d.]+" '
+                       r'clip-path="url\(#[^)]*-line-(\d+)\)">([^<]*)</text>')
+
+
+def screen_lines(app: App) -> list[str]:
+    """What the terminal shows (dialogs over the dimmed dashboard included), as text lines, from
+    the app's public ``export_screenshot``: rich's SVG, where one cell is 12.2 px wide and every
+    glyph on these screens is one cell."""
+    rows: dict[int, list[tuple[int, str]]] = {}
+    for m in _SVG_TEXT.finditer(app.export_screenshot()):
+        text = html.unescape(m.group(3)).replace("\xa0", " ")
+        rows.setdefault(int(m.group(2)), []).append((round(float(m.group(1)) / 12.2), text))
+    out = []
+    for n in range(app.size.height):
+        line = ""
+        for col, text in sorted(rows.get(n, [])):
+            line = line.ljust(col) + text
+        out.append(line.rstrip())
+    return out
+
+
+def screen_text(app: App) -> str:
+    return "\n".join(screen_lines(app))
+
+
+async def until(pilot: Pilot, predicate: Callable[[], Any], timeout: float = WAIT_S, what: str = "condition") -> None:
+    """Let the app run until ``predicate()`` holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await pilot.pause(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def polled(pilot: Pilot, screen_type: type | None = None, timeout: float = WAIT_S) -> None:
+    """Until the first poll has been shown (and a screen of that type is on top)."""
+    app = pilot.app
+    await until(pilot, lambda: app.view is not None and (screen_type is None or isinstance(app.screen, screen_type)),
+                timeout, f"the first poll and {screen_type.__name__}" if screen_type else "the first poll")
+    await pilot.pause()
+
+
+async def shows(pilot: Pilot, predicate: Callable[[str], bool], what: str, timeout: float = WAIT_S) -> None:
+    """Until the screen's text satisfies ``predicate``."""
+    await until(pilot, lambda: predicate(screen_text(pilot.app)), timeout, what)

@@ -46,6 +46,8 @@ class Pane:
         return self._tmux("capture-pane", "-p", "-t", self.session)
 
     def wait(self, pattern: str, timeout: float = 30.0) -> re.Match:
+        """The first match of ``pattern`` on the screen; the default timeout is generous (a loaded
+        2-core box), and a wait ends as soon as the text shows."""
         deadline = time.monotonic() + timeout
         screen = ""
         while time.monotonic() < deadline:
@@ -73,16 +75,16 @@ def test_switch_detach_attach_stop_in_tmux(tmp_path):
 
         # a switch: one rung down, confirmed
         pane.key("-")
-        pane.wait(r"One rung down", 5)
-        pane.wait(r"12×1×1=12\?", 5)
+        pane.wait(r"One rung down")
+        pane.wait(r"12×1×1=12\?")
         pane.key("y")
-        pane.wait(r"switch to batch 12 requested", 5)
+        pane.wait(r"switch to batch 12 requested")
         pane.wait(r"attempt 2 │ batch 12×1×1=12", 60)
 
         # detach: q leaves the screen, prints how to come back, and training goes on
         pane.key("q")
-        pane.wait(r"Training goes on in the background", 10)
-        pane.wait(re.escape(f"sftui attach {run_dir}"), 5)
+        pane.wait(r"Training goes on in the background")
+        pane.wait(re.escape(f"sftui attach {run_dir}"))
         assert lock_is_held(RunDir(run_dir))
         step_before = read_json(RunDir(run_dir).run_json)["attempt"]
         assert step_before == 2
@@ -93,12 +95,12 @@ def test_switch_detach_attach_stop_in_tmux(tmp_path):
 
         # stop, confirmed; the run ends as stopped (resumable)
         pane.key("s")
-        pane.wait(r"Stop training\?", 5)
+        pane.wait(r"Stop training\?")
         pane.key("y")
-        pane.wait(r"stop requested", 5)
+        pane.wait(r"stop requested")
         pane.wait(r"STOPPED", 60)
         pane.key("q")
-        pane.wait(r"The run is stopped", 10)
+        pane.wait(r"The run is stopped")
         assert read_json(RunDir(run_dir).run_json)["exit_code"] == 4
     finally:
         pane.close()

@@ -318,13 +318,16 @@ class RunWatcher:
 
     def poll(self) -> list[dict[str, Any]]:
         """Read what is new; return the new events (already applied)."""
+        # The lock before run.json: a supervisor writes its run's end there and then lets go of
+        # the lock, so the other order could read a run that just ended as "lost".
+        alive = lock_is_held(self.run)
         self._reload_run_json()
         new = self._events.read()
         for e in new:
             self.state.apply(e)
         for sample in self._telemetry.read():
             self.state.apply_telemetry(sample)
-        self.state.supervisor_alive = lock_is_held(self.run)
+        self.state.supervisor_alive = alive
         return new
 
     def _reload_run_json(self) -> None:

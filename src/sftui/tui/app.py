@@ -1,8 +1,8 @@
 """The sftui screen: a Textual client of one run directory.
 
-The app reads the run only through ``RunWatcher`` (runstate.py), on a worker thread: each poll
-runs off the UI thread and re-arms itself with ``set_timer`` when its result has been shown, so
-polls never overlap and a slow disk never freezes the keys. Commands go to the supervisor over
+The app reads the run only through ``viewmodel.Poller`` (a ``RunWatcher``), on a worker thread:
+each poll runs off the UI thread and re-arms itself with ``set_timer`` when its result has been
+shown, so polls never overlap and a slow disk never freezes the keys. Commands go to the supervisor over
 the control socket, also on worker threads. Leaving the app never touches the supervisor:
 training goes on, and ``run_tui`` prints the command to come back.
 """
@@ -31,7 +31,8 @@ from textual.widgets import Footer
 from sftui import control
 from sftui.config import next_rung, rung_above
 from sftui.rundir import RunDir, lock_is_held
-from sftui.runstate import LIVE_STATUSES, RunState
+from sftui.runfile import ENDED
+from sftui.runstate import LIVE_STATUSES, RunState, describe_event
 from sftui.tui.chart import LossChart
 from sftui.tui.confirm import BatchScreen, ConfirmScreen
 from sftui.tui.gpus import GpuPanel
@@ -42,7 +43,8 @@ from sftui.tui.logtail import LogPanel
 from sftui.tui.oom import OomScreen
 from sftui.tui.progress import ProgressPanel
 from sftui.tui.system import SystemPanel
-from sftui.tui.view import ENDED, Panel, Poller, View, forecast_text, rung_effective, wall_clock
+from sftui.tui.view import Panel, forecast_text
+from sftui.viewmodel import Poller, View, rung_effective, wall_clock
 
 PING_EVERY_S = 2.0  # the supervisor asks (--on-oom ask) while a TUI pinged within its freshness window
 COMPACT_WIDTH = 100
@@ -211,7 +213,7 @@ class SftuiApp(App[None]):
 
     def _show(self, view: View) -> None:
         # a failed or lost run: the log (the worker's last lines) matters more than the chart
-        self.screen_stack[0].set_class(view.status in ("failed", "lost"), "trouble")
+        self.screen_stack[0].set_class(view.in_trouble, "trouble")
         for panel in self.screen_stack[0].query(Panel):
             panel.show(view)
         self._sync_oom(view)
@@ -224,7 +226,7 @@ class SftuiApp(App[None]):
             # stale dialogs (a rung confirmation, the batch input) make no sense under the prompt
             while len(self.screen_stack) > 1 and isinstance(self.screen, (ConfirmScreen, BatchScreen)):
                 self.pop_screen()
-            self._oom = OomScreen(view, self.clock, self._decide)
+            self._oom = OomScreen(view, self.clock)
             self.push_screen(self._oom)
         elif pending and self._oom is not None:
             self._oom.update_view(view)
@@ -234,14 +236,15 @@ class SftuiApp(App[None]):
                 while self.screen is not oom:
                     self.pop_screen()
                 self.pop_screen()
-            decision = next((line for line in reversed(view.state.log) if line.startswith("decision by")), None)
+            decision = describe_event(view.last_decision) if view.last_decision else None
             if decision:
                 self.notify(decision, title="out of memory", timeout=4)
 
-    def _decide(self, action: str, batch: int | None) -> None:
-        what = f"restart at batch {batch}" if action == "restart" else "stop"
+    def on_oom_screen_decided(self, message: OomScreen.Decided) -> None:
+        """An answer at the prompt: the prompt stays (saying it was sent) until the decision event."""
+        what = f"restart at batch {message.batch}" if message.action == "restart" else "stop"
         self.notify(f"{what} requested…", timeout=3)
-        self._send({"cmd": "decide", "action": action, "batch_size": batch}, announce=None)
+        self._send({"cmd": "decide", "action": message.action, "batch_size": message.batch}, announce=None)
 
     # --- commands ---
 
@@ -357,10 +360,15 @@ STOP_WAIT_S = 120.0  # how long leaving after a stop waits for the worker's chec
 
 
 def read_run(run_dir: Path) -> RunState:
-    """run.json and the lock, as the run stands now (no events: the exit code is in run.json)."""
+    """run.json and the lock, as the run stands now (no events: the exit code is in run.json).
+
+    The lock first: a supervisor writes its run's end into run.json before it lets the lock go,
+    so a run.json read after the lock is never older than the lock's answer. The other order
+    could read "running", then find the lock just released, and call a run that ended "lost"."""
     state = RunState(run_dir)
+    alive = lock_is_held(RunDir(run_dir))
     state.load_run_json()
-    state.supervisor_alive = lock_is_held(RunDir(run_dir))
+    state.supervisor_alive = alive
     return state
 
 

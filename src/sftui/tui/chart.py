@@ -7,7 +7,8 @@ from typing import Hashable
 from rich.text import Text
 
 from sftui.tui.render import ema, lines_text, loss_chart
-from sftui.tui.view import Panel, View
+from sftui.tui.view import Panel
+from sftui.viewmodel import View
 
 
 class LossChart(Panel):

@@ -12,7 +12,8 @@ from rich.text import Text
 
 from sftui.runstate import fmt_gib
 from sftui.tui.render import bar, crop, level_style, lines_text, sparkline
-from sftui.tui.view import Panel, View, seen_at
+from sftui.tui.view import Panel
+from sftui.viewmodel import View, fraction, gpu_key, seen_at
 
 SPARK_W = 10
 
@@ -24,12 +25,6 @@ def _short_name(name: str | None) -> str:
         if name.startswith(prefix):
             name = name[len(prefix):]
     return name
-
-
-def _frac(a: Any, b: Any) -> float | None:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > 0:
-        return a / b
-    return None
 
 
 class GpuPanel(Panel):
@@ -62,15 +57,12 @@ class GpuPanel(Panel):
         gpus = tele.get("gpus") or []
         if not gpus:
             return crop(Text(self.no_gpu_text(view), "yellow"), width)
-        history: dict[Any, list[dict[str, Any]]] = {}
-        for sample in view.state.telemetry_history:
-            for g in sample.get("gpus") or []:
-                history.setdefault(g.get("uuid") or g.get("index"), []).append(g)
+        history = view.gpu_history()
         live = view.state.live
-        return lines_text([self.row(g, history.get(g.get("uuid") or g.get("index"), []), width, live) for g in gpus])
+        return lines_text([self.row(g, history.get(gpu_key(g), []), width, live) for g in gpus])
 
     def row(self, g: dict[str, Any], hist: list[dict[str, Any]], width: int, live: bool = True) -> Text:
-        mem_frac = _frac(g.get("mem_used"), g.get("mem_total"))
+        mem_frac = fraction(g.get("mem_used"), g.get("mem_total"))
         util = g.get("util")
         mark = Text("▶", "bold green") if g.get("in_run") and live else Text(" ")
         fields: list[tuple[str, int, Text]] = [  # (name, drop order: higher goes first, text)
@@ -78,13 +70,13 @@ class GpuPanel(Panel):
             ("name", 5, Text(f"{_short_name(g.get('name'))[:18]:<18}")),
             ("bar", 0, Text("")),
             ("mem", 0, Text(f"{fmt_gib(g.get('mem_used')):>5}/{fmt_gib(g.get('mem_total'))} GiB")),
-            *([("util", 1, Text(f"{'n/a' if util is None else f'{util:.0f}%':>4}", level_style(_frac(util, 100)))),
+            *([("util", 1, Text(f"{'n/a' if util is None else f'{util:.0f}%':>4}", level_style(fraction(util, 100)))),
                ("temp", 2, Text("n/a" if g.get("temp") is None else f"{g['temp']:.0f}°C")),
                ("power", 3, Text(self.power(g)))] if live else []),
             ("spark", 4, Text.assemble(("mem ", "dim"),
-                                        sparkline([_frac(h.get("mem_used"), h.get("mem_total")) for h in hist], SPARK_W, "cyan"),
+                                        sparkline([fraction(h.get("mem_used"), h.get("mem_total")) for h in hist], SPARK_W, "cyan"),
                                         (" util ", "dim"),
-                                        sparkline([_frac(h.get("util"), 100) for h in hist], SPARK_W, "green"))),
+                                        sparkline([fraction(h.get("util"), 100) for h in hist], SPARK_W, "green"))),
         ]
         bar_min, bar_max = 8, 30
         while True:

@@ -6,9 +6,11 @@ from typing import Hashable
 
 from rich.text import Text
 
+from sftui.runfile import ENDED
 from sftui.runstate import rung_text
 from sftui.tui.render import fit_line
-from sftui.tui.view import Panel, View
+from sftui.tui.view import Panel
+from sftui.viewmodel import View
 
 STATUS_STYLE = {
     "starting": "bold black on cyan",
@@ -50,7 +52,7 @@ class HeaderPanel(Panel):
         chips.append((f"step {s.step}{total}", 2))
         if s.epochs:
             chips.append((f"epoch {s.epoch_text}", 5))  # never above its total
-        if status in ("finished", "failed", "stopped") and (s.reason or s.exit_code is not None):
+        if status in ENDED and (s.reason or s.exit_code is not None):
             why = s.reason or ""
             chips.append((Text(f"{why} (exit {s.exit_code})".strip(), "italic"), 4))
         elif status in STATUS_HINT:

@@ -11,7 +11,8 @@ from rich.text import Text
 
 from sftui.runstate import fmt_gib
 from sftui.tui.render import crop, lines_text
-from sftui.tui.view import Panel, View
+from sftui.tui.view import Panel
+from sftui.viewmodel import View
 
 MAX_LINES = 4
 
@@ -30,14 +31,14 @@ def rung_line(i: int, rung: int, view: View, width: int = 40) -> Text:
     if oom:
         options = [Text("✗ OOM", "bold red"), Text("✗", "bold red")]
     elif peak is not None:
-        options = [Text(f"{fmt_gib(peak)} GiB"), Text(f"{fmt_gib(peak)}G"), Text(f"{peak / 2**30:.0f}G")]
+        options = [Text(f"{fmt_gib(peak)} GiB"), Text(f"{fmt_gib(peak)}G"), Text(f"{fmt_gib(peak, 0)}G")]
     elif predicted is not None and rf.fits(rung) is False:
         options = [Text(f"~{fmt_gib(predicted)} GiB won't fit", "bold yellow"),
-                   Text(f"~{fmt_gib(predicted)} GiB ✗", "bold yellow"), Text(f"~{predicted / 2**30:.0f}G✗", "bold yellow"),
+                   Text(f"~{fmt_gib(predicted)} GiB ✗", "bold yellow"), Text(f"~{fmt_gib(predicted, 0)}G✗", "bold yellow"),
                    Text("✗", "bold yellow")]
     elif predicted is not None:
         options = [Text(f"~{fmt_gib(predicted)} GiB"), Text(f"~{fmt_gib(predicted)}G"),
-                   Text(f"~{predicted / 2**30:.0f}G")]
+                   Text(f"~{fmt_gib(predicted, 0)}G")]
     else:
         options = [Text("?", "dim")]
     for what in options:  # the first form that fits whole: never a number cut in half

@@ -7,7 +7,8 @@ from typing import Hashable
 from rich.text import Text
 
 from sftui.tui.render import crop, lines_text
-from sftui.tui.view import Panel, View
+from sftui.tui.view import Panel
+from sftui.viewmodel import View
 
 
 def line_style(line: str) -> str:
@@ -43,7 +44,7 @@ class LogPanel(Panel):
                 log_lines.append(crop(Text(part, line_style(part)), width))
         tail: list[Text] = []
         already = set(s.crash_tail)
-        extra = [t for t in view.attempt_tail if t not in already] if view.status in ("failed", "lost") else []
+        extra = [t for t in view.attempt_tail if t not in already] if view.in_trouble else []
         if extra:
             n = s.attempt if s.attempt is not None else "?"
             tail.append(crop(Text(f"── last lines of attempt-{n}.log ──", "bold"), width))

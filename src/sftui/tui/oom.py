@@ -2,6 +2,9 @@
 
 Shown while ``RunState.pending_decision`` is set (a ``decision_needed`` event, also kept in
 run.json, so it comes back on re-attach); the app removes it when the ``decision`` arrives.
+An answer is posted to the app as ``OomScreen.Decided``; the prompt stays up, saying that the
+answer was sent, until the supervisor's decision (or lets the user answer again when the
+answer did not reach it).
 """
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
+from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
 from sftui.runstate import fmt_gib
 from sftui.tui.ladder import rung_line
 from sftui.tui.render import lines_text
-from sftui.tui.view import View, rung_effective
+from sftui.viewmodel import View, rung_effective
 
 WHERE = {"forward": "in the forward pass", "backward": "in the backward pass",
          "optimizer": "in the optimizer step", "host": "in host memory"}
@@ -31,12 +35,18 @@ class OomScreen(ModalScreen[None]):
         *(Binding(str(i), f"pick({i})", show=False) for i in range(1, 10)),
     ]
 
-    def __init__(self, view: View, clock: Callable[[], float],
-                 decide: Callable[[str, int | None], None]):
+    class Decided(Message):
+        """The user's answer: ``restart`` at ``batch``, or ``stop`` (``batch`` None)."""
+
+        def __init__(self, action: str, batch: int | None):
+            super().__init__()
+            self.action = action
+            self.batch = batch
+
+    def __init__(self, view: View, clock: Callable[[], float]):
         super().__init__(classes="dialog-screen", id="oom-screen")
         self.view = view
         self.clock = clock
-        self.decide = decide
         self.sent: str | None = None
 
     # --- content ---
@@ -78,22 +88,13 @@ class OomScreen(ModalScreen[None]):
                                        " at the time" if at_the_time else " now")
         return lines_text([first, second])
 
-    def resume_from(self) -> str:
-        oom = self.view.state.last_oom or {}
-        ck = oom.get("emergency_checkpoint")
-        if ck is not None:
-            return f"from step {ck} (emergency checkpoint)"
-        if self.view.latest_ckpt is not None:
-            return f"from step {self.view.latest_ckpt} (latest checkpoint)"
-        return "from the start (no checkpoint yet)"
-
     def proposal_text(self) -> Text:
         prop = self.decision.get("proposed_batch")
         if prop is None:
             return Text.assemble(("No smaller rung: this was the bottom of the ladder. ", "bold"),
                                  "Lower --max-len or add --gradient-checkpointing, or pick a rung below.")
         return Text.assemble("Proposal: restart at batch ", (f"{rung_effective(self.view, prop)}", "bold green"),
-                             f", {self.resume_from()}.")
+                             f", {self.view.resume_from()}.")
 
     def countdown_text(self) -> Text:
         if self.sent:
@@ -167,7 +168,7 @@ class OomScreen(ModalScreen[None]):
             return
         self.sent = what
         self.tick()
-        self.decide(action, batch)
+        self.post_message(self.Decided(action, batch))
 
     def action_accept(self) -> None:
         prop = self.decision.get("proposed_batch")

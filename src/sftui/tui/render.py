@@ -64,10 +64,6 @@ def fmt_si(x: float | None, unit: str = "") -> str:
     return f"{x:.1f}{unit}" if isinstance(x, float) and abs(x) < 100 else f"{x:.0f}{unit}"
 
 
-def fmt_pct(x: float | None, digits: int = 0) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}%"
-
-
 def crop(text: Text | str, width: int) -> Text:
     """One line no wider than ``width``, ending in an ellipsis when cut."""
     t = Text(text) if isinstance(text, str) else text.copy()

@@ -7,20 +7,14 @@ CPU load as "—", the run's RSS left out (its worker is gone); never as if curr
 
 from __future__ import annotations
 
-from typing import Any, Hashable
+from typing import Hashable
 
 from rich.text import Text
 
 from sftui.runstate import fmt_gib
 from sftui.tui.render import bar, crop, lines_text
-
-from sftui.tui.view import Panel, View, seen_at
-
-
-def _frac(a: Any, b: Any) -> float | None:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > 0:
-        return a / b
-    return None
+from sftui.tui.view import Panel
+from sftui.viewmodel import View, fraction, seen_at
 
 
 class SystemPanel(Panel):
@@ -57,8 +51,8 @@ class SystemPanel(Panel):
         else:
             last = Text(f"last seen {seen_at(tele.get('t'), self.app.clock())}", "dim italic")
         lines = [
-            row("RAM", _frac(mu, mt), values[0]),
-            row("swap", _frac(su, stt) if stt else 0.0, values[1]),
+            row("RAM", fraction(mu, mt), values[0]),
+            row("swap", fraction(su, stt) if stt else 0.0, values[1]),
             row("CPU", None if cpu is None else cpu / 100, values[2]),
             crop(last, width),
         ]
