@@ -28,7 +28,7 @@ from sftui import config as cfgmod
 from sftui import events as ev
 from sftui.control import ControlServer
 from sftui.runfile import RunFile
-from sftui.launch import Attempt, rendezvous_id, start_attempt, start_launcher
+from sftui.launch import Attempt, allocator_conf, rendezvous_id, start_attempt, start_launcher
 from sftui.rundir import (
     EventLog,
     EventTails,
@@ -171,6 +171,10 @@ class Supervisor:
             self._save(status="running", supervisor_pid=os.getpid(), socket=str(server.path),
                        exit_code=None, reason=None, pending_decision=None, request_seq=self._request_seq_written)
             self.emit("run_start", config=self.state.config, resumed=self.state.attempt > 0)
+            if not self.cfg.cpu:
+                conf, own = allocator_conf()
+                self.emit("log", level="info", message=f"CUDA allocator: PYTORCH_CUDA_ALLOC_CONF={conf} "
+                          + ("(yours, from the environment)" if own else "(sftui's default; set it to choose another)"))
             if self.cfg.batch == "auto" and self.state.attempt == 0:
                 self.emit("batch_change", **{"from": None, "to": self.state.batch_size, "by": "probe"})
             code, status, reason = self._attempts()

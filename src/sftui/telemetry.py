@@ -55,7 +55,11 @@ class Nvml:
         h = self._q(lambda: nv.nvmlDeviceGetHandleByIndex(index))
         if h is None:
             return {"index": index, "name": None, "uuid": None, **{k: None for k in GPU_FIELDS}}
-        mem = self._q(lambda: nv.nvmlDeviceGetMemoryInfo(h))
+        # nvidia-smi's reading: the v2 query, whose `used` leaves out what the driver reserves
+        # (the v1 `used` showed an idle H200 at 0.6 GiB, nvidia-smi at 4 MiB); v1 where the
+        # driver lacks v2.
+        mem = self._q(lambda: nv.nvmlDeviceGetMemoryInfo(h, version=nv.nvmlMemory_v2)) \
+            or self._q(lambda: nv.nvmlDeviceGetMemoryInfo(h))
         util = self._q(lambda: nv.nvmlDeviceGetUtilizationRates(h))
         power = self._q(lambda: nv.nvmlDeviceGetPowerUsage(h))
         limit = self._q(lambda: nv.nvmlDeviceGetEnforcedPowerLimit(h))

@@ -1,0 +1,82 @@
+"""The language-model head and cross-entropy over the trained positions only, in chunks.
+
+A causal LM's forward computes logits for every position — padding and prompt included — and
+the loss then copied them all to float32: at batch 16 × 512 × a 151,936-token vocabulary that is
+5 GB in float32 alone, plus its gradient, for a loss that only reads the response positions. Here
+the model runs up to its last hidden state; the head runs on the positions that are trained, a
+chunk at a time, each chunk's float32 logits recomputed in the backward pass instead of kept
+(activation checkpointing), so at most one chunk of logits is alive. The loss is the same sum.
+
+``TrainingModel`` wraps the model so that DDP (through accelerate) still sees one forward per
+micro-batch; ``bare`` is the model itself (checkpoints, ``final/``, evaluation).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+CHUNK_BYTES = 512 * 1024**2  # float32 logits of one chunk
+
+
+def plain_head(model: Any) -> nn.Linear | None:
+    """The model's output projection when its logits are that projection of the last hidden
+    state and nothing more (Llama, Qwen2/3, Mistral); None for models that scale or cap logits
+    (Gemma's soft-capping, Cohere's scale) or are not causal LMs: those keep their own forward."""
+    config = model.config
+    if config.is_encoder_decoder or getattr(config, "final_logit_softcapping", None) \
+            or getattr(config, "logit_scale", None) not in (None, 1, 1.0):
+        return None
+    head = model.get_output_embeddings()
+    base = getattr(model, model.base_model_prefix, None)
+    return head if isinstance(head, nn.Linear) and isinstance(base, nn.Module) else None
+
+
+def chunk_rows(vocab: int) -> int:
+    """Trained positions per chunk: CHUNK_BYTES of float32 logits, at least 128."""
+    return max(128, CHUNK_BYTES // (4 * vocab))
+
+
+def _ce_sum(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    logits = F.linear(hidden, weight, bias)
+    return F.cross_entropy(logits.float(), labels, reduction="sum")
+
+
+def head_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Linear) -> torch.Tensor:
+    """Sum of the cross-entropy of ``head(hidden)`` against ``labels`` at the positions whose
+    label is not -100 (``labels`` already aligned with ``hidden``: shifted for a causal LM)."""
+    keep = labels != -100
+    h, y = hidden[keep], labels[keep]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    step = chunk_rows(head.out_features)
+    for start in range(0, h.shape[0], step):
+        part = (h[start:start + step], y[start:start + step], head.weight, head.bias)
+        total = total + (checkpoint(_ce_sum, *part, use_reentrant=False) if torch.is_grad_enabled() else _ce_sum(*part))
+    return total
+
+
+class TrainingModel(nn.Module):
+    """The model in its training form: ``forward(input_ids, attention_mask, labels)`` returns the
+    token-loss sum of the micro-batch, through the chunked head where the model has a plain one."""
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.bare = model
+        self.head = plain_head(model)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                decoder_input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self.head is None:
+            extra = {} if decoder_input_ids is None else {"decoder_input_ids": decoder_input_ids}
+            logits = self.bare(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
+            if decoder_input_ids is None:
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                   ignore_index=-100, reduction="sum")
+        base = getattr(self.bare, self.bare.base_model_prefix)
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return head_loss_sum(hidden[:, :-1], labels[:, 1:], self.head)
