@@ -1,6 +1,7 @@
-"""Data preparation at scale: 1M synthetic prompt/response rows through the worker's own path
-(validate, build the character tokenizer, tokenize into the memory-mapped cache, build batches
-from the plan), with the time of each phase and the peak RSS.
+"""Data preparation at scale: 1M synthetic prompt/response rows through sftui's own path (the
+CLI's one pass that validates and hashes, the worker's hash check, the character tokenizer,
+tokenizing into the memory-mapped cache, batches from the plan), with the time of each phase
+and the peak RSS.
 
     .venv/bin/python scripts/bench_data_prep.py [--rows 1000000] [--max-len 256] [--keep DIR]
 """
@@ -16,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from sftui import rows
 from sftui.trainer import data, model
 
 
@@ -62,20 +64,19 @@ def main() -> None:
         base_rss = rss_mib()
 
         t = time.perf_counter()
-        data.fingerprint(str(path))
+        usable = rows.scan(str(path), skip_bad_rows=False).usable
+        figures["scan_s"] = round(time.perf_counter() - t, 1)
+        figures["rss_after_scan_mib"] = rss_now_mib()
+        t = time.perf_counter()
+        rows.fingerprint(str(path))
         figures["fingerprint_s"] = round(time.perf_counter() - t, 1)
         t = time.perf_counter()
-        usable, skipped = data.validate_file(str(path), skip_bad_rows=False)
-        figures["validate_s"] = round(time.perf_counter() - t, 1)
-        figures["rss_after_validate_mib"] = rss_now_mib()
-        t = time.perf_counter()
-        model.build_char_tokenizer(data.char_counts(str(path), False), work / "tokenizer")
+        model.build_char_tokenizer(rows.char_counts(str(path), False), work / "tokenizer")
         tok = model.load_tokenizer(work / "tokenizer")
         figures["char_tokenizer_s"] = round(time.perf_counter() - t, 1)
         figures["rss_after_char_tokenizer_mib"] = rss_now_mib()
         t = time.perf_counter()
-        cache = data.tokenize_to_cache(str(path), tok, args.max_len, False, False, work / "cache", usable,
-                                       lambda f: None)
+        cache = data.tokenize_to_cache(str(path), tok, args.max_len, False, False, work / "cache", lambda f: None)
         seconds = time.perf_counter() - t
         figures["tokenize_s"] = round(seconds, 1)
         figures["rss_after_tokenize_mib"] = rss_now_mib()

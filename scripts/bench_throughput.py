@@ -11,7 +11,7 @@ a. HF: `Seq2SeqTrainer` (fused AdamW, clip 1.0, no eval, saving or logging) at e
    one child process; the same tokenized rows (sftui's own tokenizer and cache), the same model.
 b. sftui: the real command line, `sftui run --headless`, eager (default padding) and with
    --compile (static shapes); rates from the `step` events after the warm-up steps, peak memory
-   from `rank_stats`. MFU for both sides by sftui's own definition (loop._mfu).
+   from `rank_stats`. MFU for both sides by sftui's own definition (flops.mfu).
 c. Supervisor overhead: the same eager run started as a bare rank (launch.start_attempt on a
    copy of the supervised run's run.json), without the supervisor tailing and sampling.
 d. OOM recovery (OOM event -> the first step of attempt 2), compile off and on, from
@@ -76,16 +76,18 @@ def hf_worker(args: argparse.Namespace) -> int:
     import torch
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
 
-    from sftui.trainer import data, loop, model as models
+    from sftui.config import default_lr
+    from sftui.rows import char_counts
+    from sftui.trainer import data, flops, loop, model as models
 
     cuda = torch.cuda.is_available()
     work = args.out / "hf"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    models.build_char_tokenizer(data.char_counts(str(args.data), False), work / "tokenizer", models.max_vocab(args.model))
+    models.build_char_tokenizer(char_counts(str(args.data), False), work / "tokenizer", models.max_vocab(args.model))
     tok = models.load_tokenizer(work / "tokenizer", preset=True)
     seq2seq = models.is_seq2seq(args.model)
-    rows = data.tokenize_to_cache(str(args.data), tok, MAX_LEN, seq2seq, False, work / "cache", 0, lambda f: None)
+    rows = data.tokenize_to_cache(str(args.data), tok, MAX_LEN, seq2seq, False, work / "cache", lambda f: None)
 
     class Rows(torch.utils.data.Dataset):
         """sftui's tokenized rows, one at a time, through sftui's own collate (same labels)."""
@@ -116,7 +118,7 @@ def hf_worker(args: argparse.Namespace) -> int:
                     torch.cuda.synchronize()
                 marks[state.global_step] = (time.perf_counter(), len(counts))
 
-    peak_tflops = loop._peak_tflops(cuda)
+    peak_tflops = flops.peak_tflops(cuda)
     for batch in args.batches:
         counts.clear()
         marks.clear()
@@ -124,10 +126,10 @@ def hf_worker(args: argparse.Namespace) -> int:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         net = models.build_model(args.model, tok, SEED, MAX_LEN, "cuda" if cuda else "cpu")
-        enc_fpt, dec_fpt = models.flops_per_token(net, seq2seq)
+        enc_fpt, dec_fpt = flops.flops_per_token(net, seq2seq)
         targs = Seq2SeqTrainingArguments(
             output_dir=str(work / "out"), per_device_train_batch_size=batch, max_steps=last,
-            learning_rate=models.default_lr(args.model), weight_decay=0.0, max_grad_norm=1.0, bf16=cuda,
+            learning_rate=default_lr(args.model), weight_decay=0.0, max_grad_norm=1.0, bf16=cuda,
             optim="adamw_torch_fused" if cuda else "adamw_torch", logging_strategy="no", save_strategy="no",
             eval_strategy="no", report_to="none", dataloader_num_workers=1, dataloader_pin_memory=cuda,
             remove_unused_columns=False, seed=SEED, disable_tqdm=True, use_cpu=not cuda,
@@ -144,7 +146,7 @@ def hf_worker(args: argparse.Namespace) -> int:
             rates = {"samples": batch * args.steps / seconds, "enc_tokens": enc / seconds, "dec_tokens": dec / seconds}
             out.update(samples_per_s=round(rates["samples"], 2), tokens_per_s=round((enc + dec) / seconds, 1),
                        ms_per_step=round(seconds / args.steps * 1000, 1),
-                       mfu=loop._mfu(rates, enc_fpt, dec_fpt, net.config, peak_tflops, 1),
+                       mfu=flops.mfu(rates, enc_fpt, dec_fpt, net.config, peak_tflops, 1),
                        peak_reserved=torch.cuda.max_memory_reserved() if cuda else None,
                        peak_allocated=torch.cuda.max_memory_allocated() if cuda else None)
         except Exception as e:  # noqa: BLE001 - an OOM at a large batch is a result

@@ -84,16 +84,17 @@ def say(text: str) -> None:
 
 def prepare(args: argparse.Namespace) -> tuple[Any, Any]:
     """The tokenizer and the tokenized synthetic rows, through sftui's own cache."""
+    from sftui.rows import char_counts
     from sftui.trainer import data, model as models
 
     rows = args.out / "data.jsonl"
     if not rows.exists():
         write_data(rows, args.rows)
-    models.build_char_tokenizer(data.char_counts(str(rows), False), args.out / "tokenizer", models.max_vocab(args.model))
+    models.build_char_tokenizer(char_counts(str(rows), False), args.out / "tokenizer", models.max_vocab(args.model))
     tok = models.load_tokenizer(args.out / "tokenizer", preset=True)
     cache = args.out / "cache"
     tokenized = data.Tokenized.open(cache) if cache.exists() else data.tokenize_to_cache(
-        str(rows), tok, MAX_LEN, models.is_seq2seq(args.model), False, cache, args.rows, lambda f: None)
+        str(rows), tok, MAX_LEN, models.is_seq2seq(args.model), False, cache, lambda f: None)
     return tok, tokenized
 
 
@@ -110,8 +111,8 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
     import torch
     from torch.utils.data import DataLoader
 
-    from sftui.config import RunConfig
-    from sftui.trainer import compiling, data, loop, model as models
+    from sftui.config import RunConfig, default_lr
+    from sftui.trainer import compiling, data, flops, loop
 
     mode, batch = name.split(":")
     batch = int(batch)
@@ -120,12 +121,12 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
     device = accelerator.device
     grouped, padded = mode.endswith("grouped"), mode.endswith("max") or mode.endswith("max-static")
     cfg = RunConfig(model=args.model, max_len=MAX_LEN, seed=SEED, batch=batch, ladder=[batch])
-    net, opt = loop.new_model(cfg, tok, device, models.default_lr(args.model))
+    net, opt = loop.new_model(cfg, tok, device, default_lr(args.model))
     if "-stockbias" in suffixes:
         for module_name, module in net.named_modules():
             if module_name.endswith("relative_attention_bias"):
                 module._forward_hooks.clear()
-    enc_fpt, dec_fpt = models.flops_per_token(net, tokenized.seq2seq)
+    enc_fpt, dec_fpt = flops.flops_per_token(net, tokenized.seq2seq)
     decoder_start = net.config.decoder_start_token_id if tokenized.seq2seq else None
     model, optimizer = accelerator.prepare(net, opt)
     compiled = None
@@ -197,7 +198,7 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
             rates = {"samples": samples / seconds, "enc_tokens": enc / seconds, "dec_tokens": (real - enc) / seconds}
             out.update(samples_per_s=round(samples / seconds, 1), real_tokens_per_s=round(real / seconds),
                        ms_per_step=round(seconds / args.steps * 1000, 1), real_share=round(real / max(1, positions), 3),
-                       mfu=loop._mfu(rates, enc_fpt, dec_fpt, net.config, loop._peak_tflops(cuda), 1),
+                       mfu=flops.mfu(rates, enc_fpt, dec_fpt, net.config, flops.peak_tflops(cuda), 1),
                        last_loss=round(float(loss), 4))
     out.update(recompiles.report())
     recompiles.close()

@@ -1,5 +1,6 @@
-"""Data files: every format × every row shape, every kind of bad row (named by file and line,
-or Parquet row), --skip-bad-rows counting, sample ids, and validation without torch."""
+"""Data files (sftui/rows.py): every format × every row shape, every kind of bad row (named by
+file and line, or Parquet row), --skip-bad-rows counting, sample ids, one pass that validates and
+hashes, and all of it without torch."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from sftui.config import ConfigError
-from sftui.trainer import data
-from sftui.trainer.data import DataError, fingerprint, iter_examples, validate_file
+from sftui.rows import DataError, Examples, fingerprint, parse_row, scan
 
 PROMPT_RESPONSE = [{"prompt": "1+1=", "response": "2"}, {"prompt": "", "response": "hello"}]
 ALPACA = [{"instruction": "Say hi", "input": "", "output": "hi"},
@@ -21,6 +21,12 @@ MESSAGES = [{"messages": [{"role": "system", "content": "be brief"}, {"role": "u
                           {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"},
                           {"role": "assistant", "content": "ciao"}]}]
 SHAPES = {"prompt_response": PROMPT_RESPONSE, "alpaca": ALPACA, "messages": MESSAGES}
+
+
+def validate_file(path: str, skip_bad_rows: bool) -> tuple[int, int]:
+    """(usable rows, skipped rows) of one scan."""
+    found = scan(path, skip_bad_rows)
+    return found.usable, found.skipped
 
 
 def write(path: Path, rows: list, fmt: str) -> Path:
@@ -42,7 +48,7 @@ def test_every_format_and_shape_reads(tmp_path: Path, fmt: str, shape: str) -> N
     rows = SHAPES[shape]
     path = write(tmp_path / f"d.{fmt}", rows, fmt)
     assert validate_file(str(path), skip_bad_rows=False) == (len(rows), 0)
-    examples = list(iter_examples(str(path), False))
+    examples = list(Examples(str(path), False))
     assert [row for row, _ in examples] == list(range(len(rows)))
     for _, segments in examples:
         assert any(on and t for t, on in segments)
@@ -50,11 +56,11 @@ def test_every_format_and_shape_reads(tmp_path: Path, fmt: str, shape: str) -> N
 
 
 def test_segments_of_each_shape() -> None:
-    assert data.parse_row(PROMPT_RESPONSE[0], "x") == [("1+1=", False), ("2", True), (None, True)]
-    alpaca = data.parse_row(ALPACA[1], "x")
+    assert parse_row(PROMPT_RESPONSE[0], "x") == [("1+1=", False), ("2", True), (None, True)]
+    alpaca = parse_row(ALPACA[1], "x")
     assert alpaca[0] == ("### Instruction:\nAdd\n\n### Input:\n2 and 3\n\n### Response:\n", False)
     assert alpaca[1:] == [("5", True), (None, True)]
-    chat = data.parse_row(MESSAGES[0], "x")
+    chat = parse_row(MESSAGES[0], "x")
     assert [t for t, on in chat if on] == ["hello", None, "ciao", None]  # every assistant turn, with its EOS
     assert not any(on for t, on in chat if t and "user" in t)
 
@@ -91,7 +97,7 @@ def test_invalid_json_line_and_skipping_keeps_row_ids(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=rf"^{path}:2: invalid JSON: "):
         validate_file(str(path), False)
     assert validate_file(str(path), True) == (2, 1)
-    assert [row for row, _ in iter_examples(str(path), True)] == [0, 2]  # ids count bad rows too
+    assert [row for row, _ in Examples(str(path), True)] == [0, 2]  # ids count bad rows too
 
 
 def test_json_list_bad_row_names_its_line(tmp_path: Path) -> None:
@@ -134,10 +140,37 @@ def test_fingerprint_and_demo(tmp_path: Path) -> None:
     assert usable >= 2000 and skipped == 0
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet"])
+def test_one_scan_validates_and_hashes_the_bytes(tmp_path: Path, fmt: str) -> None:
+    import hashlib
+
+    path = write(tmp_path / f"d.{fmt}", PROMPT_RESPONSE + [{"prompt": "p", "response": None}] + PROMPT_RESPONSE, fmt)
+    with path.open("ab") as f:
+        f.write(b"\n\n" if fmt != "parquet" else b"")  # trailing blank lines are bytes of the file too
+    found = scan(str(path), skip_bad_rows=True)
+    assert (found.usable, found.skipped) == (4, 1)
+    assert found.fingerprint == fingerprint(str(path)) == hashlib.sha256(path.read_bytes()).hexdigest()
+    demo = scan("demo", False)
+    assert demo.fingerprint == fingerprint("demo") and demo.usable >= 2000
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet"])
+def test_examples_say_how_much_of_the_file_is_read(tmp_path: Path, fmt: str) -> None:
+    path = write(tmp_path / f"d.{fmt}", PROMPT_RESPONSE * 50, fmt)
+    examples = Examples(str(path), False)
+    seen = [examples.fraction for _ in examples]
+    assert seen == sorted(seen) and 0 < seen[0] < 0.1 and seen[-1] > 0.9
+    assert examples.fraction == 1.0
+
+
 def test_validation_imports_no_torch(tmp_path: Path) -> None:
-    path = write(tmp_path / "d.jsonl", PROMPT_RESPONSE, "jsonl")
-    code = ("import sys; from sftui.trainer.data import validate_file, fingerprint; "
-            f"print(validate_file({str(path)!r}, False), fingerprint('demo')); "
-            "assert not {'torch', 'transformers', 'pyarrow'} & set(sys.modules), sorted(sys.modules)")
+    """The CLI's data check (runsetup.check_data) imports neither torch, numpy, transformers nor
+    pyarrow (for JSONL), nor anything of sftui.trainer; it counts skipped rows on stderr."""
+    path = write(tmp_path / "d.jsonl", PROMPT_RESPONSE + [{"prompt": "p"}], "jsonl")
+    code = ("import sys; from sftui.config import RunConfig; from sftui.runsetup import check_data; "
+            f"print(check_data(RunConfig(data={str(path)!r}, skip_bad_rows=True))); "
+            "heavy = {'torch', 'numpy', 'transformers', 'pyarrow'} & set(sys.modules); "
+            "assert not heavy and not [m for m in sys.modules if m.startswith('sftui.trainer')], sorted(sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip().startswith("(2, 0) demo-")
+    assert out.stdout.strip() == str((fingerprint(str(path)), 2))
+    assert out.stderr == f"sftui: {path}: skipping 1 bad rows of 3 (--skip-bad-rows)\n"

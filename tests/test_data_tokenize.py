@@ -7,9 +7,12 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sftui.config import count_steps
+from sftui.rows import DataError
 from sftui.trainer import data, model
 from trainer_helpers import write_jsonl
 
@@ -41,7 +44,7 @@ def test_prompt_masked_by_position_when_pad_is_eos(tmp_path: Path) -> None:
     tok = _pad_is_eos_tokenizer(tmp_path)
     rows = [{"prompt": "ab =", "response": "cd"}, {"prompt": "a =", "response": "abcdef"}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    cache = data.tokenize_to_cache(str(path), tok, 64, False, False, tmp_path / "cache", 2, lambda f: None)
+    cache = data.tokenize_to_cache(str(path), tok, 64, False, False, tmp_path / "cache", lambda f: None)
     batch = data.collate(cache, np.array([0, 1]), tok.pad_token_id)
     ids, labels, attention = (batch[k].numpy() for k in ("input_ids", "labels", "attention_mask"))
     eos, bos = tok.eos_token_id, tok.bos_token_id
@@ -56,7 +59,7 @@ def test_prompt_masked_by_position_when_pad_is_eos(tmp_path: Path) -> None:
 def test_seq2seq_encoding_and_cache_reopens(tmp_path: Path) -> None:
     tok = _pad_is_eos_tokenizer(tmp_path)
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "abcdefabcdef", "response": "0123456789abc"}])
-    cache = data.tokenize_to_cache(str(path), tok, 8, True, False, tmp_path / "c", 1, lambda f: None)
+    cache = data.tokenize_to_cache(str(path), tok, 8, True, False, tmp_path / "c", lambda f: None)
     src = cache.ids[cache.offsets[0]:cache.offsets[1]].tolist()
     tgt = cache.labels[cache.label_offsets[0]:cache.label_offsets[1]].tolist()
     assert len(src) == 8  # the input is cut from the left to max_len, ending in EOS
@@ -64,6 +67,21 @@ def test_seq2seq_encoding_and_cache_reopens(tmp_path: Path) -> None:
     assert tgt == tok.convert_tokens_to_ids(list("01234567"))  # labels cut to max_len
     reopened = data.Tokenized.open(tmp_path / "c")
     assert reopened.n == 1 and reopened.seq2seq and not reopened.ids.flags.writeable and not reopened.ids.flags.owndata
+
+
+def test_tokenizing_reports_progress_and_names_or_counts_bad_rows(tmp_path: Path) -> None:
+    tok = _pad_is_eos_tokenizer(tmp_path)
+    rows = [{"prompt": "ab =", "response": "cd"}] * 5000  # more than one chunk
+    seen: list[float] = []
+    cache = data.tokenize_to_cache(str(write_jsonl(tmp_path / "d.jsonl", rows)), tok, 16, False, False,
+                                   tmp_path / "c", seen.append)
+    assert cache.n == 5000 and len(seen) == 2 and 0.5 < seen[0] < 1 and seen[-1] == 1.0
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows[:3] + [{"prompt": "x"}, rows[0]])
+    with pytest.raises(DataError, match=rf'^{bad}:4: missing field "response"'):
+        data.tokenize_to_cache(str(bad), tok, 16, False, False, tmp_path / "c2", seen.append)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".tmp", "c2"))]  # nothing half-written
+    skipping = data.tokenize_to_cache(str(bad), tok, 16, False, True, tmp_path / "c3", seen.append)
+    assert (skipping.n, skipping.skipped, skipping.row_ids.tolist()) == (4, 1, [0, 1, 2, 4])
 
 
 @settings(max_examples=50, deadline=None)
@@ -76,7 +94,7 @@ def test_plan_covers_each_epoch_once_across_a_batch_change(n: int, per_step: int
     cut = min(stop, len(first))
     resumed_at = first[cut][0] if cut < len(first) else plan.target
     steps = first[:cut] + plan.steps(resumed_at, per_step_after)
-    assert len(plan.steps(resumed_at, per_step_after)) == plan.count_steps(resumed_at, per_step_after)
+    assert len(plan.steps(resumed_at, per_step_after)) == count_steps(resumed_at, per_step_after, n, plan.target)
     trained = [plan.step_indices(seen, size) for seen, size in steps]
     for epoch in range(epochs):
         ids = np.concatenate([t for (seen, _), t in zip(steps, trained) if seen // n == epoch])

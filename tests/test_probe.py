@@ -14,6 +14,7 @@ import pytest
 
 from sftui import forecast, probing
 from sftui.config import ConfigError, RunConfig
+from sftui.rows import char_counts, fingerprint
 from sftui.trainer import data, model as models
 from sftui.trainer import probe as probe_mod
 from trainer_helpers import write_jsonl
@@ -69,7 +70,7 @@ def test_ranks_without_cuda_say_so_and_leave_nothing_behind(tmp_path, world):
     before = set(Path(os.environ.get("TMPDIR", "/tmp")).glob("sftui-probe-*"))
     lines: list[str] = []
     with pytest.raises(ConfigError, match=r"^probe: no CUDA GPU visible to torch"):
-        probing.run_probe(cfg, data.fingerprint("demo"), 0.85, say=lines.append)
+        probing.run_probe(cfg, fingerprint("demo"), 0.85, say=lines.append)
     assert set(Path(os.environ.get("TMPDIR", "/tmp")).glob("sftui-probe-*")) == before
 
 
@@ -117,7 +118,7 @@ def test_the_search_loop_measures_what_the_forecast_asks(tmp_path, monkeypatch):
     monkeypatch.setattr(probe_mod, "_worst_case_batch", worst_case)
     cfg = RunConfig(model="tiny", data="demo", cpu=True, ladder=[16, 12, 8, 4], mem_fraction=[0.5])
     (tmp_path / "spec.json").write_text(json.dumps({
-        "config": cfg.to_dict(), "data_fingerprint": data.fingerprint("demo"), "work_dir": str(tmp_path), "ladder": cfg.ladder,
+        "config": cfg.to_dict(), "data_fingerprint": fingerprint("demo"), "work_dir": str(tmp_path), "ladder": cfg.ladder,
         "target": 0.85, "steps": 2, "max_seconds": 120}))
     assert probe_mod.probe(tmp_path) == 0
     result = json.loads((tmp_path / "result.json").read_text())
@@ -138,9 +139,9 @@ def test_the_search_loop_measures_what_the_forecast_asks(tmp_path, monkeypatch):
 def _char_data(tmp_path: Path, seq2seq: bool) -> tuple[data.Tokenized, int]:
     rows = [{"prompt": "p" * n, "response": "r" * m} for n, m in ((3, 20), (30, 2), (10, 10), (5, 5))]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    models.build_char_tokenizer(data.char_counts(str(path), False), tmp_path / "tok")
+    models.build_char_tokenizer(char_counts(str(path), False), tmp_path / "tok")
     tok = models.load_tokenizer(tmp_path / "tok")
-    cache = data.tokenize_to_cache(str(path), tok, 24, seq2seq, False, tmp_path / f"c{seq2seq}", 4, lambda f: None)
+    cache = data.tokenize_to_cache(str(path), tok, 24, seq2seq, False, tmp_path / f"c{seq2seq}", lambda f: None)
     return cache, tok.pad_token_id
 
 

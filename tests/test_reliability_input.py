@@ -24,8 +24,9 @@ from hypothesis import HealthCheck, assume, example, given, settings, strategies
 from conftest import kinds, read_events, run_sftui, sftui_env, wait_for_event, wait_no_processes, write_rows
 from sftui import config
 from sftui.config import ConfigError
+from sftui.rows import DataError, Examples, scan
 from sftui.rundir import RunDir
-from sftui.trainer import checkpoint, data, model
+from sftui.trainer import checkpoint, model
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -144,11 +145,11 @@ json_values = st.recursive(
 def check_file(path: Path) -> None:
     for skip in (False, True):
         try:
-            usable, skipped = data.validate_file(str(path), skip)
-            assert usable >= 1 and skipped >= 0
-            for _row, segments in data.iter_examples(str(path), skip):
+            found = scan(str(path), skip)
+            assert found.usable >= 1 and found.skipped >= 0
+            for _row, segments in Examples(str(path), skip):
                 assert any(trained for _, trained in segments)
-        except data.DataError as e:
+        except DataError as e:
             one_line(e)
             assert str(path) in str(e)
 

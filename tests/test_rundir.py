@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import subprocess
@@ -85,3 +84,37 @@ def test_latest_checkpoint(tmp_path):
     run.checkpoint_dir(5).mkdir()
     rundir.write_atomic(run.latest, b"step-00000005\n")
     assert run.latest_checkpoint() == run.checkpoint_dir(5)
+
+
+def test_fresh_dir_is_renamed_into_place_whole_or_not_at_all(tmp_path):
+    final = tmp_path / "cache" / "key"
+    with rundir.fresh_dir(final, tag="w1") as tmp:
+        assert tmp.is_dir() and not any(tmp.iterdir()) and tmp.name == ".tmp-key-w1" and tmp.parent == final.parent
+        (tmp / "a").write_text("one")
+        assert not final.exists()  # nothing is seen before the block ends
+    assert (final / "a").read_text() == "one" and [p.name for p in final.parent.iterdir()] == ["key"]
+
+    other = tmp_path / "other"
+    with pytest.raises(RuntimeError, match="write failed"):
+        with rundir.fresh_dir(other) as tmp:
+            (tmp / "a").write_text("half")
+            raise RuntimeError("write failed")
+    assert list(tmp_path.iterdir()) == [tmp_path / "cache"]  # no leftover, no half directory
+
+
+def test_fresh_dir_keeps_the_first_writers_copy_or_replaces_it(tmp_path):
+    final = tmp_path / "step-00000002"
+    final.mkdir()
+    (final / "a").write_text("first")
+    with rundir.fresh_dir(final, tag="r1-123") as tmp:  # another writer saved this step first
+        (tmp / "a").write_text("second")
+    assert (final / "a").read_text() == "first" and list(tmp_path.iterdir()) == [final]
+
+    with rundir.fresh_dir(final, replace=True) as tmp:  # final/: the newest replaces the old
+        (tmp / "b").write_text("new")
+    assert [p.name for p in final.iterdir()] == ["b"] and list(tmp_path.iterdir()) == [final]
+
+    (tmp_path / ".tmp-step-00000002-w2").mkdir()  # a dead writer's leftover with our tag
+    (tmp_path / ".tmp-step-00000002-w2" / "junk").write_text("x")
+    with rundir.fresh_dir(tmp_path / "step-00000002", tag="w2", replace=True) as tmp:
+        assert not any(tmp.iterdir())  # starts empty

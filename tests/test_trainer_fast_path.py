@@ -17,6 +17,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 from sftui import events as ev
 from sftui import rundir
 from sftui.config import RunConfig
+from sftui.rows import char_counts
 from sftui.trainer import compiling, data, loop, model
 from trainer_helpers import (assert_each_sample_once, events, log_tail, next_attempt, qa_rows, run_attempt,
                              write_jsonl, write_run_json)
@@ -26,9 +27,9 @@ MAX_LEN = 32
 
 def _tokenized(tmp_path: Path, rows: int, seq2seq: bool, seed: int = 3) -> tuple[data.Tokenized, object]:
     path = write_jsonl(tmp_path / "qa.jsonl", qa_rows(rows, seed=seed))
-    model.build_char_tokenizer(data.char_counts(str(path), False), tmp_path / "tok")
+    model.build_char_tokenizer(char_counts(str(path), False), tmp_path / "tok")
     tok = model.load_tokenizer(tmp_path / "tok")
-    cache = data.tokenize_to_cache(str(path), tok, MAX_LEN, seq2seq, False, tmp_path / "cache", rows, lambda f: None)
+    cache = data.tokenize_to_cache(str(path), tok, MAX_LEN, seq2seq, False, tmp_path / "cache", lambda f: None)
     return cache, tok
 
 

@@ -25,9 +25,21 @@ def test_gives_up_after_its_limit():
     assert 1 <= len(beats) <= 5
 
 
-def test_a_failing_beat_does_not_raise():
+def test_a_failing_beat_stops_the_beats_and_raises_nowhere(monkeypatch):
+    """A beat that fails (a full disk) ends the heartbeat quietly: nothing escapes on its thread,
+    and the block it guards is not disturbed."""
+    import threading
+
+    escaped: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: escaped.append(args.exc_value))
+    calls: list[float] = []
+
     def boom() -> None:
+        calls.append(time.monotonic())
         raise OSError("disk full")
 
     with Heartbeat(boom, interval=0.01):
-        time.sleep(0.05)
+        while not calls:
+            time.sleep(0.01)
+        time.sleep(0.1)
+    assert len(calls) == 1 and escaped == []

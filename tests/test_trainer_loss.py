@@ -4,12 +4,12 @@ sum by the step's global target count."""
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from sftui.rows import char_counts
 from sftui.trainer import data, model
 from sftui.trainer.loop import is_oom, scaled_loss, token_loss_sum
 from trainer_helpers import qa_rows, write_jsonl
@@ -18,9 +18,9 @@ from trainer_helpers import qa_rows, write_jsonl
 def _setup(tmp_path: Path):
     rows = qa_rows(8, seed=3)
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    model.build_char_tokenizer(data.char_counts(str(path), False), tmp_path / "tok")
+    model.build_char_tokenizer(char_counts(str(path), False), tmp_path / "tok")
     tok = model.load_tokenizer(tmp_path / "tok")
-    cache = data.tokenize_to_cache(str(path), tok, 32, False, False, tmp_path / "c", 8, lambda f: None)
+    cache = data.tokenize_to_cache(str(path), tok, 32, False, False, tmp_path / "c", lambda f: None)
     net = model.build_model("tiny", tok, seed=0, max_len=32)
     return net, cache, tok.pad_token_id
 

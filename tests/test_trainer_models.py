@@ -14,8 +14,8 @@ from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoToken
 
 from sftui import events as ev
 from sftui import rundir
-from sftui.config import RunConfig
-from sftui.trainer import model
+from sftui.config import RunConfig, default_lr
+from sftui.trainer import flops, model
 from trainer_helpers import (events, log_tail, next_attempt, qa_rows, run_attempt, step_events, update_run_json,
                              write_jsonl, write_run_json)
 
@@ -93,7 +93,23 @@ def test_preset_shapes(tmp_path: Path) -> None:
     assert 185e6 < params < 190e6 and chatlm.config.vocab_size == 29298
     tiny = model.build_model("tiny", tok, seed=0, max_len=256)
     assert 1e6 < sum(p.numel() for p in tiny.parameters()) < 10e6
-    assert model.default_lr("tiny") == 1e-3 and model.default_lr("/some/dir") == 1e-4
+    assert default_lr("tiny") == 1e-3 and default_lr("chatlm-mini") == default_lr("/some/dir") == 1e-4
+
+
+def test_mfu_counts_the_matmuls_a_token_passes_and_attention(tmp_path: Path) -> None:
+    """DESIGN.md's MFU: 6 × the matmul parameters a token passes through (the tied LM head too,
+    the embedding lookup not), plus 12 × layers × width × the average context, over the peak."""
+    model.build_char_tokenizer(Counter("abc"), tmp_path / "tok")
+    tiny = model.build_model("tiny", model.load_tokenizer(tmp_path / "tok"), seed=0, max_len=256)
+    enc, dec = flops.flops_per_token(tiny, seq2seq=False)
+    matmuls = sum(p.numel() for name, p in tiny.named_parameters() if "embed" not in name)
+    assert enc == 0 and dec == 6 * (matmuls + tiny.get_input_embeddings().weight.numel())
+    rates = {"samples": 2.0, "enc_tokens": 0.0, "dec_tokens": 100.0}  # 50 tokens a sample
+    attention = 12 * tiny.config.num_hidden_layers * tiny.config.hidden_size * 50
+    achieved = (dec + attention) * 100
+    assert flops.mfu(rates, enc, dec, tiny.config, 1.0, 2) == round(achieved / 2e12, 4)
+    assert flops.mfu(rates, enc, dec, tiny.config, 0.001, 1) == round(achieved / 1e9, 4)
+    assert flops.mfu(rates, enc, dec, tiny.config, None, 1) is None and flops.peak_tflops(cuda=False) is None
 
 
 def test_chatlm_tokenizer_is_capped_at_the_model_vocab(tmp_path: Path) -> None:

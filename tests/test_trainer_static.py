@@ -19,6 +19,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 from sftui import events as ev
 from sftui import rundir
 from sftui.config import RunConfig
+from sftui.rows import char_counts
 from sftui.trainer import data, loop, model
 from trainer_helpers import log_tail, qa_rows, run_attempt, step_events, write_jsonl, write_run_json
 
@@ -44,9 +45,9 @@ def test_the_worker_learns_the_same_with_static_shapes(tmp_path: Path) -> None:
 
 def test_every_batch_is_padded_to_max_len_without_changing_its_targets(tmp_path: Path) -> None:
     rows = write_jsonl(tmp_path / "qa.jsonl", qa_rows(16))
-    model.build_char_tokenizer(data.char_counts(str(rows), False), tmp_path / "tok")
+    model.build_char_tokenizer(char_counts(str(rows), False), tmp_path / "tok")
     tok = model.load_tokenizer(tmp_path / "tok")
-    cache = data.tokenize_to_cache(str(rows), tok, MAX_LEN, True, False, tmp_path / "c", 16, lambda f: None)
+    cache = data.tokenize_to_cache(str(rows), tok, MAX_LEN, True, False, tmp_path / "c", lambda f: None)
     plan = data.Plan(cache.n, 0, 16)
     steps = plan.steps(0, 8)
     for width in (None, MAX_LEN):
@@ -61,9 +62,9 @@ def test_every_batch_is_padded_to_max_len_without_changing_its_targets(tmp_path:
 @pytest.mark.parametrize("accum", [1, 2])
 def test_an_encoder_decoder_step_is_the_same_with_static_shapes(tmp_path: Path, accum: int) -> None:
     rows = write_jsonl(tmp_path / "qa.jsonl", qa_rows(24, seed=5))
-    model.build_char_tokenizer(data.char_counts(str(rows), False), tmp_path / "tok")
+    model.build_char_tokenizer(char_counts(str(rows), False), tmp_path / "tok")
     tok = model.load_tokenizer(tmp_path / "tok")
-    cache = data.tokenize_to_cache(str(rows), tok, MAX_LEN, True, False, tmp_path / "c", 24, lambda f: None)
+    cache = data.tokenize_to_cache(str(rows), tok, MAX_LEN, True, False, tmp_path / "c", lambda f: None)
     plan = data.Plan(cache.n, 0, 24)
     config = T5Config(vocab_size=len(tok), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, dropout_rate=0.0,
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,

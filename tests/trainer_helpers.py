@@ -15,9 +15,9 @@ from typing import Any
 
 from sftui import launch, rundir
 from sftui.config import RunConfig
-from sftui.trainer.data import fingerprint
+from sftui.rows import fingerprint
 
-ATTEMPT_TIMEOUT = 120.0
+ATTEMPT_TIMEOUT = 300.0  # generous: a loaded 2-core CI box ran one attempt past 120 s
 
 
 def write_run_json(run: rundir.RunDir, cfg: RunConfig, *, attempt: int = 1, batch_size: int | None = None,

@@ -46,7 +46,7 @@ class RunConfig:
     epochs: int = 1
     max_steps: int | None = None
     max_len: int = 256
-    lr: float | None = None  # None: the model preset's default (see trainer/model.py)
+    lr: float | None = None  # None: default_lr(model), resolved when the run is created
     warmup: float = 0.03
     weight_decay: float = 0.0
     seed: int = 42
@@ -400,6 +400,12 @@ def grad_accum_for(cfg: RunConfig, batch: int) -> int:
     if cfg.effective_batch is None:
         return cfg.grad_accum
     return max(1, round(cfg.effective_batch / (batch * cfg.world_size)))
+
+
+def default_lr(model: str) -> float:
+    """The peak learning rate when ``--lr`` is not given: 1e-3 for the few-million-parameter
+    ``tiny``, 1e-4 for ``chatlm-mini`` and any local model."""
+    return 1e-3 if model == "tiny" else 1e-4
 
 
 def count_steps(seen: int, per_step: int, rows: int, target: int) -> int:

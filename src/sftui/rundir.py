@@ -12,7 +12,9 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -137,6 +139,39 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        raise
+
+
+@contextmanager
+def fresh_dir(final: Path, tag: str | None = None, replace: bool = False) -> Iterator[Path]:
+    """A directory written whole or not at all: yields an empty temporary sibling of ``final``
+    (``.tmp-NAME-TAG``, TAG this writer's own: the pid unless given) to fill, renames it to
+    ``final`` when the block ends and removes it when the block raises.
+
+    When ``final`` exists already, another writer got there first and its copy is as good as
+    ours (a token cache, a checkpoint of the same step): ours is removed. With ``replace``, ours
+    takes its place instead (``final/``): the old one is moved aside, then removed.
+    """
+    tag = tag or str(os.getpid())
+    tmp = final.with_name(f".tmp-{final.name}-{tag}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if replace and final.exists():
+            old = final.with_name(f".old-{final.name}-{tag}")
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+            return
+        try:
+            os.rename(tmp, final)
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

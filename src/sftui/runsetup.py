@@ -17,6 +17,7 @@ from sftui import config as cfgmod
 from sftui.config import ConfigError, RunConfig
 from sftui.forecast import DEFAULT_TARGET
 from sftui.probing import require_gpu
+from sftui.rows import Scan, scan
 from sftui.rundir import RunDir, create, lock_is_held
 from sftui.runfile import RunFile
 
@@ -45,20 +46,20 @@ def resolve_devices(cfg: RunConfig) -> str | None:
 
 def check_data(cfg: RunConfig) -> tuple[str, int]:
     """Read every data row in the foreground (a bad row stops us before anything is written);
-    return the training data's fingerprint and its usable rows. Rows that --skip-bad-rows
-    leaves out are counted on stderr, so they are never a surprise."""
-    from sftui.trainer import data, demo
+    return the training data's fingerprint and its usable rows, from the same one pass. Rows
+    that --skip-bad-rows leaves out are counted on stderr, so they are never a surprise."""
 
-    rows = demo.DEMO_ROWS
-    for path in (cfg.data, cfg.eval_data):
-        if path is not None and path != "demo":
-            usable, skipped = data.validate_file(path, cfg.skip_bad_rows)
-            if path == cfg.data:
-                rows = usable
-            if skipped:
-                print(f"sftui: {path}: skipping {skipped:,} bad rows of {usable + skipped:,} (--skip-bad-rows)",
-                      file=sys.stderr)
-    return data.fingerprint(cfg.data), rows
+    def checked(path: str) -> Scan:
+        found = scan(path, cfg.skip_bad_rows)
+        if found.skipped:
+            print(f"sftui: {path}: skipping {found.skipped:,} bad rows of {found.usable + found.skipped:,} "
+                  "(--skip-bad-rows)", file=sys.stderr)
+        return found
+
+    train = checked(cfg.data)
+    if cfg.eval_data is not None:
+        checked(cfg.eval_data)
+    return train.fingerprint, train.usable
 
 
 def prepare_new(cfg: RunConfig, run_dir: str | None) -> RunDir:
@@ -78,9 +79,7 @@ def prepare_new(cfg: RunConfig, run_dir: str | None) -> RunDir:
     cfgmod.validate(cfg)
     fingerprint, rows = check_data(cfg)
     if cfg.lr is None:
-        from sftui.trainer.model import default_lr
-
-        cfg.lr = default_lr(cfg.model)
+        cfg.lr = cfgmod.default_lr(cfg.model)
     name = cfg.name or (Path(cfg.data).stem if cfg.data != "demo" else "demo")
     path = (Path(run_dir) if run_dir else default_run_dir(name)).absolute()
     if path.exists() and (not path.is_dir() or any(path.iterdir())):

@@ -46,16 +46,13 @@ def main() -> None:
     lifeline = None if via_launcher else Lifeline(run.attempt_log(me.attempt))
     try:
         code = loop.train(run, log, me, lifeline)
-    except ConfigError as e:  # bad data, a changed fingerprint or max length: exit 2 territory
+    except (ConfigError, CheckpointError) as e:  # one line says it all: no traceback
         print(f"sftui: {e}", file=sys.stderr)
         log.emit("log", level="error", message=str(e))
         log.emit("worker_exit", rank=me.rank, reason="error", step=None)
-        code = ev.WORKER_BAD_INPUT
-    except CheckpointError as e:
-        print(f"sftui: {e}", file=sys.stderr)
-        log.emit("log", level="error", message=str(e))
-        log.emit("worker_exit", rank=me.rank, reason="error", step=None)
-        code = ev.WORKER_ERROR
+        # Bad data, a changed fingerprint or max length: exit 2 territory. An unreadable
+        # checkpoint: the attempt failed.
+        code = ev.WORKER_BAD_INPUT if isinstance(e, ConfigError) else ev.WORKER_ERROR
     except Exception as e:  # noqa: BLE001 - every failure must end in an exit code
         traceback.print_exc()
         if me.world > 1 and any(m in str(e) for m in PEER_LOST_MARKERS):

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
-from sftui.rundir import RunDir, write_atomic
+from sftui.rundir import RunDir, fresh_dir, write_atomic
 
 SPACE_MARGIN = 1.1
 
@@ -83,38 +83,33 @@ def save(run: RunDir, model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
         raise CheckpointError(
             f"not enough disk space for a checkpoint in {run.checkpoints}: need about {_gib(need)}, {_gib(free)} free"
         )
-    tmp = run.checkpoints / f".tmp-{final.name}-{tag or os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir()
-        save_model(model, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(schedule, tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
-        for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError as e:
-            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another writer saved this step first
+        with fresh_dir(final, tag) as tmp:
+            try:
+                save_model(model, str(tmp / "model.safetensors"))
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(schedule, tmp / "scheduler.pt")
+                (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
+                for f in tmp.iterdir():
+                    _fsync(f)
+                _fsync(tmp)
+            except Exception as e:
+                raise _write_failed(run, final, e) from e  # while the partial copy is still there
         write_atomic(run.latest, (final.name + "\n").encode(), mode=0o600)
-    except Exception as e:
-        # safetensors and torch.save report a full disk as their own errors (SafetensorError,
-        # "RuntimeError: [enforce fail at inline_container.cc] unexpected pos"), not as OSError:
-        # ask the filesystem before the partial copy is removed.
-        full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or _nearly_full(run.checkpoints)
-        shutil.rmtree(tmp, ignore_errors=True)
-        why = "disk full" if full else (getattr(e, "strerror", None) or _first_line(e))
-        raise CheckpointError(f"could not write checkpoint {final}: {why}; {_previous(run)}") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except OSError as e:  # the rename, or the ``latest`` pointer
+        raise _write_failed(run, final, e) from e
     prune(run, keep)
     size = sum(f.stat().st_size for f in final.iterdir())
     return final, size, time.monotonic() - t0
+
+
+def _write_failed(run: RunDir, final: Path, e: Exception) -> CheckpointError:
+    """One line for a failed write. safetensors and torch.save report a full disk as their own
+    errors (SafetensorError, "RuntimeError: [enforce fail at inline_container.cc] unexpected
+    pos"), not as OSError: the filesystem is asked, before the partial copy is removed."""
+    full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or _nearly_full(run.checkpoints)
+    why = "disk full" if full else (getattr(e, "strerror", None) or _first_line(e))
+    return CheckpointError(f"could not write checkpoint {final}: {why}; {_previous(run)}")
 
 
 def _previous(run: RunDir) -> str:

@@ -1,269 +1,31 @@
-"""Training data: reading and validating rows, tokenizing them into memory-mapped arrays, and
-the sample plan that fixes which sample each optimizer step trains on each rank.
+"""Training data after the rows (sftui/rows.py): tokenizing them into memory-mapped arrays,
+and the sample plan that fixes which sample each optimizer step trains on each rank.
 
-Reading and validation import neither torch nor transformers (the CLI checks a data file in
-the foreground before the run directory exists); tokenization gets the tokenizer handed in,
-and only the collation of a batch imports torch.
-
-An example is a list of segments ``(text, trained)``; ``text`` None stands for the EOS token.
-Causal LMs see the segments in order, with the untrained ones masked out of the loss by
-position; encoder-decoder models get everything before the last trained text as input and
-that text + EOS as labels.
+Tokenization gets the tokenizer handed in; only the collation of a batch imports torch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import mmap
-import os
-import shutil
-from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
-from sftui.config import ConfigError, unreadable
-from sftui.trainer import demo
+from sftui.rows import Examples, Segments
+from sftui.rundir import fresh_dir
 
-Segments = list[tuple[str | None, bool]]
-
-ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
-ALPACA_TEMPLATE_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-ROLES = ("system", "user", "assistant")
 CACHE_VERSION = 1
 _CHUNK_ROWS = 4096
 # --group-by-length sorts chunks of this many samples of an epoch's permutation (see Plan).
 GROUP_CHUNK = 8192
 # An encoder-decoder row is grouped by its input length in this many bands, then by its labels.
 _INPUT_BANDS = 8
-
-
-class DataError(ConfigError):
-    """A data file or row that cannot be trained on; one line, ``FILE:LINE: what is wrong``."""
-
-
-# --- reading rows ---------------------------------------------------------------------------------
-
-
-def fingerprint(path: str) -> str:
-    """sha256 of the file's bytes (for the demo, of its generated rows, so a changed generator is a
-    changed dataset): a resumed run refuses a changed file."""
-    if path == "demo":
-        text = json.dumps(demo.rows(), ensure_ascii=False, sort_keys=True).encode()
-        return "demo-" + hashlib.sha256(text).hexdigest()
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _records(path: str) -> Iterator[tuple[int, str, Any]]:
-    """(row id, where, parsed object or a DataError for an unparseable row) for every row."""
-    if path == "demo":
-        for i, row in enumerate(demo.rows()):
-            yield i, f"demo: row {i + 1}", row
-        return
-    kind = _file_kind(path)
-    if kind == "parquet":
-        yield from _parquet_records(path)
-    elif kind == "json":
-        yield from _json_list_records(path)
-    else:
-        yield from _jsonl_records(path)
-
-
-def _file_kind(path: str) -> str:
-    if path.endswith(".parquet"):
-        return "parquet"
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
-    if head.startswith(b"PAR1"):
-        return "parquet"
-    return "json" if head.startswith(b"[") else "jsonl"
-
-
-def _jsonl_records(path: str) -> Iterator[tuple[int, str, Any]]:
-    row = 0
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj: Any = json.loads(line)
-            except UnicodeDecodeError:
-                obj = DataError(f"{where}: not UTF-8 text")
-            except ValueError as e:
-                obj = DataError(f"{where}: invalid JSON: {getattr(e, 'msg', e)}")
-            except RecursionError:
-                obj = DataError(f"{where}: invalid JSON: nested too deeply")
-            yield row, where, obj
-            row += 1
-
-
-def _json_list_records(path: str) -> Iterator[tuple[int, str, Any]]:
-    """The elements of a top-level JSON list, each with the line it starts on."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text") from None
-    decoder = json.JSONDecoder()
-    ws = " \t\r\n"
-
-    def skip(i: int) -> int:
-        while i < len(text) and text[i] in ws:
-            i += 1
-        return i
-
-    def line_of(i: int) -> int:
-        return text.count("\n", 0, i) + 1
-
-    i = skip(0) + 1  # past "["
-    line, line_pos = 1, 0
-    row = 0
-    i = skip(i)
-    if i < len(text) and text[i] == "]":
-        return
-    while True:
-        line += text.count("\n", line_pos, i)
-        line_pos = i
-        try:
-            obj, end = decoder.raw_decode(text, i)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-        except RecursionError:
-            raise DataError(f"{path}:{line}: invalid JSON: nested too deeply") from None
-        yield row, f"{path}:{line}", obj
-        row += 1
-        i = skip(end)
-        if i < len(text) and text[i] == ",":
-            i = skip(i + 1)
-            continue
-        if i < len(text) and text[i] == "]":
-            if skip(i + 1) != len(text):
-                raise DataError(f"{path}:{line_of(i + 1)}: invalid JSON: extra data after the list")
-            return
-        raise DataError(f"{path}:{line_of(i)}: invalid JSON: expected ',' or ']' in the list")
-
-
-def _parquet_records(path: str) -> Iterator[tuple[int, str, Any]]:
-    import pyarrow.parquet as pq  # only for Parquet: pyarrow is an optional dependency
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises its own error types for a bad file
-        raise DataError(f"{path}: not a readable Parquet file: {e}") from None
-    row = 0
-    for batch in pf.iter_batches(batch_size=_CHUNK_ROWS):
-        for obj in batch.to_pylist():
-            yield row, f"{path}: row {row + 1}", obj
-            row += 1
-
-
-def _string(obj: dict, key: str, where: str, required: bool = True) -> str:
-    value = obj.get(key)
-    if value is None:
-        if required:
-            raise DataError(f'{where}: missing field "{key}"')
-        return ""
-    if not isinstance(value, str):
-        raise DataError(f'{where}: field "{key}" must be a string, got {type(value).__name__}')
-    return value
-
-
-def parse_row(obj: Any, where: str) -> Segments:
-    """One row of any supported format as segments; DataError naming ``where`` when unusable."""
-    if isinstance(obj, DataError):
-        raise obj
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    if obj.get("messages") is not None:
-        return _chat(obj["messages"], where)
-    if obj.get("instruction") is not None:
-        instruction = _string(obj, "instruction", where)
-        extra = _string(obj, "input", where, required=False)
-        output = _string(obj, "output", where)
-        if not output.strip():
-            raise DataError(f'{where}: empty "output"')
-        template = ALPACA_TEMPLATE_INPUT if extra else ALPACA_TEMPLATE
-        return [(template.format(instruction=instruction, input=extra), False), (output, True), (None, True)]
-    if obj.get("prompt") is None and obj.get("response") is None:
-        raise DataError(f'{where}: missing field "prompt" (expected prompt/response, instruction/input/output or messages)')
-    prompt = _string(obj, "prompt", where)
-    response = _string(obj, "response", where)
-    if not response.strip():
-        raise DataError(f'{where}: empty "response"')
-    return [(prompt, False), (response, True), (None, True)]
-
-
-def _chat(messages: Any, where: str) -> Segments:
-    """Chat turns as ``<|role|>\\n`` headers; every assistant turn is trained, up to its EOS."""
-    if not isinstance(messages, list):
-        raise DataError(f'{where}: field "messages" must be a list, got {type(messages).__name__}')
-    segments: Segments = []
-    trained = False
-    for n, m in enumerate(messages, 1):
-        if not isinstance(m, dict):
-            raise DataError(f"{where}: message {n} must be an object with role and content")
-        role = _string(m, "role", f"{where}: message {n}")
-        content = _string(m, "content", f"{where}: message {n}")
-        if role not in ROLES:
-            raise DataError(f'{where}: message {n}: unknown role "{role}" (expected {", ".join(ROLES)})')
-        if role == "assistant":
-            if not content.strip():
-                raise DataError(f"{where}: message {n}: empty assistant content")
-            segments += [("<|assistant|>\n", False), (content, True), (None, True), ("\n", False)]
-            trained = True
-        else:
-            segments.append((f"<|{role}|>\n{content}\n", False))
-    if not trained:
-        raise DataError(f"{where}: no assistant message to train on")
-    while segments and segments[-1] == ("\n", False):
-        segments.pop()
-    return segments
-
-
-def iter_examples(path: str, skip_bad_rows: bool, skipped: list[int] | None = None) -> Iterator[tuple[int, Segments]]:
-    """(row id, segments) of every usable row; bad rows raise, or are counted into ``skipped``."""
-    for row, where, obj in _records(path):
-        try:
-            segments = parse_row(obj, where)
-        except DataError:
-            if not skip_bad_rows:
-                raise
-            if skipped is not None:
-                skipped.append(row)
-            continue
-        yield row, segments
-
-
-def validate_file(path: str, skip_bad_rows: bool) -> tuple[int, int]:
-    """(usable rows, skipped rows) of a data file; DataError on the first bad row unless skipping."""
-    skipped: list[int] = []
-    try:
-        usable = sum(1 for _ in iter_examples(path, skip_bad_rows, skipped))
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
-        raise DataError(str(unreadable(path, e))) from None
-    if usable == 0:
-        raise DataError(f"{path}: no usable rows" + (f" ({len(skipped)} skipped)" if skipped else ""))
-    return usable, len(skipped)
-
-
-def char_counts(path: str, skip_bad_rows: bool) -> Counter:
-    """How often each character occurs in the data: the vocabulary of a character tokenizer."""
-    counts: Counter = Counter()
-    for _, segments in iter_examples(path, skip_bad_rows):
-        for text, _ in segments:
-            if text:
-                counts.update(text)
-    return counts
 
 
 # --- tokenizing into memory-mapped arrays ---------------------------------------------------------
@@ -374,24 +136,18 @@ def cache_key(data_fingerprint: str, tokenizer_fingerprint: str, max_len: int, s
 
 
 def tokenize_to_cache(path: str, tokenizer: Any, max_len: int, seq2seq: bool, skip_bad_rows: bool, directory: Path,
-                      total_rows: int, progress: Callable[[float], None]) -> Tokenized:
+                      progress: Callable[[float], None]) -> Tokenized:
     """Tokenize every usable row into flat arrays under ``directory`` (renamed into place when
-    complete, so a half-written cache is never used). Memory stays bounded: chunks of rows."""
-    tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    complete, so a half-written cache is never used). Memory stays bounded: chunks of rows.
+    ``progress`` gets the share of the file read after each chunk. Bad rows raise a DataError
+    naming the file and line, or are skipped and counted with ``skip_bad_rows``."""
     names = ["ids", "offsets", "row_ids", "n_target", "n_tokens"] + (["labels", "label_offsets"] if seq2seq else ["mask"])
-    files = {name: open(tmp / f"{name}.bin", "wb") for name in names}
     eos = tokenizer.eos_token_id
     bos = tokenizer.bos_token_id
     n = 0
     ends = {"offsets": 0, "label_offsets": 0}
-    files["offsets"].write(np.zeros(1, np.int64).tobytes())
-    if seq2seq:
-        files["label_offsets"].write(np.zeros(1, np.int64).tobytes())
-    skipped: list[int] = []
 
-    def flush(chunk: list[tuple[int, Segments]]) -> None:
+    def flush(chunk: list[tuple[int, Segments]], files: dict[str, Any]) -> None:
         nonlocal n
         texts = [t for _, segs in chunk for t, _ in segs if t is not None]
         encoded = _encode(tokenizer, texts)
@@ -425,32 +181,26 @@ def tokenize_to_cache(path: str, tokenizer: Any, max_len: int, seq2seq: bool, sk
         for name, dtype in (("row_ids", np.int64), ("n_target", np.int32), ("n_tokens", np.int32)):
             files[name].write(np.asarray(cols[name], dtype).tobytes())
         n += len(chunk)
-        progress(min(1.0, n / max(1, total_rows)))
 
-    try:
-        chunk: list[tuple[int, Segments]] = []
-        for item in iter_examples(path, skip_bad_rows, skipped):
-            chunk.append(item)
-            if len(chunk) == _CHUNK_ROWS:
-                flush(chunk)
-                chunk = []
-        if chunk:
-            flush(chunk)
-        for f in files.values():
-            f.close()
-        meta = {"n": n, "seq2seq": seq2seq, "skipped": len(skipped), "max_len": max_len}
+    examples = Examples(path, skip_bad_rows)
+    with fresh_dir(directory) as tmp:
+        with ExitStack() as stack:
+            files = {name: stack.enter_context(open(tmp / f"{name}.bin", "wb")) for name in names}
+            files["offsets"].write(np.zeros(1, np.int64).tobytes())
+            if seq2seq:
+                files["label_offsets"].write(np.zeros(1, np.int64).tobytes())
+            chunk: list[tuple[int, Segments]] = []
+            for item in examples:
+                chunk.append(item)
+                if len(chunk) == _CHUNK_ROWS:
+                    flush(chunk, files)
+                    chunk = []
+                    progress(examples.fraction)
+            if chunk:
+                flush(chunk, files)
+            progress(1.0)
+        meta = {"n": n, "seq2seq": seq2seq, "skipped": examples.skipped, "max_len": max_len}
         (tmp / "meta.json").write_text(json.dumps(meta))
-        try:
-            os.rename(tmp, directory)
-        except OSError:  # another writer got there first: theirs is as good as ours
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        for f in files.values():
-            f.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if n == 0:
-        raise DataError(f"{path}: no usable rows")
     return Tokenized.open(directory)
 
 
@@ -510,14 +260,6 @@ class Plan:
             out.append((seen, size))
             seen += size
         return out
-
-    def count_steps(self, seen: int, per_step: int) -> int:
-        total = 0
-        while seen < self.target:
-            epoch_end = min(self.target, (seen // self.n + 1) * self.n)
-            total += math.ceil((epoch_end - seen) / per_step)
-            seen = epoch_end
-        return total
 
     def step_indices(self, seen: int, size: int, order: np.ndarray | None = None) -> np.ndarray:
         """Dataset indices (not row ids) of the step that starts at ``seen``."""

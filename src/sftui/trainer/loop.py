@@ -26,19 +26,15 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 from torch.utils.data import DataLoader
 
-from sftui import events as ev
-from sftui.config import ConfigError, RunConfig
+from sftui import events as ev, rows
+from sftui.config import ConfigError, RunConfig, default_lr
 from sftui.rundir import EventLog, RunDir, read_json, write_json_atomic
 from sftui.runfile import RunFile
-from sftui.trainer import checkpoint, data, model as models, rendezvous
+from sftui.trainer import checkpoint, data, flops, model as models, rendezvous
 from sftui.trainer.lifeline import Lifeline
 
 OOM_MARKERS = ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
                "CUDNN_STATUS_NOT_ALLOCATED", "CUDNN_STATUS_NOT_ALLOC")
-# Dense bf16 datasheet peaks (TFLOP/s) by a substring of torch.cuda.get_device_name().
-PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("A100", 312.0), ("A800", 312.0),
-               ("L40S", 362.0), ("L40", 181.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("A10G", 70.0),
-               ("A6000", 155.0), ("L4", 121.0), ("V100", 125.0))
 ACTIONS = ("switch", "stop", "checkpoint", "lost")  # request.json's, then a rank's own: its supervisor died
 LOST_SEQ = 2**40  # above any request's seq, so that every rank's MAX agrees on it
 CLIP_NORM = 1.0
@@ -74,8 +70,8 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
     # --- the process group and the device ---
     accelerator, cuda = setup_device(cfg, me)
     device = accelerator.device
-    gpu_uuid = _gpu_uuid(device)
-    log.emit("rank_start", rank=me.rank, pid=os.getpid(), host=socket.gethostname(), gpu_uuid=gpu_uuid)
+    uuid = gpu_uuid(device)
+    log.emit("rank_start", rank=me.rank, pid=os.getpid(), host=socket.gethostname(), gpu_uuid=uuid)
 
     # --- resume point: refuse a checkpoint made from other data or another max length ---
     resume = run.latest_checkpoint()
@@ -86,9 +82,9 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
     if start and start.max_len != cfg.max_len:
         raise ConfigError(f"{resume}: written with --max-len {start.max_len}, this run has {cfg.max_len}")
 
-    # --- data: rank 0 validates and tokenizes (once per run: cached), the others wait ---
+    # --- data: rank 0 checks it is unchanged and tokenizes it (once per run: cached), the others wait ---
     phase("validating")
-    tok, train_data, eval_data = _prepare_data(run, cfg, spec.data_fingerprint, me, phase)
+    tok, train_data, eval_data = prepare_data(run, cfg, spec.data_fingerprint, me, phase)
     seq2seq = train_data.seq2seq
     target = spec.sample_budget if spec.sample_budget else cfg.epochs * train_data.n
     plan = data.Plan(train_data.n, cfg.seed, target,
@@ -102,7 +98,7 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
 
     # --- the model, the optimizer, and the state to resume from ---
     phase("loading_model")
-    peak_lr = cfg.lr if cfg.lr is not None else models.default_lr(cfg.model)
+    peak_lr = cfg.lr if cfg.lr is not None else default_lr(cfg.model)
     net, opt = new_model(cfg, tok, device, peak_lr)
     step, seen = 0, 0
     if resume is not None:
@@ -110,7 +106,7 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
         step, seen = start.step, start.samples_seen
     resume_step = step if resume is not None else None
     schedule = Schedule(peak_lr, cfg.warmup * plan.target, plan.target)
-    enc_fpt, dec_fpt = models.flops_per_token(net, seq2seq)
+    enc_fpt, dec_fpt = flops.flops_per_token(net, seq2seq)
     decoder_start = net.config.decoder_start_token_id if seq2seq else None
     model, optimizer = accelerator.prepare(net, opt)
     if cfg.compile and cuda:
@@ -141,7 +137,7 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
     inject = cfg.inject_oom_at_step if me.attempt == 1 and me.rank == cfg.inject_oom_rank else None
     samples_log = os.open(run.samples, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600) \
         if lead and cfg.record_samples else None
-    peak_tflops = cfg.peak_tflops or _peak_tflops(cuda)
+    peak_tflops = cfg.peak_tflops or flops.peak_tflops(cuda)
 
     def save(reason: str, at_step: int, alone: bool = False) -> None:
         """A checkpoint of the state after ``at_step``: rank 0 writes and the others wait, or
@@ -165,7 +161,7 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
         if cuda:
             torch.cuda.empty_cache()
         emergency = _emergency_checkpoint(failed_step, where, resume_step, save, log, me.rank)
-        log.emit("oom", step=failed_step, batch_size=batch, rank=me.rank, gpu_uuid=gpu_uuid, where=where,
+        log.emit("oom", step=failed_step, batch_size=batch, rank=me.rank, gpu_uuid=uuid, where=where,
                  message=message, emergency_checkpoint=emergency, injected=inject == failed_step)
         log.emit("worker_exit", rank=me.rank, reason="oom", step=failed_step - 1)
         return ev.WORKER_OOM
@@ -215,12 +211,12 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
                 log.emit("step", step=step, total_steps=total_steps, epoch=round(seen / plan.n, 6), epochs=epochs,
                          samples_seen=seen, loss=loss, lr=opt.param_groups[0]["lr"], grad_norm=norm,
                          samples_per_s=per_s["samples"], tokens_per_s=per_s["tokens"], batch_size=batch,
-                         grad_accum=accum, mfu=_mfu(per_s, enc_fpt, dec_fpt, net.config, peak_tflops, me.world))
+                         grad_accum=accum, mfu=flops.mfu(per_s, enc_fpt, dec_fpt, net.config, peak_tflops, me.world))
                 if cfg.compile and cuda and step == (resume_step or 0) + 1:
                     log.emit("log", level="info", message=f"torch.compile: the first step took {per_s['seconds']:.1f} s "
                                                           "(compiling, or loading the compile cache)")
         if step % cfg.log_every == 0:
-            log.emit("rank_stats", rank=me.rank, gpu_uuid=gpu_uuid,
+            log.emit("rank_stats", rank=me.rank, gpu_uuid=uuid,
                      mem_peak_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
                      mem_reserved_bytes=torch.cuda.memory_reserved(device) if cuda else None)
         if eval_data is not None and step % cfg.eval_every == 0:
@@ -516,27 +512,7 @@ class Meter:
         return round(mean, 6), None if norm is None else round(norm, 6), rates
 
 
-def _mfu(rates: dict[str, float], enc_fpt: float, dec_fpt: float, config: Any, peak_tflops: float | None,
-         world: int) -> float | None:
-    """Achieved FLOP/s over the cards' dense bf16 peak; None without a known peak (the CPU)."""
-    if not peak_tflops:
-        return None
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", 0)
-    width = getattr(config, "hidden_size", None) or getattr(config, "d_model", 0)
-    per_sample = (rates["enc_tokens"] + rates["dec_tokens"]) / max(1e-9, rates["samples"])
-    attention = 12.0 * layers * width * per_sample  # per token, over an average context
-    flops = enc_fpt * rates["enc_tokens"] + dec_fpt * rates["dec_tokens"] + attention * (rates["enc_tokens"] + rates["dec_tokens"])
-    return round(flops / (peak_tflops * 1e12 * world), 4)
-
-
-def _peak_tflops(cuda: bool) -> float | None:
-    if not cuda:
-        return None
-    name = torch.cuda.get_device_name()
-    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
-
-
-def _gpu_uuid(device: torch.device) -> str | None:
+def gpu_uuid(device: torch.device) -> str | None:
     """NVML's spelling of the GPU's UUID ("GPU-xxxxxxxx-..."), so the supervisor can match it."""
     if device.type != "cuda":
         return None
@@ -573,11 +549,15 @@ def _evaluate(model: Any, eval_data: data.Tokenized, batch: int, me: Rank, pad_i
         log.emit("eval", step=step, loss=round(loss_sum / max(1.0, count), 6), samples=eval_data.n)
 
 
-def _prepare_data(run: RunDir, cfg: RunConfig, expected_fingerprint: str, me: Rank,
-                  phase: Any) -> tuple[Any, data.Tokenized, data.Tokenized | None]:
-    """The tokenizer and the tokenized train (and eval) data. Rank 0 builds what is missing
-    (the preset's character tokenizer under RUN_DIR/tokenizer, the cache under RUN_DIR/cache)
-    and then writes a ready marker for this attempt; the other ranks wait for it."""
+def prepare_data(run: RunDir, cfg: RunConfig, expected_fingerprint: str, me: Rank,
+                 phase: Callable[..., None]) -> tuple[Any, data.Tokenized, data.Tokenized | None]:
+    """The tokenizer and the tokenized train (and eval) data, for training and the memory probe.
+
+    Rank 0 checks that the data file is the one the run started with (its hash), builds what is
+    missing (the preset's character tokenizer under RUN_DIR/tokenizer, the cache under
+    RUN_DIR/cache) and then writes a ready marker for this attempt; the other ranks wait for
+    it. The rows are not validated again: the CLI did (rows.scan), and tokenizing still names
+    a bad row and counts the skipped ones. ``phase(name, progress)`` reports the tokenizing."""
     # Named by the attempt and its rendezvous port: never a marker left by an earlier launch.
     ready = run.cache / f"ready-attempt-{me.attempt}-{os.environ.get('MASTER_PORT', '0')}.json"
     seq2seq = models.is_seq2seq(cfg.model)
@@ -591,12 +571,12 @@ def _prepare_data(run: RunDir, cfg: RunConfig, expected_fingerprint: str, me: Ra
         return tok, train_data, data.Tokenized.open(run.cache / keys["eval"]) if keys["eval"] else None
 
     run.cache.mkdir(exist_ok=True)
-    found = data.fingerprint(cfg.data)
+    found = rows.fingerprint(cfg.data)
     if found != expected_fingerprint:
         raise ConfigError(f"--data: {cfg.data} changed since the run started (sha256 {found[:12]}, "
                           f"run.json has {expected_fingerprint[:12]})")
     if models.is_preset(cfg.model) and not tok_dir.exists():
-        models.build_char_tokenizer(data.char_counts(cfg.data, cfg.skip_bad_rows), tok_dir, models.max_vocab(cfg.model))
+        models.build_char_tokenizer(rows.char_counts(cfg.data, cfg.skip_bad_rows), tok_dir, models.max_vocab(cfg.model))
     tok = models.load_tokenizer(tok_dir, preset=models.is_preset(cfg.model))
     tok_fp = models.tokenizer_fingerprint(tok)
     keys: dict[str, str | None] = {"eval": None}
@@ -612,13 +592,12 @@ def _prepare_data(run: RunDir, cfg: RunConfig, expected_fingerprint: str, me: Ra
         if path is None:
             out.append(None)
             continue
-        fp = fp or data.fingerprint(path)
+        fp = fp or rows.fingerprint(path)
         key = data.cache_key(fp, tok_fp, cfg.max_len, seq2seq, cfg.skip_bad_rows)
         directory = run.cache / key
         if not directory.exists():
-            rows, skipped = data.validate_file(path, cfg.skip_bad_rows)
             phase("tokenizing", 0.0)
-            data.tokenize_to_cache(path, tok, cfg.max_len, seq2seq, cfg.skip_bad_rows, directory, rows + skipped,
+            data.tokenize_to_cache(path, tok, cfg.max_len, seq2seq, cfg.skip_bad_rows, directory,
                                    progress if name == "train" else (lambda f: None))
         keys[name] = key
         out.append(data.Tokenized.open(directory))

@@ -4,36 +4,28 @@ Nothing is downloaded. ``tiny`` (a ~3M-parameter Llama-shaped causal LM) and ``c
 (ChatLM-mini-Chinese's T5 shape, ~188M parameters) are built from configs with random, seeded
 weights; their tokenizer is a character tokenizer built from the run's data (see
 ``build_char_tokenizer``). A local directory brings its own config, weights and tokenizer.
-
-torch and transformers are imported inside the functions, so ``default_lr`` can be read by
-the supervisor without them.
+Their default learning rates are config.default_lr's.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sftui.config import PRESETS
+from sftui.rundir import fresh_dir
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-PRESET_LR = {"tiny": 1e-3, "chatlm-mini": 1e-4}
-LOCAL_LR = 1e-4
 CHATLM_VOCAB = 29298
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 
 
-def default_lr(model: str) -> float:
-    """The peak learning rate used when ``--lr`` is not given."""
-    return PRESET_LR.get(model, LOCAL_LR)
-
-
 def is_preset(model: str) -> bool:
-    return model in PRESET_LR
+    return model in PRESETS
 
 
 def is_seq2seq(model: str) -> bool:
@@ -72,13 +64,8 @@ def build_char_tokenizer(counts: Counter, out_dir: Path, limit: int | None = Non
     backend.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
                                   eos_token="</s>", unk_token="<unk>")
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok.save_pretrained(tmp)
-    try:
-        os.rename(tmp, out_dir)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with fresh_dir(out_dir) as tmp:
+        tok.save_pretrained(tmp)
 
 
 def load_tokenizer(directory: str | Path, preset: bool = False) -> "PreTrainedTokenizerBase":
@@ -117,7 +104,7 @@ def build_model(name: str, tok: "PreTrainedTokenizerBase", seed: int, max_len: i
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     torch.manual_seed(seed)
-    if name in PRESET_LR:
+    if is_preset(name):
         with torch.device(device):
             return _preset(name, tok, max_len)
     config = AutoConfig.from_pretrained(name, local_files_only=True)
@@ -172,33 +159,11 @@ def fused_attention_bias(model: Any) -> int:
     return hooked
 
 
-def flops_per_token(model: Any, seq2seq: bool) -> tuple[float, float]:
-    """Training FLOPs per (encoder, decoder) token: 6 × the matmul parameters the token passes
-    through, plus attention (12 × layers × width × average context, added by the caller)."""
-    enc = dec = 0
-    for name, p in model.named_parameters():
-        if "embed" in name or name.startswith("shared"):
-            continue
-        if seq2seq and name.startswith("encoder."):
-            enc += p.numel()
-        else:
-            dec += p.numel()
-    if getattr(model.config, "tie_word_embeddings", False):  # the LM head is the embedding matrix
-        dec += model.get_input_embeddings().weight.numel()
-    return 6.0 * enc, 6.0 * dec
-
-
 def save_final(model: Any, tok: "PreTrainedTokenizerBase", final_dir: Path) -> None:
     """The trained model and its tokenizer in ``save_pretrained`` form, replaced atomically."""
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    tmp = final_dir.with_name(f".tmp-{final_dir.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    old = final_dir.with_name(f".old-{final_dir.name}-{os.getpid()}")
-    if final_dir.exists():
-        os.rename(final_dir, old)
-    os.rename(tmp, final_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    with fresh_dir(final_dir, replace=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)

@@ -48,9 +48,9 @@ def probe(out: Path) -> int:
 
     from sftui import events as ev
     from sftui import forecast
-    from sftui.config import ConfigError, RunConfig
+    from sftui.config import ConfigError, RunConfig, default_lr
     from sftui.rundir import RunDir, write_json_atomic
-    from sftui.trainer import loop, model as models
+    from sftui.trainer import loop
 
     if not CudaMemory.available():
         raise ConfigError("no CUDA GPU visible to torch (the probe measures GPU memory)")
@@ -78,9 +78,9 @@ def probe(out: Path) -> int:
     def phase(name: str, progress: float | None = None) -> None:
         say(name + (f" {progress * 100:.0f}%" if isinstance(progress, (int, float)) else ""))
 
-    tok, train_data, _ = loop._prepare_data(RunDir(Path(spec["work_dir"])), cfg, spec["data_fingerprint"], me, phase)
+    tok, train_data, _ = loop.prepare_data(RunDir(Path(spec["work_dir"])), cfg, spec["data_fingerprint"], me, phase)
     say("loading the model")
-    lr = cfg.lr if cfg.lr is not None else models.default_lr(cfg.model)
+    lr = cfg.lr if cfg.lr is not None else default_lr(cfg.model)
     net, opt = loop.new_model(cfg, tok, device, lr)
     # Weights, gradients and AdamW's two moments: a lower bound of the forecast's fixed part.
     model_state = 4 * sum(p.numel() * p.element_size() for p in net.parameters())
@@ -181,7 +181,7 @@ def _gpu_info(memory: CudaMemory, cfg: Any, me: Any) -> dict[str, Any]:
     if cfg.mem_fraction:
         fraction = cfg.mem_fraction[me.rank] if len(cfg.mem_fraction) > 1 else cfg.mem_fraction[0]
         budget = min(free, int(fraction * total))
-    return {"rank": me.rank, "name": memory.name(), "uuid": loop._gpu_uuid(memory.device),
+    return {"rank": me.rank, "name": memory.name(), "uuid": loop.gpu_uuid(memory.device),
             "total": total, "free": free, "budget": budget}
 
 
