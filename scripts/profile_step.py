@@ -112,7 +112,7 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
     from torch.utils.data import DataLoader
 
     from sftui.config import RunConfig, default_lr
-    from sftui.trainer import compiling, data, flops, loop
+    from sftui.trainer import compiling, data, flops, loop, loss
 
     mode, batch = name.split(":")
     batch = int(batch)
@@ -128,7 +128,7 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
                 module._forward_hooks.clear()
     enc_fpt, dec_fpt = flops.flops_per_token(net, tokenized.seq2seq)
     decoder_start = net.config.decoder_start_token_id if tokenized.seq2seq else None
-    model, optimizer = accelerator.prepare(net, opt)
+    model, optimizer = accelerator.prepare(loss.TrainingModel(net), opt)
     compiled = None
     if mode.startswith(("regional", "compiled")):
         torch._dynamo.reset()

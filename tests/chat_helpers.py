@@ -60,3 +60,30 @@ def build_tokenizer(directory: Path, style: str | None) -> Path:
         tok.chat_template = TEMPLATES[style][0]
     tok.save_pretrained(directory)
     return directory
+
+
+def build_model_dir(directory: Path, style: str | None) -> Path:
+    """A small Qwen2-shaped causal LM (random weights) saved beside a tokenizer of ``style``: what
+    a user's local model directory holds, at a size that trains on the CPU in seconds."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    build_tokenizer(directory, style)
+    config = Qwen2Config(vocab_size=640, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    Qwen2ForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def build_blind_tokenizer(directory: Path) -> Path:
+    """A tokenizer that knows only a few Latin letters and has no unknown token: text in other
+    scripts tokenizes to nothing (a tokenizer that does not match the data, as from a wrong
+    directory). No chat template."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "a", "b", "c"])}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab, [])), eos_token="</s>",
+                                  pad_token="<pad>")
+    tok.save_pretrained(directory)
+    return directory

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from chat_helpers import TEMPLATES, build_tokenizer
 from sftui.config import ConfigError
-from sftui.trainer import chat
+from sftui import chat
 
 CONVERSATIONS = {
     "single": [{"role": "user", "content": "What is the capital of France?"},

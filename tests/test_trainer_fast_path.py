@@ -18,6 +18,7 @@ from sftui import events as ev
 from sftui import rundir
 from sftui.config import RunConfig
 from sftui.rows import char_counts
+from sftui.trainer.loss import TrainingModel
 from sftui.trainer import compiling, data, loop, model
 from trainer_helpers import (assert_each_sample_once, events, log_tail, next_attempt, qa_rows, run_attempt,
                              write_jsonl, write_run_json)
@@ -110,7 +111,7 @@ def test_regional_compilation_compiles_the_layers_in_place(tmp_path: Path, monke
             assert net.lm_head._compiled_call_impl is None  # everything else stays eager
         opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
         steps = data.StepBatches(cache, plan, plan.steps(0, 8), 0, 8, 1, tok.pad_token_id, None, 8)
-        curves.append([float(loop.train_step(Accelerator(cpu=True), net, opt, item["micro"], item["n_target"], 1,
+        curves.append([float(loop.train_step(Accelerator(cpu=True), TrainingModel(net), opt, item["micro"], item["n_target"], 1,
                                              net.config.decoder_start_token_id, loop.StepPhase())[0])
                        for item in steps])
         names.append(list(net.state_dict()))
@@ -157,7 +158,7 @@ def test_a_compiled_model_takes_new_widths_without_compiling_again() -> None:
     torch._dynamo.reset()
     net = _tiny_t5(40, 0, 1)
     counter = CompileCounter()
-    compiled = torch.compile(net, backend=counter)
+    compiled = torch.compile(TrainingModel(net), backend=counter)
     generator = torch.Generator().manual_seed(0)
     for batch, enc_width, dec_width in ((4, 24, 16), (4, 17, 9), (3, 30, 21), (6, 11, 5)):
         micro = {"input_ids": torch.randint(2, 40, (batch, enc_width), generator=generator),

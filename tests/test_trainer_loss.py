@@ -12,6 +12,7 @@ import torch
 from sftui.rows import char_counts
 from sftui.trainer import data, model
 from sftui.trainer.loop import is_oom, scaled_loss, token_loss_sum
+from sftui.trainer.loss import TrainingModel
 from trainer_helpers import qa_rows, write_jsonl
 
 
@@ -36,7 +37,7 @@ def _grads(net: torch.nn.Module, cache: data.Tokenized, pad: int, splits: list[l
         net.zero_grad(set_to_none=True)
         for micro in rank:
             batch = data.collate(cache, np.array(micro), pad)
-            scaled_loss(token_loss_sum(net, batch, None), targets, world).backward()
+            scaled_loss(token_loss_sum(TrainingModel(net), batch, None), targets, world).backward()
         per_rank.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
     return torch.stack(per_rank).mean(0)
 

@@ -26,7 +26,7 @@ from sftui.runfile import RunFile
 
 START_TIMEOUT_S = 15.0
 # The settings the memory probe takes: what shapes the model, the data, the devices and memory.
-PROBE_OPTIONS = ("model", "data", "ladder", "max_len", "lr", "weight_decay", "seed", "gpus", "mem_fraction",
+PROBE_OPTIONS = ("model", "data", "chat_template", "ladder", "max_len", "lr", "weight_decay", "seed", "gpus", "mem_fraction",
                  "gradient_checkpointing", "compile", "compile_layers", "pad_to_max_len", "skip_bad_rows",
                  "hang_timeout")
 

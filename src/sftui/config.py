@@ -23,7 +23,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 DEFAULT_LADDER = (16, 12, 8)
 PRESETS = ("tiny", "chatlm-mini")
-PATH_OPTIONS = {"model": PRESETS, "data": ("demo",), "eval_data": ()}  # option -> its values that are no path
+PATH_OPTIONS = {"model": PRESETS, "data": ("demo",), "eval_data": (), "chat_template": ("auto", "none")}  # option -> its values that are no path
 ON_OOM = ("ask", "auto", "stop")
 # torchrun's and accelerate's default; fixed rather than picked free, because the other machines
 # must know it before the run starts.
@@ -39,6 +39,7 @@ class RunConfig:
     model: str = "tiny"
     data: str = "demo"
     eval_data: str | None = None
+    chat_template: str = "auto"  # auto (the tokenizer's, else the built-in format), none, or a Jinja file
     batch: int | str = 16  # an int, or "auto"
     ladder: list[int] = field(default_factory=lambda: list(DEFAULT_LADDER))
     grad_accum: int = 1
@@ -213,6 +214,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("model", _str, "tiny, chatlm-mini, or a local Hugging Face model directory (default: tiny)", "NAME|PATH"),
     Option("data", _str, "demo, or a JSONL/JSON/Parquet file (prompt/response, Alpaca or chat messages)", "demo|PATH"),
     Option("eval_data", _str, "held-out data in the same formats; evaluated every --eval-every steps", "PATH"),
+    Option("chat_template", _str, "how rows become text: auto (the model tokenizer's chat template, else sftui's "
+           "built-in format), none (prompt and response concatenated), or a Jinja template file (default: auto)",
+           "auto|none|FILE"),
     Option("batch", _batch, "per-GPU batch size (default: 16); it is put on the ladder", "N"),
     Option("ladder", _ladder, "descending batch sizes to fall back through on out-of-memory (default: 16,12,8)", "16,12,8"),
     Option("grad_accum", _int(), "gradient accumulation steps (default: 1)", "N"),

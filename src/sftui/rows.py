@@ -106,6 +106,12 @@ class Examples:
         self.fraction = 0.0
 
     def __iter__(self) -> Iterator[tuple[int, Segments]]:
+        for row, _, _, segments in self.sourced():
+            yield row, segments
+
+    def sourced(self) -> Iterator[tuple[int, str, dict[str, Any], Segments]]:
+        """(row id, where, the row as read, segments): for what needs the row itself (a chat
+        template renders its turns) or must name it (a response that tokenizes to nothing)."""
         usable = 0
         for row, where, obj, fraction in _records(self.path, self.digest):
             self.fraction = fraction
@@ -117,7 +123,7 @@ class Examples:
                 self.skipped += 1
                 continue
             usable += 1
-            yield row, segments
+            yield row, where, obj, segments
         self.fraction = 1.0
         if usable == 0:
             raise DataError(f"{self.path}: no usable rows" + (f" ({self.skipped} skipped)" if self.skipped else ""))

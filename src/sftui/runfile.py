@@ -50,6 +50,7 @@ class RunFile:
     sample_budget: int | None = None
     request_seq: int = 0
     data_fingerprint: str = ""
+    chat_format: dict[str, Any] | None = None  # {kind: template|builtin|none, sha256, source} as resolved at the start
     supervisor_pid: int | None = None
     socket: str | None = None
     pending_decision: dict[str, Any] | None = None
@@ -60,7 +61,8 @@ class RunFile:
     # --- making one ---
 
     @classmethod
-    def new(cls, cfg: RunConfig, name: str, data_fingerprint: str, rows: int, batch: int | None = None) -> "RunFile":
+    def new(cls, cfg: RunConfig, name: str, data_fingerprint: str, rows: int, batch: int | None = None,
+            chat_format: dict[str, Any] | None = None) -> "RunFile":
         """A fresh run's: ``rows`` are the data's usable rows (``--max-steps`` becomes the samples
         of that many steps), ``batch`` the probe's rung when the config says ``auto``."""
         first = int(cfg.batch) if batch is None else batch
@@ -68,7 +70,7 @@ class RunFile:
         effective = first * cfg.world_size * accum
         return cls(name=name, created=time.time(), config=cfg.to_dict(), batch_size=first, grad_accum=accum,
                    world_size=cfg.world_size, effective_batch=effective, ladder=list(cfg.ladder),
-                   data_fingerprint=data_fingerprint,
+                   data_fingerprint=data_fingerprint, chat_format=chat_format,
                    sample_budget=cfgmod.samples_in_steps(cfg.max_steps, effective, rows) if cfg.max_steps else None)
 
     def with_rung(self, batch: int) -> "RunFile":

@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sftui import chat
 from sftui import config as cfgmod
+from sftui.chat import ChatFormat
 from sftui.config import ConfigError, RunConfig
 from sftui.forecast import DEFAULT_TARGET
 from sftui.probing import require_gpu
@@ -62,6 +64,24 @@ def check_data(cfg: RunConfig) -> tuple[str, int]:
     return train.fingerprint, train.usable
 
 
+def check_chat(cfg: RunConfig) -> ChatFormat:
+    """How rows become text, resolved now (run.json records it), and whether the model's
+    tokenizer gives the data's responses any token: a local model's tokenizer is loaded and the
+    first rows rendered. A preset's character tokenizer is built from the data: the built-in
+    format (or none)."""
+    if cfg.model in cfgmod.PRESETS:
+        if cfg.chat_template not in ("auto", "none"):
+            raise ConfigError(f"--chat-template: for a local model directory; {cfg.model} has a character "
+                              "tokenizer built from the data (use --chat-template auto or none)")
+        return ChatFormat("none" if cfg.chat_template == "none" else "builtin")
+    print(f"sftui: checking the data against {cfg.model}'s tokenizer", file=sys.stderr, flush=True)
+    tok = chat.load_tokenizer(cfg.model)
+    fmt = chat.resolve(cfg.chat_template, tok)
+    chat.check_rows(tok, fmt, cfg.data, cfg.skip_bad_rows, cfg.model)
+    print(f"sftui: {fmt.describe()}", file=sys.stderr, flush=True)
+    return fmt
+
+
 def prepare_new(cfg: RunConfig, run_dir: str | None) -> RunDir:
     """A new run: every input checked, then its directory and run.json (nothing is written
     before the checks pass; with ``--batch auto`` the probe runs in it, and it goes again if the
@@ -78,6 +98,7 @@ def prepare_new(cfg: RunConfig, run_dir: str | None) -> RunDir:
     note = resolve_devices(cfg)
     cfgmod.validate(cfg)
     fingerprint, rows = check_data(cfg)
+    fmt = check_chat(cfg)
     if cfg.lr is None:
         cfg.lr = cfgmod.default_lr(cfg.model)
     name = cfg.name or (Path(cfg.data).stem if cfg.data != "demo" else "demo")
@@ -92,7 +113,7 @@ def prepare_new(cfg: RunConfig, run_dir: str | None) -> RunDir:
     except OSError as e:
         raise ConfigError(f"--run-dir: {path}: {e.strerror or e}") from None
     batch = probe_first_rung(run, cfg, fingerprint, existed) if auto else None
-    RunFile.new(cfg, name, fingerprint, rows, batch).write(run)
+    RunFile.new(cfg, name, fingerprint, rows, batch, fmt.record()).write(run)
     if note:
         print(f"sftui: {note}", file=sys.stderr)
     return run

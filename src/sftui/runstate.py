@@ -73,7 +73,8 @@ def describe_event(e: dict[str, Any]) -> str | None:
         skipped, target = g("skipped"), g("target_samples")
         return (f"data: {g('rows') or 0:,} rows" + (f", {skipped:,} bad rows skipped (--skip-bad-rows)" if skipped else "")
                 + (f", {g('eval_rows'):,} eval rows" if g("eval_rows") else "")
-                + (f"; {target:,} samples to train" if target else ""))
+                + (f"; {target:,} samples to train" if target else "")
+                + (f"; {g('chat_format')}" if g("chat_format") else ""))
     if k == "checkpoint":
         return f"checkpoint step {g('step')} ({g('reason')}): {fmt_gib(g('bytes'), 2)} GiB in {fmt_num(g('seconds'), '.1f')} s"
     if k == "eval":
@@ -133,6 +134,7 @@ class RunState:
     rows: int | None = None
     skipped_rows: int | None = None
     target_samples: int | None = None
+    chat_format: str | None = None  # how rows became text, in words
     # from step events
     step: int = 0
     total_steps: int | None = None
@@ -271,6 +273,7 @@ class RunState:
         elif k == "data":
             self.rows, self.skipped_rows = e.get("rows"), e.get("skipped")
             self.target_samples = e.get("target_samples")
+            self.chat_format = e.get("chat_format")
         elif k == "eval" and isinstance(e.get("loss"), (int, float)):
             self.eval_losses.append((e.get("step", self.step), float(e["loss"])))
         elif k == "oom":

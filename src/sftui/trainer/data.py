@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from sftui.rows import Examples, Segments
+from sftui import chat
+from sftui.rows import DataError, Examples, Segments
 from sftui.rundir import fresh_dir
 
 CACHE_VERSION = 1
@@ -130,40 +131,65 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def cache_key(data_fingerprint: str, tokenizer_fingerprint: str, max_len: int, seq2seq: bool, skip_bad_rows: bool) -> str:
-    text = json.dumps([CACHE_VERSION, data_fingerprint, tokenizer_fingerprint, max_len, seq2seq, skip_bad_rows])
+def cache_key(data_fingerprint: str, tokenizer_fingerprint: str, max_len: int, seq2seq: bool, skip_bad_rows: bool,
+              chat_sha256: str | None = None) -> str:
+    text = json.dumps([CACHE_VERSION, data_fingerprint, tokenizer_fingerprint, max_len, seq2seq, skip_bad_rows]
+                      + ([chat_sha256] if chat_sha256 else []))
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def tokenize_to_cache(path: str, tokenizer: Any, max_len: int, seq2seq: bool, skip_bad_rows: bool, directory: Path,
-                      progress: Callable[[float], None]) -> Tokenized:
+                      progress: Callable[[float], None], template: str | None = None) -> Tokenized:
     """Tokenize every usable row into flat arrays under ``directory`` (renamed into place when
     complete, so a half-written cache is never used). Memory stays bounded: chunks of rows.
     ``progress`` gets the share of the file read after each chunk. Bad rows raise a DataError
-    naming the file and line, or are skipped and counted with ``skip_bad_rows``."""
+    naming the file and line, or are skipped and counted with ``skip_bad_rows``; a row whose
+    trained text tokenizes to nothing is a bad row. With ``template`` (a chat template), rows are
+    rendered through it (sftui/chat.py) instead of the built-in format."""
     names = ["ids", "offsets", "row_ids", "n_target", "n_tokens"] + (["labels", "label_offsets"] if seq2seq else ["mask"])
     eos = tokenizer.eos_token_id
     bos = tokenizer.bos_token_id
     n = 0
+    empty = 0  # rows skipped because their trained text tokenizes to nothing
     ends = {"offsets": 0, "label_offsets": 0}
 
-    def flush(chunk: list[tuple[int, Segments]], files: dict[str, Any]) -> None:
-        nonlocal n
-        texts = [t for _, segs in chunk for t, _ in segs if t is not None]
+    def flush(chunk: list[tuple[int, str, dict[str, Any], Segments]], files: dict[str, Any]) -> None:
+        nonlocal n, empty
+        texts = [t for _, _, _, segs in chunk for t, _ in segs if t is not None]
         encoded = _encode(tokenizer, texts)
         pos = 0
         cols: dict[str, list] = {name: [] for name in names}
-        for row, segs in chunk:
+        for row, where, obj, segs in chunk:
             k = sum(1 for t, _ in segs if t is not None)
             parts, pos = encoded[pos:pos + k], pos + k
+            trained = [ids for ids, (t, is_trained) in zip(parts, ((t, tr) for t, tr in segs if t is not None)) if is_trained]
+            if not any(trained):
+                if not skip_bad_rows:
+                    raise DataError(f"{where}: its trained text ({_excerpt(segs)}) tokenizes to nothing with this "
+                                    "tokenizer; is it the model's own? (--skip-bad-rows skips such rows)")
+                empty += 1
+                continue
+            if template is not None:
+                messages = chat.conversation(obj)
+                try:
+                    if seq2seq:
+                        src, tgt = chat.encode_seq2seq(tokenizer, template, messages, eos)
+                        src, tgt = src[-max_len:], tgt[:max_len]
+                    else:
+                        ids, mask = truncate_causal(*chat.encode(tokenizer, *chat.render(tokenizer, template, messages)),
+                                                    max_len)
+                except chat.TemplateError as e:
+                    raise DataError(f"{where}: {e}") from None
             if seq2seq:
-                src, tgt = encode_seq2seq(segs, parts, eos, max_len)
+                if template is None:
+                    src, tgt = encode_seq2seq(segs, parts, eos, max_len)
                 cols["ids"].append(src)
                 cols["labels"].append(tgt)
                 cols["n_target"].append(len(tgt))
                 cols["n_tokens"].append(len(src) + len(tgt))
             else:
-                ids, mask = encode_causal(segs, parts, bos, eos, max_len)
+                if template is None:
+                    ids, mask = encode_causal(segs, parts, bos, eos, max_len)
                 cols["ids"].append(ids)
                 cols["mask"].append(mask)
                 cols["n_target"].append(sum(mask[1:]))
@@ -180,7 +206,7 @@ def tokenize_to_cache(path: str, tokenizer: Any, max_len: int, seq2seq: bool, sk
             files["mask"].write(np.fromiter(chain.from_iterable(cols["mask"]), np.uint8).tobytes())
         for name, dtype in (("row_ids", np.int64), ("n_target", np.int32), ("n_tokens", np.int32)):
             files[name].write(np.asarray(cols[name], dtype).tobytes())
-        n += len(chunk)
+        n += len(cols["row_ids"])
 
     examples = Examples(path, skip_bad_rows)
     with fresh_dir(directory) as tmp:
@@ -189,8 +215,8 @@ def tokenize_to_cache(path: str, tokenizer: Any, max_len: int, seq2seq: bool, sk
             files["offsets"].write(np.zeros(1, np.int64).tobytes())
             if seq2seq:
                 files["label_offsets"].write(np.zeros(1, np.int64).tobytes())
-            chunk: list[tuple[int, Segments]] = []
-            for item in examples:
+            chunk: list[tuple[int, str, dict[str, Any], Segments]] = []
+            for item in examples.sourced():
                 chunk.append(item)
                 if len(chunk) == _CHUNK_ROWS:
                     flush(chunk, files)
@@ -199,9 +225,18 @@ def tokenize_to_cache(path: str, tokenizer: Any, max_len: int, seq2seq: bool, sk
             if chunk:
                 flush(chunk, files)
             progress(1.0)
-        meta = {"n": n, "seq2seq": seq2seq, "skipped": examples.skipped, "max_len": max_len}
+        if n == 0:
+            raise DataError(f"{path}: no row has a token to train: every response tokenizes to nothing with this "
+                            "tokenizer; is it the model's own?")
+        meta = {"n": n, "seq2seq": seq2seq, "skipped": examples.skipped + empty, "max_len": max_len}
         (tmp / "meta.json").write_text(json.dumps(meta))
     return Tokenized.open(directory)
+
+
+def _excerpt(segments: Segments, width: int = 40) -> str:
+    """The trained text of a row, shortened, for an error message."""
+    text = "".join(t for t, trained in segments if trained and t is not None)
+    return repr(text if len(text) <= width else text[:width] + "…")
 
 
 def length_key(data: Tokenized, max_len: int) -> np.ndarray:

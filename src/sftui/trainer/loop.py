@@ -21,16 +21,17 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 from torch.utils.data import DataLoader
 
-from sftui import events as ev, rows
+from sftui import chat, rows
+from sftui import events as ev
 from sftui.config import ConfigError, RunConfig, default_lr
 from sftui.rundir import EventLog, RunDir, read_json, write_json_atomic
 from sftui.runfile import RunFile
 from sftui.trainer import checkpoint, data, flops, model as models, rendezvous
+from sftui.trainer.loss import TrainingModel
 from sftui.trainer.lifeline import Lifeline
 
 OOM_MARKERS = ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
@@ -84,7 +85,7 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
 
     # --- data: rank 0 checks it is unchanged and tokenizes it (once per run: cached), the others wait ---
     phase("validating")
-    tok, train_data, eval_data = prepare_data(run, cfg, spec.data_fingerprint, me, phase)
+    tok, train_data, eval_data, fmt = prepare_data(run, cfg, spec.data_fingerprint, me, phase, spec.chat_format)
     seq2seq = train_data.seq2seq
     target = spec.sample_budget if spec.sample_budget else cfg.epochs * train_data.n
     plan = data.Plan(train_data.n, cfg.seed, target,
@@ -94,7 +95,8 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
     epochs = int(epochs) if epochs == int(epochs) else epochs
     if lead:
         log.emit("data", rows=train_data.n, skipped=train_data.skipped,
-                 eval_rows=eval_data.n if eval_data is not None else None, target_samples=target)
+                 eval_rows=eval_data.n if eval_data is not None else None, target_samples=target,
+                 chat_format=fmt.describe())
 
     # --- the model, the optimizer, and the state to resume from ---
     phase("loading_model")
@@ -108,7 +110,7 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
     schedule = Schedule(peak_lr, cfg.warmup * plan.target, plan.target)
     enc_fpt, dec_fpt = flops.flops_per_token(net, seq2seq)
     decoder_start = net.config.decoder_start_token_id if seq2seq else None
-    model, optimizer = accelerator.prepare(net, opt)
+    model, optimizer = accelerator.prepare(TrainingModel(net), opt)
     if cfg.compile and cuda:
         from sftui.trainer import compiling  # torch._dynamo's logging hooks, only when compiling
 
@@ -166,6 +168,8 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
         log.emit("worker_exit", rank=me.rank, reason="oom", step=failed_step - 1)
         return ev.WORKER_OOM
 
+    memory = MemoryReport(device if cuda else None)
+
     # --- training ---
     phase("training")
     if lifeline is not None:
@@ -216,12 +220,10 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
                     log.emit("log", level="info", message=f"torch.compile: the first step took {per_s['seconds']:.1f} s "
                                                           "(compiling, or loading the compile cache)")
         if step % cfg.log_every == 0:
-            log.emit("rank_stats", rank=me.rank, gpu_uuid=uuid,
-                     mem_peak_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
-                     mem_reserved_bytes=torch.cuda.memory_reserved(device) if cuda else None)
+            log.emit("rank_stats", rank=me.rank, gpu_uuid=uuid, **memory.report())
         if eval_data is not None and step % cfg.eval_every == 0:
             try:
-                _evaluate(bare_model(accelerator, model), eval_data, batch, me, tok.pad_token_id, decoder_start,
+                _evaluate(training_form(accelerator, model), eval_data, batch, me, tok.pad_token_id, decoder_start,
                           device, log, step)
             except Exception as e:
                 if not is_oom(e):
@@ -244,6 +246,8 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
     save("final", step)
     if lead:
         phase("checkpointing")
+        if fmt.kind == "template":  # inference's apply_chat_template then builds what training saw
+            tok.chat_template = fmt.template
         models.save_final(bare_model(accelerator, model), tok, run.final)
     accelerator.wait_for_everyone()
     log.emit("worker_exit", rank=me.rank, reason="finished", step=step)
@@ -278,11 +282,17 @@ def setup_device(cfg: RunConfig, me: Rank) -> tuple[Accelerator, bool]:
     return accelerator, cuda
 
 
-def bare_model(accelerator: Accelerator, model: Any) -> Any:
-    """The model itself, for checkpoints, ``final/`` and evaluation: without DDP and without
-    torch.compile's wrapper, whose state dict would name every parameter ``_orig_mod.…`` (and
-    which accelerate keeps by default), so that a resumed attempt could not load it."""
+def training_form(accelerator: Accelerator, model: Any) -> TrainingModel:
+    """The model in its training form (TrainingModel) without DDP and without
+    torch.compile's wrapper, which accelerate keeps by default: for evaluation."""
     return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
+def bare_model(accelerator: Accelerator, model: Any) -> Any:
+    """The model itself, for checkpoints and ``final/``: no DDP, no compile wrapper (whose state
+    dict names every parameter ``_orig_mod.…``, which a resumed attempt could not load), no
+    training form around it."""
+    return training_form(accelerator, model).bare
 
 
 def pad_width(cfg: RunConfig, cuda: bool) -> int | None:
@@ -359,13 +369,15 @@ def _emergency_checkpoint(step: int, where: str, resume_step: int | None, save: 
 
 def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], decoder_start: int | None,
                    widths_vary: bool = False) -> torch.Tensor:
-    """Sum (not mean) of the cross-entropy over the target tokens of a micro-batch.
+    """Sum (not mean) of the cross-entropy over the target tokens of a micro-batch, from the
+    model in its training form (TrainingModel, maybe wrapped by DDP or torch.compile).
 
     ``decoder_start`` is None for a causal LM (labels are the inputs, shifted by one) and the
     decoder's start token for an encoder-decoder model (labels feed the decoder, shifted right).
     """
     labels = batch["labels"]
-    inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                              "labels": labels}
     if decoder_start is not None:
         decoder_input_ids = torch.cat([torch.full_like(labels[:, :1], decoder_start), labels[:, :-1]], dim=1)
         inputs["decoder_input_ids"] = decoder_input_ids.masked_fill(decoder_input_ids == -100, decoder_start)
@@ -375,12 +387,7 @@ def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], decoder_start: in
     # A no-op for a model that is not compiled.
     for tensor in inputs.values():
         torch._dynamo.maybe_mark_dynamic(tensor, [0, 1] if widths_vary else 0)
-    # No key/value cache: training never reuses one, and a compiled layer would guard on it.
-    logits = model(**inputs, use_cache=False).logits
-    if decoder_start is None:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=-100, reduction="sum")
+    return model(**inputs)
 
 
 def scaled_loss(loss_sum: torch.Tensor, step_targets: int, world: int) -> torch.Tensor:
@@ -477,6 +484,24 @@ class Requests:
         return int(previous[0].item())
 
 
+class MemoryReport:
+    """What ``rank_stats`` says of this rank's GPU memory: the allocated and the reserved peak
+    (what an OOM is decided by; the probe forecasts it), and the caching allocator's retries
+    since the last report (it freed its cache to satisfy a request: pressure before an OOM)."""
+
+    def __init__(self, device: torch.device | None):
+        self.device = device
+        self._retries = 0
+
+    def report(self) -> dict[str, int | None]:
+        if self.device is None:
+            return {"mem_peak_bytes": None, "mem_reserved_bytes": None, "alloc_retries": None}
+        retries = int(torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0))
+        new, self._retries = retries - self._retries, retries
+        return {"mem_peak_bytes": torch.cuda.max_memory_allocated(self.device),
+                "mem_reserved_bytes": torch.cuda.max_memory_reserved(self.device), "alloc_retries": new}
+
+
 class Meter:
     """Loss, grad norm and throughput since the last log line; the loss stays on the device
     until it is read, so logging does not force a GPU sync every step."""
@@ -549,15 +574,18 @@ def _evaluate(model: Any, eval_data: data.Tokenized, batch: int, me: Rank, pad_i
         log.emit("eval", step=step, loss=round(loss_sum / max(1.0, count), 6), samples=eval_data.n)
 
 
-def prepare_data(run: RunDir, cfg: RunConfig, expected_fingerprint: str, me: Rank,
-                 phase: Callable[..., None]) -> tuple[Any, data.Tokenized, data.Tokenized | None]:
+def prepare_data(run: RunDir, cfg: RunConfig, expected_fingerprint: str, me: Rank, phase: Callable[..., None],
+                 expected_chat: dict[str, Any] | None = None
+                 ) -> tuple[Any, data.Tokenized, data.Tokenized | None, chat.ChatFormat]:
     """The tokenizer and the tokenized train (and eval) data, for training and the memory probe.
 
     Rank 0 checks that the data file is the one the run started with (its hash), builds what is
     missing (the preset's character tokenizer under RUN_DIR/tokenizer, the cache under
     RUN_DIR/cache) and then writes a ready marker for this attempt; the other ranks wait for
     it. The rows are not validated again: the CLI did (rows.scan), and tokenizing still names
-    a bad row and counts the skipped ones. ``phase(name, progress)`` reports the tokenizing."""
+    a bad row and counts the skipped ones. ``phase(name, progress)`` reports the tokenizing.
+    The chat format is resolved as at the run's start (``expected_chat``, run.json's): a chat
+    template that changed since is refused like changed data."""
     # Named by the attempt and its rendezvous port: never a marker left by an earlier launch.
     ready = run.cache / f"ready-attempt-{me.attempt}-{os.environ.get('MASTER_PORT', '0')}.json"
     seq2seq = models.is_seq2seq(cfg.model)
@@ -568,7 +596,8 @@ def prepare_data(run: RunDir, cfg: RunConfig, expected_fingerprint: str, me: Ran
         keys = json.loads(ready.read_text())
         tok = models.load_tokenizer(tok_dir, preset=models.is_preset(cfg.model))
         train_data = data.Tokenized.open(run.cache / keys["train"])
-        return tok, train_data, data.Tokenized.open(run.cache / keys["eval"]) if keys["eval"] else None
+        return (tok, train_data, data.Tokenized.open(run.cache / keys["eval"]) if keys["eval"] else None,
+                chat_format(cfg, tok))
 
     run.cache.mkdir(exist_ok=True)
     found = rows.fingerprint(cfg.data)
@@ -579,6 +608,12 @@ def prepare_data(run: RunDir, cfg: RunConfig, expected_fingerprint: str, me: Ran
         models.build_char_tokenizer(rows.char_counts(cfg.data, cfg.skip_bad_rows), tok_dir, models.max_vocab(cfg.model))
     tok = models.load_tokenizer(tok_dir, preset=models.is_preset(cfg.model))
     tok_fp = models.tokenizer_fingerprint(tok)
+    fmt = chat_format(cfg, tok)
+    if expected_chat is not None and expected_chat.get("sha256") != fmt.sha256:
+        raise ConfigError(f"--chat-template: the chat template changed since the run started "
+                          f"({fmt.describe()}; run.json has {expected_chat.get('kind')} "
+                          f"{(expected_chat.get('sha256') or '')[:12]})")
+    template = fmt.template if fmt.kind == "template" else None
     keys: dict[str, str | None] = {"eval": None}
     last_beat = [0.0]
 
@@ -593,13 +628,20 @@ def prepare_data(run: RunDir, cfg: RunConfig, expected_fingerprint: str, me: Ran
             out.append(None)
             continue
         fp = fp or rows.fingerprint(path)
-        key = data.cache_key(fp, tok_fp, cfg.max_len, seq2seq, cfg.skip_bad_rows)
+        key = data.cache_key(fp, tok_fp, cfg.max_len, seq2seq, cfg.skip_bad_rows, fmt.sha256)
         directory = run.cache / key
         if not directory.exists():
             phase("tokenizing", 0.0)
             data.tokenize_to_cache(path, tok, cfg.max_len, seq2seq, cfg.skip_bad_rows, directory,
-                                   progress if name == "train" else (lambda f: None))
+                                   progress if name == "train" else (lambda f: None), template)
         keys[name] = key
         out.append(data.Tokenized.open(directory))
     write_json_atomic(ready, keys)
-    return tok, out[0], out[1]
+    return tok, out[0], out[1], fmt
+
+
+def chat_format(cfg: RunConfig, tok: Any) -> chat.ChatFormat:
+    """How this run renders rows: a preset's character tokenizer has no template."""
+    if models.is_preset(cfg.model):
+        return chat.ChatFormat("none" if cfg.chat_template == "none" else "builtin")
+    return chat.resolve(cfg.chat_template, tok)

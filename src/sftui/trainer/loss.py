@@ -51,6 +51,10 @@ def head_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Linear) -
     label is not -100 (``labels`` already aligned with ``hidden``: shifted for a causal LM)."""
     keep = labels != -100
     h, y = hidden[keep], labels[keep]
+    if h.shape[0] == 0:
+        # No trained position (a padding row of a short last step): a zero that still reaches the
+        # hidden states and the head, so that autograd and DDP see every parameter used.
+        return (hidden.float().sum() + head.weight.float().sum()) * 0.0
     total = hidden.new_zeros((), dtype=torch.float32)
     step = chunk_rows(head.out_features)
     for start in range(0, h.shape[0], step):
@@ -66,7 +70,9 @@ class TrainingModel(nn.Module):
     def __init__(self, model: Any):
         super().__init__()
         self.bare = model
-        self.head = plain_head(model)
+        # The head is the model's own module: kept out of this wrapper's children, so that its
+        # weight is not listed twice (state dicts, DDP's buckets).
+        self.__dict__["head"] = plain_head(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 decoder_input_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -50,7 +50,7 @@ def probe(out: Path) -> int:
     from sftui import forecast
     from sftui.config import ConfigError, RunConfig, default_lr
     from sftui.rundir import RunDir, write_json_atomic
-    from sftui.trainer import loop
+    from sftui.trainer import loop, loss
 
     if not CudaMemory.available():
         raise ConfigError("no CUDA GPU visible to torch (the probe measures GPU memory)")
@@ -78,14 +78,14 @@ def probe(out: Path) -> int:
     def phase(name: str, progress: float | None = None) -> None:
         say(name + (f" {progress * 100:.0f}%" if isinstance(progress, (int, float)) else ""))
 
-    tok, train_data, _ = loop.prepare_data(RunDir(Path(spec["work_dir"])), cfg, spec["data_fingerprint"], me, phase)
+    tok, train_data, _, _ = loop.prepare_data(RunDir(Path(spec["work_dir"])), cfg, spec["data_fingerprint"], me, phase)
     say("loading the model")
     lr = cfg.lr if cfg.lr is not None else default_lr(cfg.model)
     net, opt = loop.new_model(cfg, tok, device, lr)
     # Weights, gradients and AdamW's two moments: a lower bound of the forecast's fixed part.
     model_state = 4 * sum(p.numel() * p.element_size() for p in net.parameters())
     decoder_start = net.config.decoder_start_token_id if train_data.seq2seq else None
-    model, optimizer = accelerator.prepare(net, opt)
+    model, optimizer = accelerator.prepare(loss.TrainingModel(net), opt)
     if cfg.compile:
         from sftui.trainer import compiling
 

@@ -38,6 +38,10 @@ class ChatFormat:
     def sha256(self) -> str | None:
         return hashlib.sha256(self.template.encode()).hexdigest() if self.template is not None else None
 
+    def record(self) -> dict[str, Any]:
+        """run.json's ``chat_format``."""
+        return {"kind": self.kind, "sha256": self.sha256, "source": self.source}
+
     def describe(self) -> str:
         """The words the log and the screen use."""
         if self.kind == "template":
@@ -127,3 +131,51 @@ def encode_seq2seq(tokenizer: Any, template: str, messages: list[Message], eos: 
     src = tokenizer(source, add_special_tokens=False)["input_ids"]
     tgt = tokenizer(messages[last]["content"], add_special_tokens=False)["input_ids"]
     return list(src) + [eos], list(tgt) + [eos]
+
+
+SAMPLE_ROWS = 256  # rows the foreground check tokenizes before anything is written
+
+
+def load_tokenizer(model_dir: str) -> Any:
+    """A local model directory's tokenizer (transformers; it imports torch: only for a local
+    model, whose tokenizer may not match the data or the model)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a bad directory
+        raise ConfigError(f"--model: {model_dir}: cannot load its tokenizer: {str(e).splitlines()[0]}") from None
+
+
+def check_rows(tokenizer: Any, fmt: ChatFormat, path: str, skip_bad_rows: bool, model_dir: str) -> None:
+    """Before anything is written: the first SAMPLE_ROWS rows render (with the template, if any)
+    and their trained text tokenizes to something. A data set none of whose sampled responses
+    has a token stops here (a tokenizer that does not match its model is easy to get); a single
+    such row is a bad row (the worker checks every row the same way while tokenizing)."""
+    from sftui.rows import DataError, Examples
+
+    empty: list[tuple[str, str]] = []
+    sampled = 0
+    for _, where, obj, segments in Examples(path, skip_bad_rows).sourced():
+        sampled += 1
+        trained = "".join(t for t, is_trained in segments if is_trained and t is not None)
+        if not tokenizer(trained, add_special_tokens=False)["input_ids"]:
+            empty.append((where, trained))
+        elif fmt.kind == "template":
+            try:
+                render(tokenizer, fmt.template, conversation(obj))
+            except TemplateError as e:
+                raise DataError(f"{where}: {e}") from None
+        if sampled == SAMPLE_ROWS:
+            break
+    if not empty:
+        return
+    where, text = empty[0]
+    kind = type(tokenizer).__name__
+    if len(empty) == sampled:
+        raise DataError(f"--data: no token to train: with the tokenizer of {model_dir} ({kind}) the responses of the "
+                        f"first {sampled} rows tokenize to nothing, e.g. {where}: {text[:40]!r}; is it the model's own "
+                        "tokenizer?")
+    if not skip_bad_rows:
+        raise DataError(f"{where}: its trained text ({text[:40]!r}) tokenizes to nothing with the tokenizer of "
+                        f"{model_dir} ({kind}) (--skip-bad-rows skips such rows)")
