@@ -47,6 +47,8 @@ def test_chunked_loss_equals_the_full_loss_and_its_gradients(monkeypatch):
     assert all(torch.allclose(a, w, atol=1e-6, rtol=1e-4) for a, w in zip(got, want))
     with torch.no_grad():
         assert torch.allclose(wrapped(**b), reference, rtol=1e-5)
+        # the positions counted on the host select the same ones
+        assert torch.allclose(wrapped(**b, trained=loss.trained_positions(b["labels"])), reference, rtol=1e-5)
 
 
 def test_models_whose_logits_are_not_a_plain_head_keep_their_own_forward():

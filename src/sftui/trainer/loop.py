@@ -31,7 +31,7 @@ from sftui.config import ConfigError, RunConfig, default_lr
 from sftui.rundir import EventLog, RunDir, read_json, write_json_atomic
 from sftui.runfile import RunFile
 from sftui.trainer import checkpoint, data, flops, model as models, rendezvous
-from sftui.trainer.loss import TrainingModel
+from sftui.trainer.loss import TrainingModel, trained_positions
 from sftui.trainer.lifeline import Lifeline
 
 OOM_MARKERS = ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
@@ -334,6 +334,9 @@ def train_step(accelerator: Accelerator, model: Any, optimizer: Any, micros: lis
     device = accelerator.device
     loss = torch.zeros((), device=device)
     for m, micro in enumerate(micros):
+        if decoder_start is None:
+            trained = trained_positions(micro["labels"])
+            micro = {**micro, "trained": trained.pin_memory() if device.type == "cuda" else trained}
         micro = {k: v.to(device, non_blocking=True) for k, v in micro.items()}
         last = m == len(micros) - 1
         with nullcontext() if last else accelerator.no_sync(model):
@@ -387,6 +390,9 @@ def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], decoder_start: in
     # A no-op for a model that is not compiled.
     for tensor in inputs.values():
         torch._dynamo.maybe_mark_dynamic(tensor, [0, 1] if widths_vary else 0)
+    if "trained" in batch:  # the trained positions, counted on the host (loss.trained_positions)
+        inputs["trained"] = batch["trained"]
+        torch._dynamo.maybe_mark_dynamic(inputs["trained"], 0)
     return model(**inputs)
 
 

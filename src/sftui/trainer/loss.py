@@ -46,11 +46,18 @@ def _ce_sum(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bi
     return F.cross_entropy(logits.float(), labels, reduction="sum")
 
 
-def head_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Linear) -> torch.Tensor:
+def head_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Linear,
+                  trained: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of the cross-entropy of ``head(hidden)`` against ``labels`` at the positions whose
-    label is not -100 (``labels`` already aligned with ``hidden``: shifted for a causal LM)."""
-    keep = labels != -100
-    h, y = hidden[keep], labels[keep]
+    label is not -100 (``labels`` already aligned with ``hidden``: shifted for a causal LM).
+    ``trained``: those positions in the flattened (row, position) order, found on the host
+    (``trained_positions``) so that selecting them needs no GPU-to-host sync."""
+    if trained is None:
+        keep = labels != -100
+        h, y = hidden[keep], labels[keep]
+    else:
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, trained)
+        y = labels.reshape(-1).index_select(0, trained)
     if h.shape[0] == 0:
         # No trained position (a padding row of a short last step): a zero that still reaches the
         # hidden states and the head, so that autograd and DDP see every parameter used.
@@ -61,6 +68,13 @@ def head_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Linear) -
         part = (h[start:start + step], y[start:start + step], head.weight, head.bias)
         total = total + (checkpoint(_ce_sum, *part, use_reentrant=False) if torch.is_grad_enabled() else _ce_sum(*part))
     return total
+
+
+def trained_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The flattened positions a causal LM is trained on (labels shifted by one), from labels
+    still on the host: the index travels with the batch, and the loss never waits for the GPU
+    to count them (at small batches the step is bound by the host launching kernels)."""
+    return (labels[:, 1:] != -100).reshape(-1).nonzero().squeeze(1)
 
 
 class TrainingModel(nn.Module):
@@ -75,7 +89,7 @@ class TrainingModel(nn.Module):
         self.__dict__["head"] = plain_head(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                decoder_input_ids: torch.Tensor | None = None) -> torch.Tensor:
+                decoder_input_ids: torch.Tensor | None = None, trained: torch.Tensor | None = None) -> torch.Tensor:
         if self.head is None:
             extra = {} if decoder_input_ids is None else {"decoder_input_ids": decoder_input_ids}
             logits = self.bare(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
@@ -85,4 +99,4 @@ class TrainingModel(nn.Module):
                                    ignore_index=-100, reduction="sum")
         base = getattr(self.bare, self.bare.base_model_prefix)
         hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return head_loss_sum(hidden[:, :-1], labels[:, 1:], self.head)
+        return head_loss_sum(hidden[:, :-1], labels[:, 1:], self.head, trained)

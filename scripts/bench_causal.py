@@ -1,0 +1,283 @@
+"""A causal LM as people fine-tune it, on one GPU: the HF Trainer and sftui on the same rows.
+
+    PYTHONPATH=src python3 scripts/bench_causal.py --out OUT_DIR [--gpu 0] [--steps 200]
+    .venv/bin/python scripts/bench_causal.py --smoke --out OUT_DIR     # CPU, a small shape: the script works
+
+1. Builds a Qwen2.5-0.5B-shaped local directory: the published config (vocab 151,936, hidden 896,
+   24 layers, 14 heads / 2 KV heads, tied embeddings), random weights in bf16, a byte-level BPE
+   tokenizer trained with `tokenizers` on the bench rows, and a ChatML chat template (Qwen's form).
+2. Rows: prompt 16–256 and response 8–256 words of a fixed word list (about a token each).
+3. HF: `Trainer` (bf16, fused AdamW, clip 1.0) at batch 16 on sftui's own tokenization of the
+   rows (the chat template applied, prompt masked), the allocator as the user has it.
+4. sftui: `sftui run --headless` eager at batch 16 for --steps steps (rates after the warm-up, peak
+   allocated and reserved from `rank_stats`); `sftui probe` over a ladder that reaches past the
+   default one; a run of --steps steps at the probe's recommended rung, its peak reserved against
+   the forecast.
+
+Writes OUT/bench_causal.json after every stage and OUT/bench_causal.md at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from sftui import rundir  # noqa: E402
+
+GIB = 1024**3
+MAX_LEN = 512
+SEED = 42
+STARTED = time.monotonic()
+CHATML = (
+    "{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+QWEN_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+                tie_word_embeddings=True)
+SMOKE = dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
+
+
+def say(text: str) -> None:
+    print(f"[{time.monotonic() - STARTED:6.1f}s] {text}", flush=True)
+
+
+def write_rows(path: Path, n: int, smoke: bool) -> None:
+    rng = random.Random(SEED)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 7))) for _ in range(1500)]
+    top_p, top_r = (32, 16) if smoke else (256, 256)
+    with open(path, "w") as f:
+        for _ in range(n):
+            prompt = " ".join(rng.choice(words) for _ in range(rng.randint(16, top_p)))
+            response = " ".join(rng.choice(words) for _ in range(rng.randint(8, top_r)))
+            f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+
+
+def build_model_dir(directory: Path, rows: Path, smoke: bool) -> None:
+    """The local directory a user would point --model at."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    texts = [" ".join(json.loads(line).values()) for line in rows.read_text().splitlines()]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1024 if smoke else 8192, special_tokens=specials,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = CHATML
+    tok.save_pretrained(directory)
+    torch.manual_seed(SEED)
+    model = Qwen2ForCausalLM(Qwen2Config(**(SMOKE if smoke else QWEN_05B), torch_dtype="bfloat16"))
+    model.to(torch.bfloat16).save_pretrained(directory)
+
+
+def hf_worker(args: argparse.Namespace) -> int:
+    """HF Trainer at batch 16 on sftui's tokenization of the rows; one line "HF {...}"."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+
+    from sftui import chat
+    from sftui.trainer import data
+
+    cuda = torch.cuda.is_available()
+    tok = AutoTokenizer.from_pretrained(args.model_dir)
+    rows = data.tokenize_to_cache(str(args.data), tok, MAX_LEN, False, False, args.out / "hf-cache", lambda f: None,
+                                  chat.resolve("auto", tok).template)
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return rows.n
+
+        def __getitem__(self, i: int) -> dict[str, Any]:
+            return {k: v[0] for k, v in data.collate(rows, np.array([i]), tok.pad_token_id).items()}
+
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        width = max(int(x["input_ids"].shape[0]) for x in items)
+        fill = {"input_ids": tok.pad_token_id, "attention_mask": 0, "labels": -100}
+        return {k: torch.stack([torch.nn.functional.pad(x[k], (0, width - x[k].shape[0]), value=v) for x in items])
+                for k, v in fill.items()}
+
+    marks: dict[int, float] = {}
+    tokens: list[Any] = []
+    first, last = args.warmup, args.warmup + args.hf_steps
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, targs: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step in (first, last):
+                if cuda:
+                    torch.cuda.synchronize()
+                marks[state.global_step] = time.perf_counter()
+
+    class Counting(Trainer):
+        def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+            if first <= self.state.global_step < last:
+                tokens.append(inputs["attention_mask"].sum())
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    net = AutoModelForCausalLM.from_pretrained(args.model_dir, torch_dtype=torch.float32).to("cuda" if cuda else "cpu")
+    targs = TrainingArguments(output_dir=str(args.out / "hf-out"), per_device_train_batch_size=16, max_steps=last,
+                              learning_rate=2e-5, max_grad_norm=1.0, bf16=cuda, use_cpu=not cuda,
+                              optim="adamw_torch_fused" if cuda else "adamw_torch", logging_strategy="no",
+                              save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
+                              remove_unused_columns=False, dataloader_num_workers=1, seed=SEED)
+    out: dict[str, Any] = {"batch": 16}
+    try:
+        Counting(model=net, args=targs, train_dataset=Rows(), data_collator=collate, callbacks=[Clock()]).train()
+        seconds = marks[last] - marks[first]
+        out.update(samples_per_s=round(16 * args.hf_steps / seconds, 1),
+                   tokens_per_s=round(float(sum(int(t) for t in tokens)) / seconds),
+                   peak_allocated=torch.cuda.max_memory_allocated() if cuda else None,
+                   peak_reserved=torch.cuda.max_memory_reserved() if cuda else None)
+    except Exception as e:  # noqa: BLE001 - an OOM is a result
+        out["error"] = str(e).splitlines()[0][:300]
+    print("HF " + json.dumps(out), flush=True)
+    return 0
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.out = args, args.out
+        self.report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": shlex.join(sys.argv),
+                                       "max_len": MAX_LEN, "steps": args.steps, "warmup": args.warmup}
+        self.device = ["--cpu"] if args.smoke else ["--gpus", args.gpu]
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
+
+    def save(self) -> None:
+        (self.out / "bench_causal.json").write_text(json.dumps(self.report, indent=2, default=str))
+
+    def sftui(self, *args: str, log: str, timeout: float = 900) -> tuple[int, str]:
+        say("$ sftui " + shlex.join(args))
+        r = subprocess.run([sys.executable, "-m", "sftui", *args], cwd=ROOT, env=self.env, capture_output=True,
+                           text=True, timeout=timeout)
+        (self.out / f"{log}.log").write_text(r.stdout + r.stderr)
+        return r.returncode, r.stdout + r.stderr
+
+    def run(self, name: str, batch: int) -> dict[str, Any]:
+        run_dir = self.out / f"run-{name}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        code, _ = self.sftui("run", "--headless", "--run-dir", str(run_dir), "--model", str(self.args.model_dir),
+                             "--data", str(self.args.data), "--max-len", str(MAX_LEN), "--batch", str(batch),
+                             "--ladder", str(batch), "--max-steps", str(self.args.steps), "--log-every", "10",
+                             "--checkpoint-every", "0", "--keep-checkpoints", "1", "--on-oom", "stop", *self.device,
+                             log=name)
+        evs = rundir.read_all(run_dir / "events.jsonl")
+        steps = [e for e in evs if e["kind"] == "step" and e["step"] > self.args.warmup]
+        stats = [e for e in evs if e["kind"] == "rank_stats"]
+        # each step event's rate covers the steps since the one before it
+        seconds = sum((b["samples_seen"] - a["samples_seen"]) / b["samples_per_s"] for a, b in zip(steps, steps[1:]))
+        samples = steps[-1]["samples_seen"] - steps[0]["samples_seen"] if len(steps) > 1 else 0
+        tokens = sum((b["samples_seen"] - a["samples_seen"]) / b["samples_per_s"] * b["tokens_per_s"]
+                     for a, b in zip(steps, steps[1:]))
+        res = {"batch": batch, "exit": code, "steps": max((e["step"] for e in evs if e["kind"] == "step"), default=0),
+               "samples_per_s": round(samples / seconds, 1) if seconds else None,
+               "tokens_per_s": round(tokens / seconds) if seconds else None,
+               "peak_allocated": max((e["mem_peak_bytes"] or 0 for e in stats), default=None),
+               "peak_reserved": max((e["mem_reserved_bytes"] or 0 for e in stats), default=None),
+               "alloc_retries": sum(e.get("alloc_retries") or 0 for e in stats),
+               "oom": any(e["kind"] == "oom" for e in evs),
+               "allocator": next((e["message"] for e in evs if e["kind"] == "log" and "allocator" in e["message"]), None),
+               "chat_format": next((e.get("chat_format") for e in evs if e["kind"] == "data"), None),
+               "last_loss": steps[-1]["loss"] if steps else None}
+        self.report[name] = res
+        self.save()
+        say(f"{name}: {res}")
+        return res
+
+    def probe(self) -> dict[str, Any] | None:
+        code, text = self.sftui("probe", "--model", str(self.args.model_dir), "--data", str(self.args.data),
+                                "--max-len", str(MAX_LEN), "--ladder", self.args.probe_ladder, "--json", *self.device,
+                                log="probe")
+        if code != 0:
+            self.report["probe"] = {"exit": code, "tail": text[-2000:]}
+            self.save()
+            return None
+        result = json.loads(text[text.index("{"):text.rindex("}") + 1])
+        self.report["probe"] = {k: result.get(k) for k in ("recommended", "rows", "points", "budget_bytes", "seconds")}
+        self.save()
+        say(f"probe: recommended {result.get('recommended')}")
+        return result
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--gpu", default="0")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--hf-steps", type=int, default=30)
+    p.add_argument("--rows", type=int, default=4000)
+    p.add_argument("--probe-ladder", default="128,96,64,48,32,24,16")
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--stages", default="build,hf,eager,probe,recommended")
+    p.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.out = args.out.absolute()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.model_dir = args.model_dir or args.out / "qwen2.5-0.5b-shape"
+    args.data = args.data or args.out / "rows.jsonl"
+    if args.smoke:
+        args.steps, args.warmup, args.hf_steps, args.rows, args.probe_ladder = 12, 2, 4, 200, "8,4"
+    if args.hf_worker:
+        return hf_worker(args)
+    stages = args.stages.split(",")
+    bench = Bench(args)
+    if "build" in stages or not args.model_dir.exists():
+        write_rows(args.data, args.rows, args.smoke)
+        build_model_dir(args.model_dir, args.data, args.smoke)
+        say(f"built {args.model_dir} and {args.rows} rows")
+    if "hf" in stages:
+        cmd = [sys.executable, __file__, "--hf-worker", "--out", str(args.out), "--model-dir", str(args.model_dir),
+               "--data", str(args.data), "--warmup", str(args.warmup), "--hf-steps", str(args.hf_steps)]
+        env = {k: v for k, v in bench.env.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+        if not args.smoke:
+            env["CUDA_VISIBLE_DEVICES"] = args.gpu
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        (args.out / "hf.log").write_text(r.stdout + r.stderr)
+        line = next((ln for ln in r.stdout.splitlines() if ln.startswith("HF ")), None)
+        bench.report["hf"] = json.loads(line[3:]) if line else {"exit": r.returncode, "tail": (r.stdout + r.stderr)[-2000:]}
+        bench.save()
+        say(f"HF: {bench.report['hf']}")
+    if "eager" in stages:
+        bench.run("eager-16", 16 if not args.smoke else 4)
+    if "probe" in stages:
+        result = bench.probe()
+        if result and result.get("recommended") and "recommended" in stages:
+            rung = int(result["recommended"])
+            res = bench.run(f"eager-{rung}", rung)
+            row = next((r for r in result["rows"] if r["batch"] == rung), {})
+            if row.get("predicted") and res.get("peak_reserved"):
+                res["forecast"] = row["predicted"]
+                res["forecast_error"] = round(res["peak_reserved"] / row["predicted"] - 1, 4)
+                bench.save()
+                say(f"forecast {row['predicted'] / GIB:.2f} GiB, measured {res['peak_reserved'] / GIB:.2f} GiB "
+                    f"({res['forecast_error']:+.1%})")
+    say("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
