@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from bench_throughput import write_data  # noqa: E402  (scripts/ is this script's own directory)
 from sftui import rundir  # noqa: E402
+from sftui.runfile import RunFile  # noqa: E402
 
 MAX_LEN = 256
 SMOKE_MAX_LEN = 64  # the tiny model on the CPU: padded to 256, a step took seconds, longer than a window
@@ -176,7 +177,7 @@ def main() -> int:
         if not wait_for_step(run_dir, args.settle_step, 600):
             say("the run did not reach the settle step; see " + str(run_dir / "events.jsonl"))
             return 1
-        supervisor = int(rundir.read_json(run_dir / "run.json")["supervisor_pid"])
+        supervisor = int(RunFile.read(rundir.RunDir(run_dir)).supervisor_pid)
         say(f"step {args.settle_step} reached; supervisor pid {supervisor}; {pairs} pairs of {window_s:.0f} s windows")
         order = [("A", "B") if i % 2 == 0 else ("B", "A") for i in range(pairs)]
         for i, pair in enumerate(order):
@@ -190,7 +191,7 @@ def main() -> int:
             os.kill(supervisor, signal.SIGCONT)
         subprocess.run([sys.executable, "-m", "sftui", "stop", str(run_dir)], cwd=ROOT, env=env, capture_output=True)
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and rundir.read_json(run_dir / "run.json").get("status") == "running":
+        while time.monotonic() < deadline and RunFile.read(rundir.RunDir(run_dir)).status == "running":
             time.sleep(1)
     report.update(summarize(report["windows"]))
     report["tui_drew_every_window"] = all(w.get("tui_drew_run") for w in report["windows"] if w["condition"] == "B")

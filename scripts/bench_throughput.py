@@ -25,6 +25,7 @@ every stage and OUT/bench_throughput.md (a section for docs/BENCHMARKS.md) at th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -41,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from sftui import launch, rundir  # noqa: E402
+from sftui.runfile import RunFile  # noqa: E402
 
 GIB = 1024**3
 MAX_LEN = 256
@@ -247,9 +249,9 @@ class Bench:
         src = self.out / f"run-{supervised}"
         shutil.rmtree(self.out / f"run-{name}", ignore_errors=True)
         run = rundir.create(self.out / f"run-{name}")
-        spec = rundir.read_json(src / "run.json")
-        spec.update(attempt=1, status="running", request_seq=0, supervisor_pid=os.getpid(), socket=None)
-        rundir.write_json_atomic(run.run_json, spec)
+        spec = RunFile.read(rundir.RunDir(src))
+        dataclasses.replace(spec, attempt=1, status="running", request_seq=0, supervisor_pid=os.getpid(),
+                            socket=None).write(run)
         say(f"bare rank of {supervised} (no supervisor)")
         t0 = time.monotonic()
         att = launch.start_attempt(run, 1, 1, gpus=None if self.args.smoke else [int(self.args.gpu)])

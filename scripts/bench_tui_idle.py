@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from sftui import events as ev  # noqa: E402
-from sftui.rundir import EventLog, RunDir, acquire_lock, create, write_json_atomic  # noqa: E402
+from sftui.rundir import EventLog, RunDir, acquire_lock, create  # noqa: E402
+from sftui.runfile import RunFile  # noqa: E402
 
 GIB = 1024**3
 
@@ -54,12 +55,9 @@ def make_run(path: Path) -> RunDir:
             log.emit("step", step=s, total_steps=5000, epoch=s / 5000, epochs=1, samples_seen=32 * s,
                      loss=2 + 3 * math.exp(-s / 40), lr=1e-4, grad_norm=1.0, samples_per_s=300.0,
                      tokens_per_s=75000.0, batch_size=16, grad_accum=1, mfu=0.4)
-    write_json_atomic(run.run_json, {
-        "v": 1, "name": "bench-idle", "created": time.time(), "config": {"model": "tiny", "epochs": 1},
-        "status": "running", "attempt": 1, "batch_size": 16, "grad_accum": 1, "world_size": 2,
-        "effective_batch": 32, "ladder": [16, 12, 8], "oom_rungs": [], "sample_budget": None,
-        "request_seq": 0, "data_fingerprint": "demo", "supervisor_pid": os.getpid(),
-        "socket": str(path / "control.sock"), "pending_decision": None, "exit_code": None, "reason": None})
+    RunFile(name="bench-idle", created=time.time(), config={"model": "tiny", "epochs": 1}, status="running",
+            attempt=1, batch_size=16, grad_accum=1, world_size=2, effective_batch=32, ladder=[16, 12, 8],
+            data_fingerprint="demo", supervisor_pid=os.getpid(), socket=str(path / "control.sock")).write(run)
     return run
 
 
