@@ -21,8 +21,8 @@ from sftui import forecast
 from sftui.config import ConfigError, RunConfig
 from sftui.launch import start_attempt
 from sftui.rundir import RunDir, read_json, write_json_atomic
+from sftui.runstate import fmt_gib
 
-GIB = 1024**3
 TRIAL_STEPS = 3          # optimizer steps per trial: one to warm up, two timed
 TRIAL_SECONDS = 30.0     # no new trial starts after this long of trials
 TICK_S = 0.1
@@ -187,28 +187,24 @@ def write_forecast(run_dir: Path, result: ProbeResult, cfg: RunConfig) -> None:
 # --- the table ----------------------------------------------------------------------------------
 
 
-def _gib(n: float | None, digits: int = 1) -> str:
-    return "" if n is None else f"{n / GIB:.{digits}f}"
-
-
 def table(result: ProbeResult) -> str:
     """What ``sftui probe`` prints: the cards and the budget, the fit, a row per rung."""
     lines = []
     for g in result.gpus:
-        lines.append(f"GPU rank {g['rank']}: {g['name']}  {_gib(g['total'])} GiB total, {_gib(g['free'])} GiB free"
-                     + (f", {_gib(g['budget'])} GiB under --mem-fraction" if g["budget"] < g["free"] else ""))
+        lines.append(f"GPU rank {g['rank']}: {g['name']}  {fmt_gib(g['total'])} GiB total, {fmt_gib(g['free'])} GiB free"
+                     + (f", {fmt_gib(g['budget'])} GiB under --mem-fraction" if g["budget"] < g["free"] else ""))
     limit = result.target * result.budget
-    lines.append(f"budget: {result.target:g} × {_gib(result.budget)} GiB = {_gib(limit)} GiB per GPU "
+    lines.append(f"budget: {result.target:g} × {fmt_gib(result.budget)} GiB = {fmt_gib(limit)} GiB per GPU "
                  f"(world size {result.world_size}); probed in {result.seconds:.0f} s")
     fc = result.fit
     if fc is not None:
-        lines.append(f"fit: peak reserved ≈ {_gib(fc.fixed, 2)} GiB + {_gib(fc.per_sample, 3)} GiB × batch "
+        lines.append(f"fit: peak reserved ≈ {fmt_gib(fc.fixed, 2)} GiB + {fmt_gib(fc.per_sample, 3)} GiB × batch "
                      f"({fc.n} point{'s' if fc.n != 1 else ''}, ±{fc.rel * 100:.0f}%)")
     lines.append("")
     lines.append(f"{'rung':>5}  {'predicted peak':>17}  {'fits':>4}  {'measured':>10}  {'samples/s':>9}")
     for row in result.rows():
-        pred = "?" if row["predicted"] is None else f"{_gib(row['predicted'])} ±{_gib(row['band'])} GiB"
-        measured = "OOM" if row["oom"] else (f"{_gib(row['measured'])} GiB" if row["measured"] is not None else "")
+        pred = "?" if row["predicted"] is None else f"{fmt_gib(row['predicted'])} ±{fmt_gib(row['band'])} GiB"
+        measured = "OOM" if row["oom"] else (f"{fmt_gib(row['measured'])} GiB" if row["measured"] is not None else "")
         speed = "" if row["samples_per_s"] is None else f"{row['samples_per_s']:.1f}"
         mark = "  ← recommended" if row["batch"] == result.recommended else ""
         lines.append(f"{row['batch']:>5}  {pred:>17}  {'yes' if row['fits'] else 'no':>4}  {measured:>10}  {speed:>9}{mark}")
