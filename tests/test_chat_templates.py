@@ -89,3 +89,14 @@ def test_a_template_that_refuses_a_conversation_says_why(tokenizers):
            {"role": "tool", "content": "d"}]
     with pytest.raises(chat.TemplateError, match="roles must alternate"):
         chat.render(tok, TEMPLATES["inst"][0], bad)
+
+
+def test_an_encoder_decoder_row_keeps_its_split_with_the_template_rendering_the_input(tokenizers):
+    """T5: the template renders every turn before the last assistant turn, with the generation
+    prompt, as the encoder's input; the last assistant turn and EOS are the labels."""
+    tok = tokenizers["chatml"]
+    messages = CONVERSATIONS["multi-turn"]
+    src, tgt = chat.encode_seq2seq(tok, TEMPLATES["chatml"][0], messages, tok.eos_token_id)
+    prompt = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    assert tok.decode(src[:-1]) == prompt and src[-1] == tok.eos_token_id
+    assert tok.decode(tgt[:-1]) == messages[-1]["content"] and tgt[-1] == tok.eos_token_id
