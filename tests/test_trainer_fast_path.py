@@ -144,7 +144,7 @@ def test_checkpoints_of_a_compiled_model_keep_the_parameter_names(monkeypatch) -
     net = _tiny_t5(40, 0, 1)
     names = list(net.state_dict())
     accelerator = Accelerator(cpu=True)
-    prepared = torch.compile(accelerator.prepare(net), backend="eager")
+    prepared = torch.compile(accelerator.prepare(TrainingModel(net)), backend="eager")
     assert list(prepared.state_dict())[0].startswith("_orig_mod.")
     assert list(loop.bare_model(accelerator, prepared).state_dict()) == names
 

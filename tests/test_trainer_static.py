@@ -21,6 +21,7 @@ from sftui import rundir
 from sftui.config import RunConfig
 from sftui.rows import char_counts
 from sftui.trainer import data, loop, model
+from sftui.trainer.loss import TrainingModel
 from trainer_helpers import log_tail, qa_rows, run_attempt, step_events, write_jsonl, write_run_json
 
 MAX_LEN = 32
@@ -78,7 +79,7 @@ def test_an_encoder_decoder_step_is_the_same_with_static_shapes(tmp_path: Path, 
         steps = data.StepBatches(cache, plan, plan.steps(0, 8), 0, 8 // accum, accum, tok.pad_token_id, width)
         losses = []
         for item in steps:
-            loss, _ = loop.train_step(accelerator, net, opt, item["micro"], item["n_target"], 1,
+            loss, _ = loop.train_step(accelerator, TrainingModel(net), opt, item["micro"], item["n_target"], 1,
                                       config.decoder_start_token_id, loop.StepPhase())
             losses.append(float(loss))
         curves.append(losses)
