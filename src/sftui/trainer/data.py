@@ -162,8 +162,8 @@ def tokenize_to_cache(path: str, tokenizer: Any, max_len: int, seq2seq: bool, sk
         for row, where, obj, segs in chunk:
             k = sum(1 for t, _ in segs if t is not None)
             parts, pos = encoded[pos:pos + k], pos + k
-            trained = [ids for ids, (t, is_trained) in zip(parts, ((t, tr) for t, tr in segs if t is not None)) if is_trained]
-            if not any(trained):
+            flags = [is_trained for t, is_trained in segs if t is not None]  # parts holds the texts' ids, in order
+            if not any(ids for ids, is_trained in zip(parts, flags) if is_trained):
                 if not skip_bad_rows:
                     raise DataError(f"{where}: its trained text ({_excerpt(segs)}) tokenizes to nothing with this "
                                     "tokenizer; is it the model's own? (--skip-bad-rows skips such rows)")
