@@ -70,6 +70,18 @@ def test_ladder_math():
     assert c.grad_accum_for(RunConfig(grad_accum=3), 8) == 3
 
 
+
+def test_a_ladder_built_below_a_batch_past_the_given_one():
+    """--batch auto past a short ladder: the default ladder's steps (×3/4, ×2/3) down to it."""
+    assert c.ladder_below(24, [16, 12, 8]) == [24, 16, 12, 8]
+    assert c.ladder_below(96, [16, 12, 8]) == [96, 72, 48, 36, 24, 16, 12, 8]
+    big = c.ladder_below(1000, [16, 12, 8])
+    assert big[:4] == [1000, 752, 496, 376] and big[-3:] == [16, 12, 8]
+    assert big == sorted(set(big), reverse=True)
+    assert all(b % 8 == 0 for b in big if b >= 64)
+    assert all(later / earlier >= 0.6 for earlier, later in zip(big, big[1:]) if later > 16)
+
+
 def test_round_trip_through_run_json():
     cfg = c.build({"batch": 12, "cpu": True, "num_processes": 2})
     assert RunConfig.from_dict(cfg.to_dict() | {"unknown_key": 1}) == cfg

@@ -20,6 +20,7 @@ from sftui.forecast import (
     points_to_json,
     read_probe,
     recommend,
+    rungs_above,
 )
 
 GIB = 1024**3
@@ -162,3 +163,20 @@ def test_for_run_without_a_probe_needs_two_measured_rungs():
     assert rf.forecast is not None and rf.budget == 80 * GIB and rf.target == DEFAULT_TARGET
     assert rf.fits(16) is False  # ran out of memory there
     assert for_run(None, {}, [], None).fits(8) is None
+
+
+def test_the_search_past_a_short_ladder_finds_the_largest_batch_that_fits():
+    """The default ladder on an H200 with chatlm-mini: 16 fits with room to spare. The probe also
+    searches the batches past 16 (up to the data's rows) and measures near the largest that fits."""
+    beyond = rungs_above([16, 12, 8], 5000)
+    assert beyond[:4] == [24, 32, 40, 48] and beyond[-1] <= 5000
+    assert all(b % 8 == 0 for b in beyond) and beyond == sorted(set(beyond))
+    assert all(later / earlier <= 4 / 3 for earlier, later in zip(beyond, beyond[1:]))
+    budget = 139 * GIB
+    trials, rec = simulate_probe(chatlm, budget, [16, 12, 8], hint=2.8 * GIB)
+    assert rec == 16 and trials == [8, 16]  # the ladder alone stops at its top
+    trials, largest = simulate_probe(chatlm, budget, [16, 12, 8] + beyond, hint=2.8 * GIB)
+    assert largest in trials and len(trials) <= 6
+    # 2.6 + 0.5 × b (+ the 3 % band) under 0.85 × 139 GiB: b ≤ about 223
+    assert 200 <= largest <= 224 and chatlm(largest) * 1.03 <= DEFAULT_TARGET * budget
+    assert rungs_above([16, 12, 8], 20) == []  # no batch past the data's rows

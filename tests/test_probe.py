@@ -70,7 +70,7 @@ def test_ranks_without_cuda_say_so_and_leave_nothing_behind(tmp_path, world):
     before = set(Path(os.environ.get("TMPDIR", "/tmp")).glob("sftui-probe-*"))
     lines: list[str] = []
     with pytest.raises(ConfigError, match=r"^probe: no CUDA GPU visible to torch"):
-        probing.run_probe(cfg, fingerprint("demo"), 0.85, say=lines.append)
+        probing.run_probe(cfg, fingerprint("demo"), 100, 0.85, say=lines.append)
     assert set(Path(os.environ.get("TMPDIR", "/tmp")).glob("sftui-probe-*")) == before
 
 
@@ -190,7 +190,16 @@ def test_the_table_marks_the_recommendation_and_every_rung():
 
 def test_a_short_ladder_gets_a_note_and_nothing_fitting_says_what_to_do():
     res = recorded_result()
-    short = probing.ProbeResult([16, 12, 8], 0.85, 1, res.gpus, res.budget, res.model_state, res.points, 1.0)
-    assert short.recommended == 16 and "fits up to about batch" in probing.table(short)
+    beyond = forecast.rungs_above([16, 12, 8], 10_000)
+    short = probing.ProbeResult([16, 12, 8], 0.85, 1, res.gpus, res.budget, res.model_state, res.points, 1.0, beyond)
+    # 96 was measured at 52.2 GiB; past it the band widens: 104 fits under 66.8 GiB, 120 does not
+    assert short.recommended == 16 and short.largest == 104
+    text = probing.table(short)
+    assert "the ladder stops short: batch 104 fits too; --batch auto starts there (ladder 104,80,52,40,24,16,12,8)" in text
+    rows = [int(line.split()[0]) for line in text.splitlines() if line.strip()[:1].isdigit()]
+    assert rows == [104, 96, 32, 16, 12, 8]  # the rungs, the batches measured past them, the largest
+    assert short.auto_start() == (104, [104, 80, 52, 40, 24, 16, 12, 8])
+    assert short.to_json(RunConfig(model="chatlm-mini"))["largest_fitting"] == 104
+    assert res.auto_start() == (96, res.ladder)  # a ladder that does not stop short stays
     tiny = probing.ProbeResult([16, 12, 8], 0.85, 1, res.gpus, 4 * GIB, res.model_state, res.points, 1.0)
-    assert tiny.recommended is None and "no rung fits" in probing.table(tiny)
+    assert tiny.recommended is None and "no rung fits" in probing.table(tiny) and tiny.auto_start() is None

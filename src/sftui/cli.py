@@ -198,8 +198,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     cfgmod.check_paths(cfg)
     runsetup.resolve_devices(cfg)
     cfgmod.validate(cfg)
-    fingerprint, _ = runsetup.check_data(cfg)
-    result = probing.run_probe(cfg, fingerprint, target)
+    fingerprint, rows = runsetup.check_data(cfg)
+    result = probing.run_probe(cfg, fingerprint, rows, target)
     print(json.dumps(result.to_json(cfg), indent=2) if args.json else probing.table(result), flush=True)
     return 0
 

@@ -8,6 +8,7 @@ Precedence: defaults < ``--config FILE.toml`` < flags. Each option is declared o
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import shlex
@@ -386,6 +387,24 @@ def check_paths(cfg: RunConfig) -> None:
 def ladder_with(ladder: list[int], batch: int) -> list[int]:
     """The ladder with ``batch`` on it (inserted in order when missing)."""
     return sorted(set(ladder) | {batch}, reverse=True)
+
+
+def ladder_below(top: int, ladder: list[int]) -> list[int]:
+    """A ladder from ``top`` down in the default ladder's steps (16 → 12 → 8: ×3/4, then ×2/3,
+    halving every two rungs; multiples of 8 from 64 up, of 4 from 16) until it comes within a
+    quarter of ``ladder``'s rungs, which follow. ``--batch auto`` starts past a ladder that
+    stops short with this below it."""
+    below = [r for r in ladder if r < top]
+    floor = 1.25 * max(below, default=0)
+    out, b, steps = [top], float(top), itertools.cycle((3 / 4, 2 / 3))
+    while True:
+        b *= next(steps)
+        unit = 8 if b >= 64 else 4 if b >= 16 else 1
+        rung = int(round(b / unit) * unit)
+        if rung <= floor or rung < 1:
+            return out + below
+        if rung < out[-1]:
+            out.append(rung)
 
 
 def next_rung(ladder: list[int], batch: int) -> int | None:

@@ -133,6 +133,20 @@ def recommend(ladder: Iterable[int], forecast: Forecast | None, budget: float,
     return max(fitting) if fitting else None
 
 
+def rungs_above(ladder: Iterable[int], cap: int) -> list[int]:
+    """Candidate batches past the ladder's top, up to ``cap`` (the data's rows: a batch larger
+    than the data is no batch): steps of about an eighth, multiples of 8. The probe searches
+    them too, so that a ladder that stops short (16,12,8 on a card where 300 fits) is not the
+    limit of what it reports."""
+    b = max(ladder)
+    out = []
+    while True:
+        b = -(-(b + max(8, b // 8)) // 8) * 8
+        if b > cap:
+            return out
+        out.append(b)
+
+
 def next_trial(ladder: list[int], points: list[Point], budget: float, target: float = DEFAULT_TARGET,
                fixed_hint: float | None = None) -> int | None:
     """The probe's next batch to measure, or None when it is done: the smallest rung first,

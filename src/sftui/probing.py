@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from sftui import events as ev
 from sftui import forecast
-from sftui.config import ConfigError, RunConfig
+from sftui.config import ConfigError, RunConfig, ladder_below
 from sftui.launch import start_attempt
 from sftui.rundir import RunDir, read_json, write_json_atomic
 from sftui.runstate import fmt_gib
@@ -56,18 +56,23 @@ class ProbeResult:
     model_state: int | None
     points: list[forecast.Point]
     seconds: float
+    beyond: list[int] = field(default_factory=list)  # the batches past the ladder's top it searched
     fit: forecast.Forecast | None = field(init=False)
-    recommended: int | None = field(init=False)
+    recommended: int | None = field(init=False)      # the largest rung of the ladder that fits
+    largest: int | None = field(init=False)          # the largest batch that fits, ladder or beyond
 
     def __post_init__(self) -> None:
         self.fit = forecast.fit(self.points, self.model_state)
         self.recommended = forecast.recommend(self.ladder, self.fit, self.budget, self.target)
+        self.largest = forecast.recommend(self.ladder + self.beyond, self.fit, self.budget, self.target)
 
     def rows(self) -> list[dict[str, Any]]:
-        """One row per rung: forecast, band, fits, what was measured there."""
+        """One row per rung, per batch measured, and for the largest batch that fits:
+        forecast, band, fits, what was measured there."""
         measured = {p.batch: p for p in forecast.merge(self.points)}
+        shown = set(self.ladder) | set(measured) | ({self.largest} - {None})
         out = []
-        for b in self.ladder:
+        for b in sorted(shown, reverse=True):
             m = measured.get(b)
             out.append({
                 "batch": b,
@@ -89,25 +94,37 @@ class ProbeResult:
             "mem_fraction": cfg.mem_fraction, "world_size": self.world_size, "target": self.target,
             "gpus": self.gpus, "budget_bytes": self.budget, "model_state_bytes": self.model_state,
             "points": forecast.points_to_json(self.points), "fit": fit, "ladder": self.ladder,
-            "recommended": self.recommended, "rows": self.rows(), "seconds": round(self.seconds, 2),
+            "recommended": self.recommended, "largest_fitting": self.largest, "rows": self.rows(),
+            "seconds": round(self.seconds, 2),
         }
 
+    def auto_start(self) -> tuple[int, list[int]] | None:
+        """``--batch auto``'s first batch and ladder: the largest batch that fits, with the
+        ladder built below it where that lies past the given ladder's top; None if none fits."""
+        if self.largest is None:
+            return None
+        if self.largest > max(self.ladder):
+            return self.largest, ladder_below(self.largest, self.ladder)
+        return self.largest, list(self.ladder)
 
-def run_probe(cfg: RunConfig, fingerprint: str, target: float, work_dir: Path | None = None,
+
+def run_probe(cfg: RunConfig, fingerprint: str, rows: int, target: float, work_dir: Path | None = None,
               say: Callable[[str], None] | None = None) -> ProbeResult:
-    """Probe on the run's GPUs (``cfg.gpus``, resolved) at its world size. ``work_dir`` keeps the
-    tokenizer and the tokenized data for the run that follows (its run directory); without
-    one they go with the probe's temporary directory."""
+    """Probe on the run's GPUs (``cfg.gpus``, resolved) at its world size, over the ladder and
+    the batches past its top up to ``rows`` (the data's). ``work_dir`` keeps the tokenizer and
+    the tokenized data for the run that follows (its run directory); without one they go with
+    the probe's temporary directory."""
     say = say or (lambda line: print(f"sftui: {line}", file=sys.stderr, flush=True))
     started = time.monotonic()
+    beyond = forecast.rungs_above(cfg.ladder, rows)
     tmp = Path(tempfile.mkdtemp(prefix="sftui-probe-"))
     try:
         write_json_atomic(tmp / "spec.json", {
             "config": cfg.to_dict(), "data_fingerprint": fingerprint, "work_dir": str(work_dir or tmp),
-            "ladder": cfg.ladder, "target": target, "steps": TRIAL_STEPS, "max_seconds": TRIAL_SECONDS,
+            "ladder": cfg.ladder + beyond, "target": target, "steps": TRIAL_STEPS, "max_seconds": TRIAL_SECONDS,
         })
         codes = _run_ranks(RunDir(tmp), cfg, say)
-        return _collect(tmp, cfg, target, codes, time.monotonic() - started)
+        return _collect(tmp, cfg, target, codes, time.monotonic() - started, beyond)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -160,7 +177,8 @@ def _tail(log: Path, n: int = 12) -> str:
     return " | ".join(line.rstrip() for line in tail_lines(log, n))
 
 
-def _collect(tmp: Path, cfg: RunConfig, target: float, codes: list[int | None], seconds: float) -> ProbeResult:
+def _collect(tmp: Path, cfg: RunConfig, target: float, codes: list[int | None], seconds: float,
+             beyond: list[int]) -> ProbeResult:
     """The result from the ranks' files and exit codes; a rank's OOM is a point that did not fit."""
     log = RunDir(tmp).attempt_log(0)
     if ev.WORKER_BAD_INPUT in codes:
@@ -177,7 +195,7 @@ def _collect(tmp: Path, cfg: RunConfig, target: float, codes: list[int | None], 
     if crashed or (not result.get("done") and not any(p.oom for p in points)):
         raise ProbeFailed(f"the probe failed (exit codes {codes}): {_tail(log)}")
     return ProbeResult(list(cfg.ladder), target, cfg.world_size, result["gpus"], int(result["budget_bytes"]),
-                       result.get("model_state_bytes"), points, seconds)
+                       result.get("model_state_bytes"), points, seconds, beyond)
 
 
 def write_forecast(run_dir: Path, result: ProbeResult, cfg: RunConfig) -> None:
@@ -214,21 +232,7 @@ def table(result: ProbeResult) -> str:
                      "--gradient-checkpointing, or add smaller rungs to --ladder")
     else:
         lines.append(f"recommended: --batch {result.recommended}")
-        room = _largest_fitting(result)
-        if result.recommended == max(result.ladder) and room is not None and room >= 1.25 * result.recommended:
-            lines.append(f"note: the top rung leaves room; the forecast fits up to about batch {room} "
-                         "(add larger rungs with --ladder)")
+        if result.largest is not None and result.largest > result.recommended:
+            lines.append(f"the ladder stops short: batch {result.largest} fits too; --batch auto starts there "
+                         f"(ladder {','.join(map(str, ladder_below(result.largest, result.ladder)))})")
     return "\n".join(lines)
-
-
-def _largest_fitting(result: ProbeResult) -> int | None:
-    """The largest batch the forecast fits, rungs or not (for the note on a short ladder)."""
-    fc = result.fit
-    if fc is None:
-        return None
-    b = max(result.ladder)
-    while True:
-        nxt = b + max(1, b // 8)
-        if nxt > 1_000_000 or not fc.fits(nxt, result.budget, result.target):
-            return b
-        b = nxt

@@ -112,7 +112,7 @@ def prepare_new(cfg: RunConfig, run_dir: str | None) -> RunDir:
         run = create(path)
     except OSError as e:
         raise ConfigError(f"--run-dir: {path}: {e.strerror or e}") from None
-    batch = probe_first_rung(run, cfg, fingerprint, existed) if auto else None
+    batch = probe_first_rung(run, cfg, fingerprint, rows, existed) if auto else None
     RunFile.new(cfg, name, fingerprint, rows, batch, fmt.record()).write(run)
     if note:
         print(f"sftui: {note}", file=sys.stderr)
@@ -132,16 +132,18 @@ def existing_run_advice(run: RunDir) -> str:
     return f"continue it with --resume {run.path}"
 
 
-def probe_first_rung(run: RunDir, cfg: RunConfig, fingerprint: str, existed: bool) -> int:
+def probe_first_rung(run: RunDir, cfg: RunConfig, fingerprint: str, rows: int, existed: bool) -> int:
     """``--batch auto``: probe in the foreground (its tokenizer and data cache stay for the run),
-    print the table, keep the points in RUN_DIR/forecast.json, and return the recommended rung.
+    print the table, keep the points in RUN_DIR/forecast.json, and return the largest batch that
+    fits; where that lies past the ladder's top, ``cfg.ladder`` becomes a ladder built below it.
     On failure the new run directory goes again."""
     from sftui import probing
 
     try:
-        result = probing.run_probe(cfg, fingerprint, DEFAULT_TARGET, work_dir=run.path)
+        result = probing.run_probe(cfg, fingerprint, rows, DEFAULT_TARGET, work_dir=run.path)
         print(probing.table(result), file=sys.stderr, flush=True)
-        if result.recommended is None:
+        start = result.auto_start()
+        if start is None:
             raise ConfigError("--batch auto: no rung of the ladder fits the GPU memory; lower --max-len, "
                               "add --gradient-checkpointing or smaller rungs to --ladder")
     except BaseException:
@@ -153,8 +155,11 @@ def probe_first_rung(run: RunDir, cfg: RunConfig, fingerprint: str, existed: boo
         if not existed:
             run.path.rmdir()
         raise
+    batch, cfg.ladder = start
+    print(f"sftui: --batch auto: starting at batch {batch} (ladder {','.join(map(str, cfg.ladder))})",
+          file=sys.stderr, flush=True)
     probing.write_forecast(run.path, result, cfg)
-    return result.recommended
+    return batch
 
 
 def default_run_dir(name: str) -> Path:
