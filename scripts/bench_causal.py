@@ -71,8 +71,18 @@ def write_rows(path: Path, n: int, smoke: bool) -> None:
 def build_model_dir(directory: Path, rows: Path, smoke: bool) -> None:
     """The local directory a user would point --model at."""
     import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    build_tokenizer(directory, rows, smoke)
+    torch.manual_seed(SEED)
+    model = Qwen2ForCausalLM(Qwen2Config(**(SMOKE if smoke else QWEN_05B), torch_dtype="bfloat16"))
+    model.to(torch.bfloat16).save_pretrained(directory)
+
+
+def build_tokenizer(directory: Path, rows: Path, smoke: bool) -> None:
+    """A byte-level BPE trained on the bench rows, with Qwen's ChatML template, saved in ``directory``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import PreTrainedTokenizerFast
 
     texts = [" ".join(json.loads(line).values()) for line in rows.read_text().splitlines()]
     backend = Tokenizer(models.BPE())
@@ -85,13 +95,12 @@ def build_model_dir(directory: Path, rows: Path, smoke: bool) -> None:
                                   additional_special_tokens=["<|im_start|>"])
     tok.chat_template = CHATML
     tok.save_pretrained(directory)
-    torch.manual_seed(SEED)
-    model = Qwen2ForCausalLM(Qwen2Config(**(SMOKE if smoke else QWEN_05B), torch_dtype="bfloat16"))
-    model.to(torch.bfloat16).save_pretrained(directory)
 
 
 def hf_worker(args: argparse.Namespace) -> int:
-    """HF Trainer at batch 16 on sftui's tokenization of the rows; one line "HF {...}"."""
+    """HF Trainer at ``args.batch`` (16) on sftui's tokenization of the rows; one line "HF {...}".
+    With ``args.lora_r``: LoRA through peft on a bf16 base, on the linear layers sftui adapts
+    (alpha 2 × r), gradient checkpointing with ``args.gradient_checkpointing`` (bench_lora.py)."""
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
@@ -101,7 +110,8 @@ def hf_worker(args: argparse.Namespace) -> int:
 
     cuda = torch.cuda.is_available()
     tok = AutoTokenizer.from_pretrained(args.model_dir)
-    rows = data.tokenize_to_cache(str(args.data), tok, MAX_LEN, False, False, args.out / "hf-cache", lambda f: None,
+    batch, lora_r = getattr(args, "batch", 16), getattr(args, "lora_r", None)
+    rows = data.tokenize_to_cache(str(args.data), tok, args.max_len, False, False, args.out / "hf-cache", lambda f: None,
                                   chat.resolve("auto", tok).template)
 
     class Rows(torch.utils.data.Dataset):
@@ -136,17 +146,29 @@ def hf_worker(args: argparse.Namespace) -> int:
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    net = AutoModelForCausalLM.from_pretrained(args.model_dir, torch_dtype=torch.float32).to("cuda" if cuda else "cpu")
-    targs = TrainingArguments(output_dir=str(args.out / "hf-out"), per_device_train_batch_size=16, max_steps=last,
+    net = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16 if lora_r and cuda else torch.float32)
+    net = net.to("cuda" if cuda else "cpu")
+    gradient_checkpointing = bool(getattr(args, "gradient_checkpointing", False))
+    if lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        from sftui.trainer.adapters import target_modules
+
+        if gradient_checkpointing:
+            net.enable_input_require_grads()
+        net = get_peft_model(net, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, bias="none",
+                                             target_modules=target_modules(net, None), task_type="CAUSAL_LM"))
+    targs = TrainingArguments(output_dir=str(args.out / "hf-out"), per_device_train_batch_size=batch, max_steps=last,
+                              gradient_checkpointing=gradient_checkpointing,
                               learning_rate=2e-5, max_grad_norm=1.0, bf16=cuda, use_cpu=not cuda,
                               optim="adamw_torch_fused" if cuda else "adamw_torch", logging_strategy="no",
                               save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
                               remove_unused_columns=False, dataloader_num_workers=1, seed=SEED)
-    out: dict[str, Any] = {"batch": 16}
+    out: dict[str, Any] = {"batch": batch}
     try:
         Counting(model=net, args=targs, train_dataset=Rows(), data_collator=collate, callbacks=[Clock()]).train()
         seconds = marks[last] - marks[first]
-        out.update(samples_per_s=round(16 * args.hf_steps / seconds, 1),
+        out.update(samples_per_s=round(batch * args.hf_steps / seconds, 1),
                    tokens_per_s=round(float(sum(int(t) for t in tokens)) / seconds),
                    peak_allocated=torch.cuda.max_memory_allocated() if cuda else None,
                    peak_reserved=torch.cuda.max_memory_reserved() if cuda else None)
@@ -157,31 +179,37 @@ def hf_worker(args: argparse.Namespace) -> int:
 
 
 class Bench:
+    name = "bench_causal"  # OUT/NAME.json
+
     def __init__(self, args: argparse.Namespace):
         self.args, self.out = args, args.out
         self.report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": shlex.join(sys.argv),
-                                       "max_len": MAX_LEN, "steps": args.steps, "warmup": args.warmup}
+                                       "max_len": args.max_len, "steps": args.steps, "warmup": args.warmup}
         self.device = ["--cpu"] if args.smoke else ["--gpus", args.gpu]
         self.env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
 
     def save(self) -> None:
-        (self.out / "bench_causal.json").write_text(json.dumps(self.report, indent=2, default=str))
+        (self.out / f"{self.name}.json").write_text(json.dumps(self.report, indent=2, default=str))
 
-    def sftui(self, *args: str, log: str, timeout: float = 900) -> tuple[int, str]:
-        say("$ sftui " + shlex.join(args))
-        r = subprocess.run([sys.executable, "-m", "sftui", *args], cwd=ROOT, env=self.env, capture_output=True,
-                           text=True, timeout=timeout)
+    def sftui(self, *args: str, log: str, timeout: float = 900, env: dict[str, str] | None = None) -> tuple[int, str]:
+        say("$ sftui " + shlex.join(args) + "".join(f"  [{k}={v}]" for k, v in (env or {}).items()))
+        r = subprocess.run([sys.executable, "-m", "sftui", *args], cwd=ROOT, env={**self.env, **(env or {})},
+                           capture_output=True, text=True, timeout=timeout)
         (self.out / f"{log}.log").write_text(r.stdout + r.stderr)
         return r.returncode, r.stdout + r.stderr
 
-    def run(self, name: str, batch: int) -> dict[str, Any]:
+    def run(self, name: str, batch: int | str, *extra: str, env: dict[str, str] | None = None,
+            steps: int | None = None) -> dict[str, Any]:
+        """One headless run (a ladder of its batch alone unless ``extra`` gives one); its rates
+        after the warm-up and its peaks from ``rank_stats``."""
         run_dir = self.out / f"run-{name}"
         shutil.rmtree(run_dir, ignore_errors=True)
+        ladder = () if batch == "auto" or "--ladder" in extra else ("--ladder", str(batch))
         code, _ = self.sftui("run", "--headless", "--run-dir", str(run_dir), "--model", str(self.args.model_dir),
-                             "--data", str(self.args.data), "--max-len", str(MAX_LEN), "--batch", str(batch),
-                             "--ladder", str(batch), "--max-steps", str(self.args.steps), "--log-every", "10",
+                             "--data", str(self.args.data), "--max-len", str(self.args.max_len), "--batch", str(batch), *ladder,
+                             "--max-steps", str(steps or self.args.steps), "--log-every", "10",
                              "--checkpoint-every", "0", "--keep-checkpoints", "1", "--on-oom", "stop", *self.device,
-                             log=name)
+                             *extra, log=name, env=env)
         evs = rundir.read_all(run_dir / "events.jsonl")
         steps = [e for e in evs if e["kind"] == "step" and e["step"] > self.args.warmup]
         stats = [e for e in evs if e["kind"] == "rank_stats"]
@@ -190,7 +218,8 @@ class Bench:
         samples = steps[-1]["samples_seen"] - steps[0]["samples_seen"] if len(steps) > 1 else 0
         tokens = sum((b["samples_seen"] - a["samples_seen"]) / b["samples_per_s"] * b["tokens_per_s"]
                      for a, b in zip(steps, steps[1:]))
-        res = {"batch": batch, "exit": code, "steps": max((e["step"] for e in evs if e["kind"] == "step"), default=0),
+        batches = [e["to"] for e in evs if e["kind"] == "batch_change"]
+        res = {"batch": batches[-1] if batch == "auto" and batches else batch, "exit": code, "steps": max((e["step"] for e in evs if e["kind"] == "step"), default=0),
                "samples_per_s": round(samples / seconds, 1) if seconds else None,
                "tokens_per_s": round(tokens / seconds) if seconds else None,
                "peak_allocated": max((e["mem_peak_bytes"] or 0 for e in stats), default=None),
@@ -205,10 +234,20 @@ class Bench:
         say(f"{name}: {res}")
         return res
 
-    def probe(self) -> dict[str, Any] | None:
+    def against_forecast(self, probe: dict[str, Any], res: dict[str, Any], rung: int) -> None:
+        """A run's peak reserved next to the probe's forecast at its rung (``forecast_error``)."""
+        row = next((r for r in probe["rows"] if r["batch"] == rung), {})
+        if row.get("predicted") and res.get("peak_reserved"):
+            res["forecast"] = row["predicted"]
+            res["forecast_error"] = round(res["peak_reserved"] / row["predicted"] - 1, 4)
+            self.save()
+            say(f"forecast {row['predicted'] / GIB:.2f} GiB, measured {res['peak_reserved'] / GIB:.2f} GiB "
+                f"({res['forecast_error']:+.1%})")
+
+    def probe(self, *extra: str) -> dict[str, Any] | None:
         code, text = self.sftui("probe", "--model", str(self.args.model_dir), "--data", str(self.args.data),
-                                "--max-len", str(MAX_LEN), "--ladder", self.args.probe_ladder, "--json", *self.device,
-                                log="probe")
+                                "--max-len", str(self.args.max_len), "--ladder", self.args.probe_ladder, "--json",
+                                *self.device, *extra, log="probe")
         if code != 0:
             self.report["probe"] = {"exit": code, "tail": text[-2000:]}
             self.save()
@@ -230,7 +269,11 @@ def main() -> int:
     p.add_argument("--rows", type=int, default=4000)
     p.add_argument("--probe-ladder", default="128,96,64,48,32,24,16")
     p.add_argument("--smoke", action="store_true")
-    p.add_argument("--stages", default="build,hf,eager,probe,recommended")
+    p.add_argument("--max-len", type=int, default=MAX_LEN, help=argparse.SUPPRESS)
+    p.add_argument("--stages", default="build,hf,eager,probe,recommended",
+                   help="also: alternate (eager batch 16 with expandable segments on, off, off, on), auto "
+                        "(--batch auto on the default ladder), compiled (--compile at batch 16)")
+    p.add_argument("--alternate-steps", type=int, default=120)
     p.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -241,6 +284,7 @@ def main() -> int:
     args.data = args.data or args.out / "rows.jsonl"
     if args.smoke:
         args.steps, args.warmup, args.hf_steps, args.rows, args.probe_ladder = 12, 2, 4, 200, "8,4"
+        args.alternate_steps = 6
     if args.hf_worker:
         return hf_worker(args)
     stages = args.stages.split(",")
@@ -267,16 +311,44 @@ def main() -> int:
         result = bench.probe()
         if result and result.get("recommended") and "recommended" in stages:
             rung = int(result["recommended"])
-            res = bench.run(f"eager-{rung}", rung)
-            row = next((r for r in result["rows"] if r["batch"] == rung), {})
-            if row.get("predicted") and res.get("peak_reserved"):
-                res["forecast"] = row["predicted"]
-                res["forecast_error"] = round(res["peak_reserved"] / row["predicted"] - 1, 4)
-                bench.save()
-                say(f"forecast {row['predicted'] / GIB:.2f} GiB, measured {res['peak_reserved'] / GIB:.2f} GiB "
-                    f"({res['forecast_error']:+.1%})")
+            bench.against_forecast(result, bench.run(f"eager-{rung}", rung), rung)
+    if "alternate" in stages:
+        alternate(bench, 16 if not args.smoke else 4)
+    if "auto" in stages:
+        auto(bench)
+    if "compiled" in stages:
+        bench.run("compiled-16", 16 if not args.smoke else 4, "--compile")
     say("done")
     return 0
+
+
+def alternate(bench: Bench, batch: int) -> None:
+    """Eager at one batch with the allocator's expandable segments on (sftui's default) and off,
+    in the order on, off, off, on: a drift of the card over the stage falls on both alike."""
+    off = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}
+    rates: dict[str, list[float]] = {"on": [], "off": []}
+    for i, mode in enumerate(("on", "off", "off", "on")):
+        res = bench.run(f"alt{i}-{mode}-{batch}", batch, env=off if mode == "off" else None,
+                        steps=bench.args.alternate_steps)
+        rates[mode].append(res["samples_per_s"] or 0.0)
+    bench.report["alternate"] = {mode: {"runs": r, "mean": round(sum(r) / len(r), 1)} for mode, r in rates.items()}
+    bench.save()
+    say(f"alternate: {bench.report['alternate']}")
+
+
+def auto(bench: Bench) -> None:
+    """``--batch auto`` on the default ladder (16,12,8): where it starts, and the forecast there
+    against the run's own peak reserved."""
+    res = bench.run("auto", "auto")
+    probe = json.loads((bench.out / "run-auto" / "forecast.json").read_text())
+    row = next((r for r in probe["rows"] if r["batch"] == res["batch"]), {})
+    res.update(largest_fitting=probe.get("largest_fitting"), ladder_recommended=probe.get("recommended"),
+               points=probe.get("points"), forecast=row.get("predicted"), band=row.get("band"))
+    if row.get("predicted") and res.get("peak_reserved"):
+        res["forecast_error"] = round(res["peak_reserved"] / row["predicted"] - 1, 4)
+    bench.save()
+    say(f"auto: started at {res['batch']}, forecast {res.get('forecast')}, measured {res.get('peak_reserved')}, "
+        f"error {res.get('forecast_error')}")
 
 
 if __name__ == "__main__":
