@@ -128,7 +128,7 @@ def hf_worker(args: argparse.Namespace) -> int:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         net = models.build_model(args.model, tok, SEED, MAX_LEN, "cuda" if cuda else "cpu")
-        enc_fpt, dec_fpt = flops.flops_per_token(net, seq2seq)
+        fpt = flops.flops_per_token(net, seq2seq)
         targs = Seq2SeqTrainingArguments(
             output_dir=str(work / "out"), per_device_train_batch_size=batch, max_steps=last,
             learning_rate=default_lr(args.model), weight_decay=0.0, max_grad_norm=1.0, bf16=cuda,
@@ -145,10 +145,12 @@ def hf_worker(args: argparse.Namespace) -> int:
             window = counts[marks[first][1]:marks[last][1]]
             enc = float(sum(int(e) for e, _ in window))
             dec = float(sum(int(d) for _, d in window))
-            rates = {"samples": batch * args.steps / seconds, "enc_tokens": enc / seconds, "dec_tokens": dec / seconds}
+            # HF runs the LM head on every decoder position: its "trained" tokens are all of them.
+            rates = {"samples": batch * args.steps / seconds, "enc_tokens": enc / seconds, "dec_tokens": dec / seconds,
+                     "trained_tokens": dec / seconds}
             out.update(samples_per_s=round(rates["samples"], 2), tokens_per_s=round((enc + dec) / seconds, 1),
                        ms_per_step=round(seconds / args.steps * 1000, 1),
-                       mfu=flops.mfu(rates, enc_fpt, dec_fpt, net.config, peak_tflops, 1),
+                       mfu=flops.mfu(rates, fpt, net.config, peak_tflops, 1),
                        peak_reserved=torch.cuda.max_memory_reserved() if cuda else None,
                        peak_allocated=torch.cuda.max_memory_allocated() if cuda else None)
         except Exception as e:  # noqa: BLE001 - an OOM at a large batch is a result

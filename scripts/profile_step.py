@@ -126,7 +126,7 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
         for module_name, module in net.named_modules():
             if module_name.endswith("relative_attention_bias"):
                 module._forward_hooks.clear()
-    enc_fpt, dec_fpt = flops.flops_per_token(net, tokenized.seq2seq)
+    fpt = flops.flops_per_token(net, tokenized.seq2seq)
     decoder_start = net.config.decoder_start_token_id if tokenized.seq2seq else None
     model, optimizer = accelerator.prepare(loss.TrainingModel(net), opt)
     compiled = None
@@ -163,7 +163,7 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
         torch.cuda.reset_peak_memory_stats()
     out: dict[str, Any] = {"variant": name, "compiled": compiled, "attn": getattr(net.config, "_attn_implementation", None)}
     times: list[float] = []
-    real = enc = positions = samples = 0
+    real = enc = positions = samples = trained = 0
     prof: Any = None
     t = sync()
     for k, item in enumerate(loader, start=1):
@@ -188,6 +188,7 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
         if timed:
             samples += item["size"]
             real += item["n_tokens"]
+            trained += item["n_target"]
             enc += item["n_enc"]
             positions += sum(int(m["input_ids"].numel() + (m["labels"].numel() if tokenized.seq2seq else 0))
                              for m in item["micro"])
@@ -195,10 +196,11 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
             t2 = sync()
             seconds = t2 - t
             times.append(seconds)
-            rates = {"samples": samples / seconds, "enc_tokens": enc / seconds, "dec_tokens": (real - enc) / seconds}
+            rates = {"samples": samples / seconds, "enc_tokens": enc / seconds, "dec_tokens": (real - enc) / seconds,
+                     "trained_tokens": trained / seconds}
             out.update(samples_per_s=round(samples / seconds, 1), real_tokens_per_s=round(real / seconds),
                        ms_per_step=round(seconds / args.steps * 1000, 1), real_share=round(real / max(1, positions), 3),
-                       mfu=flops.mfu(rates, enc_fpt, dec_fpt, net.config, flops.peak_tflops(cuda), 1),
+                       mfu=flops.mfu(rates, fpt, net.config, flops.peak_tflops(cuda), 1),
                        last_loss=round(float(loss), 4))
     out.update(recompiles.report())
     recompiles.close()

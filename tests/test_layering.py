@@ -22,10 +22,12 @@ def imported_after(code: str) -> set[str]:
 def test_the_cli_and_the_plain_clients_import_neither_torch_nor_textual():
     """`sftui run --headless`, `status`, `stop` start in well under a second and work on a box
     without textual: importing the CLI, the run setup, the plain-text client and the supervisor
-    pulls in neither (nor numpy: the row checks are pure Python)."""
-    heavy = {"torch", "textual", "transformers", "accelerate", "numpy", "rich"}
+    pulls in neither (nor numpy: the row checks are pure Python; nor TensorBoard, aiohttp and
+    textual-serve, which `--report-to tensorboard`, `export` and `serve` load when they need them)."""
+    heavy = {"torch", "textual", "transformers", "accelerate", "numpy", "rich", "tensorboard", "aiohttp",
+             "textual_serve"}
     for module in ("sftui.cli", "sftui.runsetup", "sftui.headless", "sftui.supervisor", "sftui.runstate",
-                   "sftui.runfile"):
+                   "sftui.runfile", "sftui.tboard"):
         found = heavy & imported_after(f"import {module}")
         assert not found, f"import {module} pulls in {sorted(found)}"
 
@@ -63,5 +65,5 @@ def test_layers_import_downwards_only():
         if not rel.startswith("tui/") and rel != "cli.py":  # the command line starts the TUI
             assert not any(m.startswith("sftui.tui") for m in imports), rel
         if rel in ("cli.py", "runsetup.py", "supervisor.py", "runstate.py", "runfile.py", "headless.py",
-                   "viewmodel.py", "control.py", "node.py") or rel.startswith("tui/"):
+                   "viewmodel.py", "control.py", "node.py", "tboard.py", "serve.py") or rel.startswith("tui/"):
             assert not any(m.startswith("sftui.trainer") for m in imports), f"{rel} imports trainer/"

@@ -97,19 +97,21 @@ def test_preset_shapes(tmp_path: Path) -> None:
 
 
 def test_mfu_counts_the_matmuls_a_token_passes_and_attention(tmp_path: Path) -> None:
-    """DESIGN.md's MFU: 6 × the matmul parameters a token passes through (the tied LM head too,
-    the embedding lookup not), plus 12 × layers × width × the average context, over the peak."""
+    """DESIGN.md's MFU: 6 × the matmul parameters a token passes through (the embedding lookup
+    not), the tied LM head only on the trained positions, plus 12 × layers × width × the average
+    context, over the peak."""
     model.build_char_tokenizer(Counter("abc"), tmp_path / "tok")
     tiny = model.build_model("tiny", model.load_tokenizer(tmp_path / "tok"), seed=0, max_len=256)
-    enc, dec = flops.flops_per_token(tiny, seq2seq=False)
+    fpt = flops.flops_per_token(tiny, seq2seq=False)
     matmuls = sum(p.numel() for name, p in tiny.named_parameters() if "embed" not in name)
-    assert enc == 0 and dec == 6 * (matmuls + tiny.get_input_embeddings().weight.numel())
-    rates = {"samples": 2.0, "enc_tokens": 0.0, "dec_tokens": 100.0}  # 50 tokens a sample
+    assert fpt.enc == 0 and fpt.dec == 6 * matmuls and fpt.head_on_trained
+    assert fpt.head == 6 * tiny.get_input_embeddings().weight.numel()
+    rates = {"samples": 2.0, "enc_tokens": 0.0, "dec_tokens": 100.0, "trained_tokens": 30.0}  # 50 tokens a sample
     attention = 12 * tiny.config.num_hidden_layers * tiny.config.hidden_size * 50
-    achieved = (dec + attention) * 100
-    assert flops.mfu(rates, enc, dec, tiny.config, 1.0, 2) == round(achieved / 2e12, 4)
-    assert flops.mfu(rates, enc, dec, tiny.config, 0.001, 1) == round(achieved / 1e9, 4)
-    assert flops.mfu(rates, enc, dec, tiny.config, None, 1) is None and flops.peak_tflops(cuda=False) is None
+    achieved = (fpt.dec + attention) * 100 + fpt.head * 30
+    assert flops.mfu(rates, fpt, tiny.config, 1.0, 2) == round(achieved / 2e12, 4)
+    assert flops.mfu(rates, fpt, tiny.config, 0.001, 1) == round(achieved / 1e9, 4)
+    assert flops.mfu(rates, fpt, tiny.config, None, 1) is None and flops.peak_tflops(cuda=False) is None
 
 
 def test_chatlm_tokenizer_is_capped_at_the_model_vocab(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ START_TIMEOUT_S = 15.0
 # The settings the memory probe takes: what shapes the model, the data, the devices and memory.
 PROBE_OPTIONS = ("model", "data", "chat_template", "ladder", "max_len", "lr", "weight_decay", "seed", "gpus", "mem_fraction",
                  "gradient_checkpointing", "compile", "compile_layers", "pad_to_max_len", "skip_bad_rows",
-                 "hang_timeout")
+                 "hang_timeout", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
 
 
 class Parser(argparse.ArgumentParser):
@@ -103,6 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("run_dir", metavar="RUN_DIR", help="the run directory, as this machine mounts it")
     node.add_argument("--machine-rank", required=True, metavar="R", help="this machine's rank, 1 to N-1")
 
+    export = sub.add_parser("export", help="write a run's metrics for another tool (TensorBoard event files)",
+                            description="What --report-to tensorboard writes while a run trains, from the run's "
+                            "events: for a run that is over, or one that ran without it (a running one: so far).")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--tensorboard", required=True, metavar="DIR",
+                        help="write one event file here (exporting again replaces it): tensorboard --logdir DIR")
+
+    serve = sub.add_parser("serve", help="show a run's screen in a web browser (127.0.0.1 only, behind a token)",
+                           description="The TUI of `sftui attach`, served by textual-serve on 127.0.0.1 behind a "
+                           "random token in the URL it prints. From another machine: ssh -L PORT:127.0.0.1:PORT HOST.")
+    serve.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="default: the newest run under ./runs")
+    serve.add_argument("--port", default="8000", metavar="N", help="the port on 127.0.0.1 (default: 8000)")
+
     runs = sub.add_parser("runs", help="list runs with status, step, batch and last event")
     runs.add_argument("--root", default="runs", metavar="DIR", help="where runs live (default: ./runs)")
 
@@ -148,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {
         "run": cmd_run, "attach": cmd_attach, "status": cmd_status, "stop": cmd_control, "checkpoint": cmd_control,
         "set-batch": cmd_control, "decide": cmd_control, "runs": cmd_runs, "probe": cmd_probe, "node": cmd_node,
+        "export": cmd_export, "serve": cmd_serve,
     }[args.command]
     try:
         return handler(args)
@@ -300,6 +314,27 @@ def cmd_node(args: argparse.Namespace) -> int:
     from sftui.node import follow
 
     return follow(resolve_run(args.run_dir), cfgmod.positive_int(args.machine_rank, "--machine-rank"))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from sftui.tboard import export
+
+    run = resolve_run(args.run_dir)
+    try:
+        path, records = export(run, Path(args.tensorboard))
+    except OSError as e:
+        fail(f"--tensorboard: {args.tensorboard}: {e.strerror or e}")
+    print(f"{records} records to {path}; view with: tensorboard --logdir {path.parent}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from sftui.serve import serve
+
+    port = cfgmod.positive_int(args.port, "--port")
+    if port > 65535:
+        fail(f"--port: expected a port from 1 to 65535, got {port}")
+    return serve(resolve_run(args.run_dir), port)
 
 
 def cmd_runs(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ DEFAULT_LADDER = (16, 12, 8)
 PRESETS = ("tiny", "chatlm-mini")
 PATH_OPTIONS = {"model": PRESETS, "data": ("demo",), "eval_data": (), "chat_template": ("auto", "none")}  # option -> its values that are no path
 ON_OOM = ("ask", "auto", "stop")
+REPORT_TO = ("none", "tensorboard")
 # torchrun's and accelerate's default; fixed rather than picked free, because the other machines
 # must know it before the run starts.
 DEFAULT_MAIN_PROCESS_PORT = 29500
@@ -64,6 +65,7 @@ class RunConfig:
     max_oom_restarts: int = 5
     hang_timeout: float = 600.0
     notify: str | None = None
+    report_to: str = "none"  # none, or tensorboard: event files under RUN_DIR/tensorboard/ (tboard.py)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     record_samples: bool = False
@@ -80,6 +82,12 @@ class RunConfig:
     inject_oom_rank: int = 0
     skip_bad_rows: bool = False
     peak_tflops: float | None = None
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: float | None = None  # None: 2 × lora_r
+    lora_dropout: float = 0.0
+    lora_targets: list[str] | None = None  # None: every linear layer of the transformer blocks
+    merge: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -191,6 +199,13 @@ def _ladder(text: str, where: str) -> list[int]:
     return rungs
 
 
+def _names(text: Any, where: str) -> list[str]:
+    parts = [p.strip() for p in str(text).split(",")] if not isinstance(text, list) else [str(p).strip() for p in text]
+    if not parts or any(p == "" for p in parts):
+        raise ConfigError(f"{where}: expected a comma-separated list of module names, got {text!r}")
+    return parts
+
+
 def _fractions(text: str, where: str) -> list[float]:
     parts = [p.strip() for p in str(text).split(",")] if not isinstance(text, list) else [str(p) for p in text]
     return [_float(0.0, 1.0, lo_open=True)(p, where) for p in parts]
@@ -243,6 +258,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_oom_restarts", _int(0), "OOM restarts allowed per run (default: 5)", "N"),
     Option("hang_timeout", _float(1.0), "seconds without a step or heartbeat before an attempt is a hang (default: 600)", "SECONDS"),
     Option("notify", _str, "command run (no shell) with the event as JSON on stdin at decision_needed and run_end", "CMD"),
+    Option("report_to", _choice(*REPORT_TO), "also write the metrics for another tool: tensorboard (event files "
+           "under RUN_DIR/tensorboard/) or none (default: none)", "none|tensorboard"),
     Option("checkpoint_every", _int(0), "optimizer steps between checkpoints; 0 = only at the end (default: 500)", "N"),
     Option("keep_checkpoints", _int(1), "checkpoints kept (default: 2)", "K"),
     Option("record_samples", _bool, "write samples.jsonl: the sample ids of every step", is_flag=True),
@@ -263,7 +280,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("inject_oom_rank", _int(0), "the rank that raises it (default: 0)", "R"),
     Option("skip_bad_rows", _bool, "skip unusable data rows (and count them) instead of stopping", is_flag=True),
     Option("peak_tflops", _float(0.0, lo_open=True), "the card's dense bf16 peak for MFU, when it is not in the table", "F"),
+    Option("lora", _bool, "train LoRA adapters on a frozen base (bf16 on a GPU) instead of every weight", is_flag=True),
+    Option("lora_r", _int(1), "with --lora: the adapters' rank (default: 16)", "R"),
+    Option("lora_alpha", _float(0.0, lo_open=True), "with --lora: the adapters' scale is alpha / r (default: 2 × r)", "F"),
+    Option("lora_dropout", _float(0.0, 1.0), "with --lora: dropout on the adapters' input (default: 0)", "F"),
+    Option("lora_targets", _names, "with --lora: the linear layers to adapt, by name or name suffix "
+           "(default: every linear layer of the transformer blocks)", "q_proj,v_proj"),
+    Option("merge", _bool, "with --lora: also write final/merged, the base with the adapters folded in (bf16)",
+           is_flag=True),
 )
+LORA_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
 OPTION_BY_NAME = {o.name: o for o in OPTIONS}
 
 
@@ -295,7 +321,7 @@ def load_toml(path: str) -> dict[str, Any]:
         where = f"{path}: {key}"
         if option is None:
             raise ConfigError(f"{where}: unknown setting")
-        if isinstance(value, (dict, list)) and name not in ("ladder", "gpus", "mem_fraction"):
+        if isinstance(value, (dict, list)) and name not in ("ladder", "gpus", "mem_fraction", "lora_targets"):
             raise ConfigError(f"{where}: expected a single value")
         if option.is_flag:
             values[name] = _bool(value, where)
@@ -348,6 +374,13 @@ def validate(cfg: RunConfig, given: Any = ()) -> None:
         raise ConfigError(f"--main-process-port: expected a port from 1 to 65535, got {cfg.main_process_port}")
     if cfg.compile_layers and not cfg.compile:
         raise ConfigError("--compile-layers: only with --compile")
+    if not cfg.lora:
+        defaults = RunConfig()
+        given_lora = [n for n in LORA_OPTIONS if n in given or getattr(cfg, n) != getattr(defaults, n)]
+        if given_lora:
+            raise ConfigError(f"{OPTION_BY_NAME[given_lora[0]].flag}: only with --lora")
+        if cfg.merge:
+            raise ConfigError("--merge: only with --lora (a full fine-tune's final/ is already a whole model)")
     if cfg.inject_oom_rank >= cfg.world_size:
         raise ConfigError(f"--inject-oom-rank: {cfg.inject_oom_rank} is not a rank of a run of {cfg.world_size}")
     if cfg.notify is not None:

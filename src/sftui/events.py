@@ -20,6 +20,7 @@ KINDS: dict[str, tuple[str, ...]] = {
     "attempt_start": ("batch_size", "grad_accum", "world_size", "effective_batch", "resume_step"),
     "rank_start": ("rank", "pid", "host", "gpu_uuid"),
     "data": ("rows", "skipped", "eval_rows", "target_samples", "chat_format"),
+    "model": ("trainable_params", "total_params", "lora"),
     "step": (
         "step", "total_steps", "epoch", "epochs", "samples_seen", "loss", "lr", "grad_norm",
         "samples_per_s", "tokens_per_s", "batch_size", "grad_accum", "mfu",

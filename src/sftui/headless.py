@@ -2,8 +2,9 @@
 schedulers) and the text of `sftui status`.
 
 One line per ``--log-every`` steps (time, step/total, epoch, loss, lr, the rung as
-batch×GPUs×accum=effective, samples/s, ETA, memory per GPU, system memory) and one readable
-line per other event. It is an observer of the supervisor running in the same process.
+batch×GPUs×accum=effective, samples/s, ETA, memory per GPU, system memory), one readable
+line per other event, and a warning when a GPU comes under memory pressure
+(``RunState.pressure_warnings``). It is an observer of the supervisor running in the same process.
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ import sys
 import time
 from typing import Any, Callable, TextIO
 
-from sftui.runstate import RunState, fmt_duration, fmt_gib, fmt_num, rung_text
+from sftui.runstate import PRESSURE_STEPS, RunState, fmt_duration, fmt_gib, fmt_num, params_text, rung_text
 from sftui.rundir import RunDir
-
-QUIET_KINDS = ("rank_stats",)
 
 
 def _clock(t: float | None = None) -> str:
@@ -45,6 +44,7 @@ class HeadlessLog:
         self.out = out or sys.stdout
         self.log_every = int(self.state.config.get("log_every") or 10)
         self._last_phase: tuple[Any, int] | None = None
+        self._pressed: dict[str, int] = {}  # GPU UUID -> the step its memory-pressure warning was last printed at
 
     def __call__(self, event: dict[str, Any]) -> None:
         line = self.state.apply(event)
@@ -60,8 +60,21 @@ class HeadlessLog:
             if key != self._last_phase:
                 self._last_phase = key
                 self._print(line, event.get("t"))
-        elif line is not None and kind not in QUIET_KINDS:
+        elif kind == "rank_stats":
+            self._warn_pressure(event.get("t"))
+        elif line is not None:
             self._print(line, event.get("t"))
+
+    def _warn_pressure(self, t: float | None) -> None:
+        """A GPU's memory-pressure warning when it starts, then once per PRESSURE_STEPS steps while it lasts."""
+        warnings = self.state.pressure_warnings(self.telemetry(), keys=False)
+        for gpu, text in warnings.items():
+            said = self._pressed.get(gpu)
+            if said is None or self.state.step - said >= PRESSURE_STEPS:
+                self._pressed[gpu] = self.state.step
+                self._print(f"warning: {text}", t)
+        for gpu in set(self._pressed) - set(warnings):
+            del self._pressed[gpu]
 
     def step_line(self) -> str:
         s = self.state
@@ -104,16 +117,20 @@ def status_lines(s: RunState) -> list[str]:
                  f"loss {fmt_num(s.loss, '.4f')}  {fmt_num(s.samples_per_s, '.1f')} samples/s{eta}")
     if s.budget_note:
         lines.append(f"  {s.budget_note}")
+    if s.lora and s.params:
+        lines.append(f"  {params_text(s.params, s.lora)} trained")
     if s.skipped_rows:
         lines.append(f"  {s.skipped_rows:,} bad rows skipped (--skip-bad-rows), {s.rows:,} trained on")
     if s.telemetry and s.live:
         mem = memory_text(s.telemetry)
         if mem:
             lines.append(f"  {mem}")
+        peaks = s.gpu_peaks()
         for g in s.telemetry.get("gpus") or []:
+            peak = peaks.get(g.get("uuid") or "")
             lines.append(f"  GPU{g['index']} {g.get('name') or 'n/a'}{' *' if g.get('in_run') else ''}  "
                          f"util {fmt_num(g.get('util'), '.0f')}%  temp {fmt_num(g.get('temp'), '.0f')}C  "
-                         f"power {fmt_num(g.get('power_w'), '.0f')} W")
+                         f"power {fmt_num(g.get('power_w'), '.0f')} W" + (f"  {peak}" if peak else ""))
         if s.telemetry.get("gpu_error"):
             lines.append(f"  GPU: {s.telemetry['gpu_error']}")
     if s.pending_decision:

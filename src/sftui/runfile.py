@@ -9,7 +9,11 @@ spells its keys. docs/DESIGN.md ("run.json") lists the fields.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import struct
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +28,14 @@ RESUME_MUTABLE = frozenset({
     "batch", "ladder", "on_oom", "oom_timeout", "max_oom_restarts", "hang_timeout", "notify", "checkpoint_every",
     "keep_checkpoints", "log_every", "eval_every", "dataloader_workers", "compile", "gpus", "cpu",
     "num_processes", "mem_fraction", "record_samples", "skip_bad_rows", "peak_tflops",
-    "num_machines", "main_process_ip", "main_process_port", "pad_to_max_len", "compile_layers",
+    "num_machines", "main_process_ip", "main_process_port", "pad_to_max_len", "compile_layers", "merge",
 })
+# Parameter names of embeddings and LM heads, never a LoRA target (trainer/adapters.py agrees).
+EMBEDDING_NAMES = ("embed", "shared", "lm_head", "wte", "wpe")
+# The linear layers of the presets' blocks (trainer/model.py builds them; a test keeps these true).
+PRESET_LINEARS = {"tiny": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                  "chatlm-mini": ("q", "k", "v", "o", "wi", "wo")}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 
 
 @dataclass
@@ -51,6 +61,8 @@ class RunFile:
     request_seq: int = 0
     data_fingerprint: str = ""
     chat_format: dict[str, Any] | None = None  # {kind: template|builtin|none, sha256, source} as resolved at the start
+    lora: dict[str, Any] | None = None  # {r, alpha, dropout, targets} with --lora (lora_record), else None
+    base_fingerprint: str = ""  # the base model's (base_fingerprint): a LoRA checkpoint fits only it
     supervisor_pid: int | None = None
     socket: str | None = None
     pending_decision: dict[str, Any] | None = None
@@ -70,7 +82,8 @@ class RunFile:
         effective = first * cfg.world_size * accum
         return cls(name=name, created=time.time(), config=cfg.to_dict(), batch_size=first, grad_accum=accum,
                    world_size=cfg.world_size, effective_batch=effective, ladder=list(cfg.ladder),
-                   data_fingerprint=data_fingerprint, chat_format=chat_format,
+                   data_fingerprint=data_fingerprint, chat_format=chat_format, lora=lora_record(cfg),
+                   base_fingerprint=base_fingerprint(cfg.model),
                    sample_budget=cfgmod.samples_in_steps(cfg.max_steps, effective, rows) if cfg.max_steps else None)
 
     def with_rung(self, batch: int) -> "RunFile":
@@ -132,3 +145,72 @@ class RunFile:
 
     def write(self, run: RunDir) -> None:
         write_json_atomic(run.run_json, dataclasses.asdict(self))
+
+
+# --- the base model, as a LoRA run records it (no torch: the CLI checks before anything is written) ---
+
+
+def base_fingerprint(model: str) -> str:
+    """A hash of the base model: its config.json and the names and sizes of its weight files
+    (reading 15 GB of weights to hash them would take a minute); for a preset, its name (its
+    config is fixed in code, its weights follow from the seed and its vocabulary from the data,
+    which run.json fixes on their own)."""
+    h = hashlib.sha256()
+    if model in cfgmod.PRESETS:
+        h.update(f"preset:{model}".encode())
+    else:
+        root = Path(model)
+        h.update((root / "config.json").read_bytes())
+        for f in sorted(root.iterdir()):
+            if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES):
+                h.update(f"\n{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def target_matches(module: str, target: str) -> bool:
+    """peft's rule for a target named in a list: the module's full name, or a suffix of it at a dot."""
+    return module == target or module.endswith("." + target)
+
+
+def base_linear_layers(model: str) -> list[str] | None:
+    """The linear layers of the base's blocks, by name, read from its safetensors headers (the
+    2-D ``.weight`` tensors that are no embedding nor head); a preset's from PRESET_LINEARS; None
+    when the weights are not safetensors (the worker checks then)."""
+    if model in PRESET_LINEARS:
+        return list(PRESET_LINEARS[model])
+    files = sorted(Path(model).glob("*.safetensors"))
+    if not files:
+        return None
+    names = []
+    for f in files:
+        with open(f, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+        names += [k[: -len(".weight")] for k, v in header.items()
+                  if k.endswith(".weight") and isinstance(v, dict) and len(v.get("shape", ())) == 2
+                  and not any(e in k for e in EMBEDDING_NAMES)]
+    return names
+
+
+def check_targets(targets: list[str] | None, layers: list[str], model: str) -> None:
+    """ConfigError naming the first of ``targets`` that matches none of ``layers`` (and the
+    layers' own names, to choose from)."""
+    for t in targets or ():
+        if not any(target_matches(name, t) for name in layers):
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in layers})
+            raise ConfigError(f"--lora-targets: {t!r} matches no linear layer of {model} "
+                              f"(its linear layers: {', '.join(leaves)})")
+
+
+def lora_record(cfg: RunConfig) -> dict[str, Any] | None:
+    """run.json's ``lora``: {r, alpha, dropout, targets} (alpha resolved, targets as given or
+    None for every linear layer of the blocks), None without --lora. ConfigError when a target
+    names no linear layer of the base."""
+    if not cfg.lora:
+        return None
+    layers = base_linear_layers(cfg.model)
+    if layers is not None:
+        check_targets(cfg.lora_targets, layers, cfg.model)
+    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_r
+    return {"r": cfg.lora_r, "alpha": float(alpha), "dropout": cfg.lora_dropout,
+            "targets": list(cfg.lora_targets) if cfg.lora_targets else None}

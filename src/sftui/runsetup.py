@@ -21,7 +21,7 @@ from sftui.forecast import DEFAULT_TARGET
 from sftui.probing import require_gpu
 from sftui.rows import Scan, scan
 from sftui.rundir import RunDir, create, lock_is_held
-from sftui.runfile import RunFile
+from sftui.runfile import RunFile, base_fingerprint, lora_record
 
 
 def resolve_devices(cfg: RunConfig) -> str | None:
@@ -99,6 +99,7 @@ def prepare_new(cfg: RunConfig, run_dir: str | None) -> RunDir:
     cfgmod.validate(cfg)
     fingerprint, rows = check_data(cfg)
     fmt = check_chat(cfg)
+    lora_record(cfg)  # --lora-targets that name no layer of the base: refused before anything is written
     if cfg.lr is None:
         cfg.lr = cfgmod.default_lr(cfg.model)
     name = cfg.name or (Path(cfg.data).stem if cfg.data != "demo" else "demo")
@@ -196,5 +197,8 @@ def prepare_resume(resume: str, values: dict[str, Any]) -> RunDir:
     fingerprint, _ = check_data(cfg)
     if fingerprint != state.data_fingerprint:
         raise ConfigError(f"--resume: the data changed since the run started ({cfg.data}); refusing to resume")
+    if state.lora and base_fingerprint(cfg.model) != state.base_fingerprint:
+        raise ConfigError(f"--resume: the base model {cfg.model} changed since the run started (its adapters "
+                          "fit only the base they were trained on); refusing to resume")
     dataclasses.replace(state, config=cfg.to_dict(), ladder=cfg.ladder, world_size=cfg.world_size).write(run)
     return run

@@ -6,6 +6,7 @@ agree on what they show (status, rung, step, ETA, readable event lines). No text
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections import deque
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftui.config import count_steps
+from sftui.config import count_steps, next_rung
 from sftui.rundir import EventTails, JsonlTail, RunDir, lock_is_held, tail_lines
 from sftui.runfile import RunFile
 
@@ -21,6 +22,10 @@ LIVE_STATUSES = ("starting", "running", "waiting")
 OUTCOME_WORDS = {"cuda_oom": "out of memory", "host_oom": "the host ran out of memory", "crash": "crash",
                  "hang": "hang", "stopped": "stopped", "switch": "batch switch", "finished": "finished"}
 GIB = 1024**3
+SERIES_POINTS = 1000  # a loss series keeps the whole run in at most this many points
+PRESSURE_STEPS = 100  # allocator retries count over this many steps
+PRESSURE_MARGIN = 0.05  # a GPU with less of its memory left than this at the reserved peak is under pressure
+RESTART_KINDS = {"switch": "switch", "cuda_oom": "oom"}  # how an attempt ended -> the chart's mark; else "restart"
 
 
 # --- formatting shared by every view ------------------------------------------------------------
@@ -41,6 +46,24 @@ def fmt_duration(seconds: float | None) -> str:
 
 def fmt_num(x: float | None, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
+
+
+def fmt_count(n: int) -> str:
+    """A parameter count as people say it: 78.1K, 40.4M, 7.6B."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def params_text(params: tuple[int, int] | None, lora: dict[str, Any] | None) -> str | None:
+    """What trains: "LoRA r16 α32: 40.4M of 7.6B params", or "3.3M params" for a full fine-tune."""
+    if params is None or not all(isinstance(n, int) for n in params):
+        return None
+    trained, total = params
+    if not lora:
+        return f"{fmt_count(total)} params"
+    return f"LoRA r{lora.get('r')} α{lora.get('alpha', 0):g}: {fmt_count(trained)} of {fmt_count(total)} params"
 
 
 def rung_text(batch: int | None, world: int | None, accum: int | None) -> str:
@@ -75,6 +98,9 @@ def describe_event(e: dict[str, Any]) -> str | None:
                 + (f", {g('eval_rows'):,} eval rows" if g("eval_rows") else "")
                 + (f"; {target:,} samples to train" if target else "")
                 + (f"; {g('chat_format')}" if g("chat_format") else ""))
+    if k == "model":
+        said = params_text((g("trainable_params"), g("total_params")), g("lora"))
+        return f"model: {said} trained" if said else "model loaded"
     if k == "checkpoint":
         return f"checkpoint step {g('step')} ({g('reason')}): {fmt_gib(g('bytes'), 2)} GiB in {fmt_num(g('seconds'), '.1f')} s"
     if k == "eval":
@@ -110,6 +136,208 @@ def describe_event(e: dict[str, Any]) -> str | None:
     return None
 
 
+def peak_text(alloc: int | None, reserved: int | None) -> str | None:
+    """A rank's peaks: ``alloc 21.2 / res 21.9 GiB`` where the two differ as shown, else
+    ``peak 21.9 GiB`` (what the caching allocator keeps beyond the tensors is then nothing to
+    speak of)."""
+    if reserved is None:
+        return None if alloc is None else f"alloc {fmt_gib(alloc)} GiB"
+    if alloc is None or fmt_gib(alloc) == fmt_gib(reserved):
+        return f"peak {fmt_gib(reserved)} GiB"
+    return f"alloc {fmt_gib(alloc)} / res {fmt_gib(reserved)} GiB"
+
+
+class Series:
+    """A whole run's ``(step, value)`` points in at most ``limit`` of them.
+
+    Each point is the mean of a bucket of consecutive reports, every bucket (but the newest,
+    still filling) of ``width`` reports; when the points pass the limit, neighbours merge two by
+    two and the width doubles. A long run so keeps its beginning, at a coarser grain, in bounded
+    memory and drawing time. A point's step is the last step in its bucket."""
+
+    def __init__(self, limit: int = SERIES_POINTS):
+        self.limit = limit
+        self.width = 1
+        self._points: list[tuple[int, float]] = []
+        self._first: list[int] = []  # each bucket's first step
+        self._counts: list[int] = []
+
+    @property
+    def points(self) -> list[tuple[int, float]]:
+        return list(self._points)
+
+    @property
+    def first_step(self) -> int | None:
+        """The first step the series holds (its first point stands at the last step of its bucket)."""
+        return self._first[0] if self._first else None
+
+    def add(self, step: int, value: float) -> None:
+        if self._counts and self._counts[-1] < self.width:
+            n = self._counts[-1]
+            self._points[-1] = (step, (self._points[-1][1] * n + value) / (n + 1))
+            self._counts[-1] = n + 1
+        else:
+            self._points.append((step, value))
+            self._first.append(step)
+            self._counts.append(1)
+        if len(self._points) > self.limit:
+            self._merge()
+
+    def _merge(self) -> None:
+        points, first, counts = [], [], []
+        for i in range(0, len(self._points), 2):
+            group = range(i, min(i + 2, len(self._points)))
+            n = sum(self._counts[j] for j in group)
+            mean = sum(self._points[j][1] * self._counts[j] for j in group) / n
+            points.append((self._points[group[-1]][0], mean))
+            first.append(self._first[i])
+            counts.append(n)
+        self._points, self._first, self._counts = points, first, counts
+        self.width *= 2
+
+    def drop_after(self, step: int) -> None:
+        """Forget the buckets that start after ``step``: a restart from that step's checkpoint
+        trains the later steps again (a bucket that straddles it stays, as it was)."""
+        keep = sum(1 for f in self._first if f <= step)
+        del self._points[keep:], self._first[keep:], self._counts[keep:]
+
+    def copy(self) -> "Series":
+        other = copy.copy(self)
+        other._points, other._first, other._counts = list(self._points), list(self._first), list(self._counts)
+        return other
+
+
+@dataclass(frozen=True)
+class Restart:
+    """Where an attempt took over from the one before: ``kind`` ``switch`` (a batch switch),
+    ``oom`` (a restart after running out of memory) or ``restart`` (a resume after a stop, a
+    crash or a lost supervisor); ``step`` the step it resumed after (0 from the start)."""
+
+    step: int
+    kind: str
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A process holding memory on a GPU (telemetry's ``procs``), and whose it is: ``rank`` (a
+    rank of the current attempt), ``leftover`` (a rank of an earlier attempt of this run, still
+    there) or ``foreign`` (anything else)."""
+
+    pid: int
+    user: str | None
+    command: str | None
+    mem: int | None
+    role: str
+    rank: int | None = None
+    attempt: int | None = None
+
+    @property
+    def outsider(self) -> bool:
+        """Memory the current attempt cannot have."""
+        return self.role != "rank"
+
+    def text(self) -> str:
+        """``40.2 GiB held by pid 1234, user bob, python train.py``; a leftover says whose it was."""
+        held = f"{fmt_gib(self.mem)} GiB held" if self.mem is not None else "memory held"
+        who = f" (rank {self.rank} of attempt {self.attempt}, left over)" if self.role == "leftover" else ""
+        return f"{held} by pid {self.pid}{who}, user {self.user or 'n/a'}, {self.command or 'command n/a'}"
+
+
+class RankPids:
+    """Which pid was which rank of which attempt, on which host, from the ranks' ``rank_start``
+    events: what tells a GPU's processes (telemetry) apart into this attempt's ranks, ranks left
+    from an earlier attempt, and foreign processes. The supervisor keeps one, every reader too."""
+
+    def __init__(self) -> None:
+        self._by_pid: dict[int, tuple[int | None, int | None, str | None]] = {}
+
+    def see(self, e: dict[str, Any]) -> None:
+        if e.get("kind") == "rank_start" and isinstance(e.get("pid"), int):
+            self._by_pid[e["pid"]] = (e.get("attempt"), e.get("rank"), e.get("host"))
+
+    def holders(self, gpu: dict[str, Any], host: str | None, attempt: int | None) -> list[Holder]:
+        """The GPU's processes, biggest first. A pid matches a rank only on the rank's host (the
+        other machines of a multi-node run have pids of their own); a sample or an event without
+        a host matches any."""
+        out = []
+        for p in gpu.get("procs") or []:
+            pid = p.get("pid")
+            if not isinstance(pid, int):
+                continue
+            known = self._by_pid.get(pid)
+            role, rank, of = "foreign", None, None
+            if known is not None and (host is None or known[2] is None or known[2] == host):
+                of, rank = known[0], known[1]
+                role = "rank" if of == attempt else "leftover"
+            out.append(Holder(pid, p.get("user"), p.get("command"), p.get("mem"), role, rank, of))
+        return out
+
+    def outsider_line(self, gpu: dict[str, Any] | None, host: str | None, attempt: int | None) -> str | None:
+        """``GPU 0: 40.2 GiB held by pid 1234, user bob, python train.py``: the biggest holder
+        of the GPU that is not a rank of the current attempt, or None. The OOM prompt and the
+        supervisor's note after an ``oom`` event say it."""
+        if gpu is None:
+            return None
+        outsiders = [h for h in self.holders(gpu, host, attempt) if h.outsider]
+        if not outsiders:
+            return None
+        biggest = max(outsiders, key=lambda h: h.mem or 0)
+        return f"GPU {gpu.get('index')}: {biggest.text()}"
+
+    def copy(self) -> "RankPids":
+        other = RankPids()
+        other._by_pid = dict(self._by_pid)
+        return other
+
+
+@dataclass
+class RankMemory:
+    """What a rank of the current attempt said of its GPU memory (``rank_stats``)."""
+
+    gpu_uuid: str | None = None
+    alloc_peak: int | None = None
+    reserved_peak: int | None = None
+    retries: list[tuple[int, int]] = field(default_factory=list)  # (step, retries since the report before)
+
+
+@dataclass(frozen=True)
+class Pressure:
+    """A GPU under memory pressure: the allocator retried (``retries`` within the last
+    PRESSURE_STEPS steps), or the reserved peak leaves less than PRESSURE_MARGIN of the card
+    (``room``: what the run may use there, the card less what outsiders hold, under
+    --mem-fraction)."""
+
+    gpu: str  # "GPU 0"
+    uuid: str
+    retries: int
+    reserved: int | None
+    room: int | None
+    total: int | None
+    outsiders: int
+
+    @property
+    def margin(self) -> float | None:
+        """What is left at the reserved peak, as a share of the card."""
+        if self.reserved is None or not self.room or not self.total:
+            return None
+        return (self.room - self.reserved) / self.total
+
+    @property
+    def tight(self) -> bool:
+        return self.margin is not None and self.margin < PRESSURE_MARGIN
+
+    def text(self, remedy: str) -> str:
+        """``GPU 0 under memory pressure: 12 allocator retries in the last 100 steps; `-` drops a rung``."""
+        why = []
+        if self.retries:
+            why.append(f"{self.retries} allocator {'retry' if self.retries == 1 else 'retries'} "
+                       f"in the last {PRESSURE_STEPS} steps")
+        if self.tight and self.margin is not None:
+            of = f"{fmt_gib(self.room)} GiB" + (" that other processes leave" if self.outsiders else "")
+            why.append(f"reserved peak {fmt_gib(self.reserved)} of {of} ({max(0.0, self.margin) * 100:.1f}% left)")
+        return f"{self.gpu} under memory pressure: {', '.join(why)}; {remedy}"
+
+
 # --- the state ----------------------------------------------------------------------------------
 
 
@@ -135,6 +363,8 @@ class RunState:
     skipped_rows: int | None = None
     target_samples: int | None = None
     chat_format: str | None = None  # how rows became text, in words
+    params: tuple[int, int] | None = None  # from the model event: (trained, all) parameters
+    lora: dict[str, Any] | None = None  # and its LoRA settings (run.json's lora)
     # from step events
     step: int = 0
     total_steps: int | None = None
@@ -147,12 +377,14 @@ class RunState:
     samples_per_s: float | None = None
     tokens_per_s: float | None = None
     mfu: float | None = None
-    losses: list[tuple[int, float]] = field(default_factory=list)
-    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    loss_series: Series = field(default_factory=Series)
+    eval_series: Series = field(default_factory=Series)
+    restarts: list[Restart] = field(default_factory=list)  # where each attempt took over from the one before
     phase: str | None = None
     phase_progress: float | None = None
     last_oom: dict[str, Any] | None = None
-    mem_peak: dict[int, int] = field(default_factory=dict)  # rank -> bytes, current attempt
+    ranks: RankPids = field(default_factory=RankPids)  # pid -> rank and attempt, from rank_start
+    rank_memory: dict[int, RankMemory] = field(default_factory=dict)  # rank -> its rank_stats, current attempt
     rung_peaks: dict[int, int] = field(default_factory=dict)  # batch -> max peak reserved bytes seen
     crash_tail: list[str] = field(default_factory=list)
     last_event: dict[str, Any] | None = None
@@ -160,6 +392,18 @@ class RunState:
     telemetry: dict[str, Any] | None = None
     telemetry_history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=120))
     _phase_line: bool = False  # the newest log line is a phase heartbeat's
+    _attempts_seen: int = 0  # attempt_start events folded in: any after the first is a restart
+    _attempt_running: bool = False  # between an attempt_start and its attempt_end
+    _last_outcome: str | None = None  # how the attempt before the next attempt_start ended
+
+    @property
+    def losses(self) -> list[tuple[int, float]]:
+        """The training loss of the whole run, downsampled (Series)."""
+        return self.loss_series.points
+
+    @property
+    def eval_losses(self) -> list[tuple[int, float]]:
+        return self.eval_series.points
 
     @property
     def display_status(self) -> str:
@@ -235,15 +479,12 @@ class RunState:
                 if name in e:
                     setattr(self, name, e[name])
             if isinstance(e.get("loss"), (int, float)):
-                self.losses.append((self.step, float(e["loss"])))
+                self.loss_series.add(self.step, float(e["loss"]))
             self.phase = "training"
             self.phase_progress = None
             return None
         if k == "rank_stats":
-            peak = e.get("mem_reserved_bytes") or e.get("mem_peak_bytes")
-            if isinstance(peak, int) and self.batch_size:
-                self.mem_peak[e.get("rank", 0)] = peak
-                self.rung_peaks[self.batch_size] = max(peak, self.rung_peaks.get(self.batch_size, 0))
+            self._rank_stats(e)
             return None
         if k == "run_start":
             # A run's events hold one run_start … run_end segment per supervisor (a resume, a
@@ -265,17 +506,30 @@ class RunState:
             self.batch_size = e.get("batch_size", self.batch_size)
             self.grad_accum = e.get("grad_accum", self.grad_accum)
             self.world_size = e.get("world_size", self.world_size)
-            if isinstance(e.get("resume_step"), int):
-                self.step = e["resume_step"]
-            self.mem_peak = {}
+            resume = e.get("resume_step")
+            if isinstance(resume, int):
+                self.step = resume
+            start = resume if isinstance(resume, int) else 0  # the attempt trains every step after it again
+            self.loss_series.drop_after(start)
+            self.eval_series.drop_after(start)
+            if self._attempts_seen:
+                self.restarts.append(Restart(start, RESTART_KINDS.get(self._last_outcome or "", "restart")))
+            self._attempts_seen += 1
+            self._attempt_running = True
+            self._last_outcome = None
+            self.rank_memory = {}
             self.crash_tail = []
             self._recount_steps()
         elif k == "data":
             self.rows, self.skipped_rows = e.get("rows"), e.get("skipped")
             self.target_samples = e.get("target_samples")
             self.chat_format = e.get("chat_format")
+        elif k == "model" and isinstance(e.get("trainable_params"), int) and isinstance(e.get("total_params"), int):
+            self.params, self.lora = (e["trainable_params"], e["total_params"]), e.get("lora")
+        elif k == "rank_start":
+            self.ranks.see(e)
         elif k == "eval" and isinstance(e.get("loss"), (int, float)):
-            self.eval_losses.append((e.get("step", self.step), float(e["loss"])))
+            self.eval_series.add(e.get("step", self.step), float(e["loss"]))
         elif k == "oom":
             self.last_oom = e
             if e.get("batch_size") and e["batch_size"] not in self.oom_rungs:
@@ -287,6 +541,8 @@ class RunState:
         elif k == "batch_change":
             self.batch_size = e.get("to", self.batch_size)
         elif k == "attempt_end":
+            self._last_outcome = e.get("outcome")
+            self._attempt_running = False
             if isinstance(e.get("last_step"), int):
                 self.step = e["last_step"]
             if e.get("outcome") in ("crash", "hang", "host_oom"):
@@ -304,6 +560,80 @@ class RunState:
     def apply_telemetry(self, sample: dict[str, Any]) -> None:
         self.telemetry = sample
         self.telemetry_history.append(sample)
+
+    def _rank_stats(self, e: dict[str, Any]) -> None:
+        mem = self.rank_memory.setdefault(e.get("rank", 0), RankMemory())
+        mem.gpu_uuid = e.get("gpu_uuid") or mem.gpu_uuid
+        alloc, reserved = e.get("mem_peak_bytes"), e.get("mem_reserved_bytes")
+        mem.alloc_peak = alloc if isinstance(alloc, int) else mem.alloc_peak
+        mem.reserved_peak = reserved if isinstance(reserved, int) else mem.reserved_peak
+        # alloc_retries counts since the rank's report before (trainer/loop.py MemoryReport)
+        if isinstance(e.get("alloc_retries"), int):
+            mem.retries.append((self.step, e["alloc_retries"]))
+        mem.retries = [(s, n) for s, n in mem.retries if s > self.step - PRESSURE_STEPS]
+        peak = mem.reserved_peak or mem.alloc_peak
+        if peak is not None and self.batch_size:
+            self.rung_peaks[self.batch_size] = max(peak, self.rung_peaks.get(self.batch_size, 0))
+
+    def gpu_peaks(self) -> dict[str, str]:
+        """GPU UUID -> its rank's peaks in words (``peak_text``), for the current attempt."""
+        out = {}
+        for mem in self.rank_memory.values():
+            text = peak_text(mem.alloc_peak, mem.reserved_peak)
+            if mem.gpu_uuid and text:
+                out[mem.gpu_uuid] = text
+        return out
+
+    def holders(self, gpu: dict[str, Any], sample: dict[str, Any] | None = None) -> list[Holder]:
+        """Who holds memory on ``gpu`` (a GPU of ``sample``, the latest telemetry by default)."""
+        return self.ranks.holders(gpu, (sample or self.telemetry or {}).get("host"), self.attempt)
+
+    def memory_pressure(self, sample: dict[str, Any] | None) -> list[Pressure]:
+        """The GPUs of the running attempt under memory pressure (``Pressure``), in the sample's
+        order; ranks sharing a GPU count together. None between attempts: after an OOM the
+        prompt speaks."""
+        if sample is None or not self.live or not self._attempt_running:
+            return []
+        fractions = self.config.get("mem_fraction") or []
+        by_gpu: dict[str, list[tuple[int, RankMemory]]] = {}
+        for rank, mem in self.rank_memory.items():
+            if mem.gpu_uuid:
+                by_gpu.setdefault(mem.gpu_uuid, []).append((rank, mem))
+        out = []
+        for g in sample.get("gpus") or []:
+            ranks = by_gpu.get(g.get("uuid") or "")
+            if not ranks:
+                continue
+            retries = sum(n for _, mem in ranks for _, n in mem.retries)
+            peaks = [mem.reserved_peak for _, mem in ranks if mem.reserved_peak is not None]
+            total = g.get("mem_total")
+            outsiders = sum(h.mem or 0 for h in self.holders(g, sample) if h.outsider)
+            room = None
+            if isinstance(total, int):
+                room = total - outsiders
+                if fractions:
+                    room = min(room, int(total * sum(fractions[r] if len(fractions) > 1 else fractions[0]
+                                                     for r, _ in ranks)))
+            p = Pressure(f"GPU {g.get('index')}", g["uuid"], retries, sum(peaks) if peaks else None, room, total,
+                         outsiders)
+            if p.retries or p.tight:
+                out.append(p)
+        return out
+
+    def pressure_warnings(self, sample: dict[str, Any] | None, keys: bool) -> dict[str, str]:
+        """GPU UUID -> the warning of ``memory_pressure`` in words, with what to do: ``keys`` for
+        the TUI (``-``), else the command line's ``sftui set-batch``."""
+        pressed = self.memory_pressure(sample)
+        if not pressed:
+            return {}
+        lower = next_rung(self.ladder, self.batch_size) if self.batch_size else None
+        if lower is None:
+            remedy = "the bottom of the ladder: lower --max-len or use --gradient-checkpointing"
+        elif keys:
+            remedy = f"`-` drops a rung (batch {lower})"
+        else:
+            remedy = f"`sftui set-batch {self.path} {lower}` drops a rung"
+        return {p.uuid: p.text(remedy) for p in pressed}
 
 
 class RunWatcher:

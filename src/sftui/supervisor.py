@@ -39,6 +39,8 @@ from sftui.rundir import (
     tail_lines,
     write_json_atomic,
 )
+from sftui.runstate import RankPids
+from sftui.tboard import LiveReport
 from sftui.telemetry import Sampler
 
 TICK_S = 0.2
@@ -50,6 +52,16 @@ TUI_PING_FRESH_S = 5.0            # a TUI that pinged this recently counts as at
 OTHER_MACHINES_WAIT_S = 5.0       # multi-node: how long the other machines' last events get to arrive
 
 Observer = Callable[[dict[str, Any]], None]
+
+
+def oom_holder_note(oom: dict[str, Any], sample: dict[str, Any] | None, ranks: RankPids) -> str | None:
+    """What the supervisor logs after a rank's ``oom`` event (the rank writes it, and has no
+    telemetry): the biggest holder of that GPU, in the latest sample, that is not a rank of the
+    attempt, e.g. ``out of memory on GPU 0: 40.2 GiB held by pid 1234, user bob, python train.py``."""
+    uuid = oom.get("gpu_uuid")
+    gpu = next((g for g in (sample or {}).get("gpus") or [] if uuid and g.get("uuid") == uuid), None)
+    line = ranks.outsider_line(gpu, (sample or {}).get("host"), oom.get("attempt"))
+    return None if line is None else f"out of memory on {line}"
 
 
 def checkpoint_step(run: RunDir) -> int | None:
@@ -138,6 +150,9 @@ class Supervisor:
         self.sampler = Sampler(interval=1.0)
         self.events: EventLog | None = None
         self._tail = EventTails(run, from_end=True)
+        self._ranks = RankPids()  # the pids of every rank this supervisor started, to tell GPU holders apart
+        if self.cfg.report_to == "tensorboard":  # an observer, like the headless log
+            self.observers.append(LiveReport(run, lambda level, message: self.emit("log", level=level, message=message)))
 
     # --- run.json ---
 
@@ -344,6 +359,11 @@ class Supervisor:
             watch.see(e)
             if e.get("kind") == "rank_start" and e.get("gpu_uuid"):
                 self.sampler.run_uuids.add(e["gpu_uuid"])
+            self._ranks.see(e)
+            if e.get("kind") == "oom":
+                note = oom_holder_note(e, self.sampler.latest(), self._ranks)
+                if note is not None:
+                    self.emit("log", attempt=e.get("attempt"), level="warning", message=note)
             for observe in self.observers:
                 observe(e)
         try:

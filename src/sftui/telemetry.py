@@ -7,13 +7,15 @@ No GPU, no driver or a failing query is a state, not a crash: a field that canno
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import psutil
 
-GPU_FIELDS = ("mem_used", "mem_total", "util", "temp", "power_w", "power_limit_w")
+GPU_FIELDS = ("mem_used", "mem_total", "util", "temp", "power_w", "power_limit_w", "procs")
+COMMAND_CHARS = 160  # a process's command line as telemetry keeps it
 
 
 def _nvml():
@@ -73,7 +75,23 @@ class Nvml:
             "temp": self._q(lambda: nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)),
             "power_w": power / 1000 if power is not None else None,
             "power_limit_w": limit / 1000 if limit is not None else None,
+            "procs": self.processes(h),
         }
+
+    def processes(self, h: Any) -> list[dict[str, Any]] | None:
+        """Who holds memory on the GPU: NVML's compute and graphics processes (the v3 query, v2
+        where the driver lacks it), as ``gpu_processes`` makes them; None when NVML will not say."""
+        nv = self._nv
+        records: list[Any] = []
+        answered = False
+        for kind in ("Compute", "Graphics"):
+            got = self._q(lambda: getattr(nv, f"nvmlDeviceGet{kind}RunningProcesses")(h))
+            if got is None:
+                got = self._q(lambda: getattr(nv, f"nvmlDeviceGet{kind}RunningProcesses_v2")(h))
+            if got is not None:
+                answered = True
+                records += got
+        return gpu_processes(records) if answered else None
 
     def close(self) -> None:
         if self.ok:
@@ -84,6 +102,43 @@ def _text(value: Any) -> str | None:
     if value is None:
         return None
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def gpu_processes(records: Iterable[Any]) -> list[dict[str, Any]]:
+    """NVML process records (``pid``, ``usedGpuMemory``) as telemetry's ``procs``: pid, user,
+    command and memory, biggest holder first.
+
+    ``mem`` is NVML's ``usedGpuMemory``, the figure ``nvidia-smi`` prints per process (None where
+    the driver does not say). A process listed twice (compute and graphics) counts once, at its
+    larger figure. User and command come from psutil; a pid it cannot see (another container's
+    namespace, gone since) keeps them None."""
+    mem: dict[int, int | None] = {}
+    for r in records:
+        pid, used = int(r.pid), r.usedGpuMemory
+        if pid not in mem or (used is not None and (mem[pid] is None or used > mem[pid])):
+            mem[pid] = used
+    procs = [{"pid": pid, **_who(pid), "mem": used} for pid, used in mem.items()]
+    return sorted(procs, key=lambda p: (-(p["mem"] or 0), p["pid"]))
+
+
+def _who(pid: int) -> dict[str, str | None]:
+    """The user and the command line (program name without its directory) of a process."""
+    out: dict[str, str | None] = {"user": None, "command": None}
+    try:
+        p = psutil.Process(pid)
+    except psutil.Error:
+        return out
+    try:
+        out["user"] = p.username()
+    except (psutil.Error, KeyError):  # KeyError: a uid with no passwd entry
+        pass
+    try:
+        argv = p.cmdline()
+        argv = [os.path.basename(argv[0]), *argv[1:]] if argv else [p.name()]
+        out["command"] = " ".join(argv)[:COMMAND_CHARS]
+    except psutil.Error:
+        pass
+    return out
 
 
 def visible_gpus() -> tuple[list[int], str | None]:
@@ -176,6 +231,7 @@ class Sampler:
             g["in_run"] = g["uuid"] in self.run_uuids
         return {
             "t": round(time.time(), 3),
+            "host": socket.gethostname(),  # where the pids of ``procs`` live (rank_start says each rank's host)
             "gpus": gpus,
             "gpu_error": nvml.error,
             "system": system_sample(),

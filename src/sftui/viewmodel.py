@@ -11,6 +11,7 @@ is the client's business.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 from collections import deque
@@ -94,6 +95,17 @@ class View:
             return total
         return int(total * min(fractions))
 
+    def oom_holder(self) -> str | None:
+        """The biggest holder of the GPU the last OOM happened on that was not a rank of that
+        attempt, as the telemetry of that moment shows it (``RankPids.outsider_line``)."""
+        oom = self.state.last_oom or {}
+        g, _ = self.gpu_by_uuid(oom.get("gpu_uuid"), at=oom.get("t"))
+        return self.state.ranks.outsider_line(g, (self.telemetry or {}).get("host"), oom.get("attempt"))
+
+    def pressure_warnings(self) -> dict[str, str]:
+        """``RunState.pressure_warnings`` on the latest telemetry, with the TUI's key."""
+        return self.state.pressure_warnings(self.telemetry, keys=True)
+
     def resume_from(self) -> str:
         """Where a restart after the last out-of-memory error starts: its emergency checkpoint,
         else the latest checkpoint, else the beginning."""
@@ -116,9 +128,11 @@ def _copy_state(st: RunState) -> RunState:
     snap.config = dict(st.config)
     snap.ladder = list(st.ladder)
     snap.oom_rungs = list(st.oom_rungs)
-    snap.losses = list(st.losses)
-    snap.eval_losses = list(st.eval_losses)
-    snap.mem_peak = dict(st.mem_peak)
+    snap.loss_series = st.loss_series.copy()
+    snap.eval_series = st.eval_series.copy()
+    snap.restarts = list(st.restarts)
+    snap.ranks = st.ranks.copy()
+    snap.rank_memory = {r: dataclasses.replace(m, retries=list(m.retries)) for r, m in st.rank_memory.items()}
     snap.rung_peaks = dict(st.rung_peaks)
     snap.crash_tail = list(st.crash_tail)
     snap.log = deque(st.log, maxlen=st.log.maxlen)

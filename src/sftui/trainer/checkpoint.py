@@ -1,5 +1,7 @@
 """Atomic checkpoints: ``checkpoints/step-XXXXXXXX/`` with ``model.safetensors``,
-``optimizer.pt``, ``scheduler.pt`` and ``state.json``.
+``optimizer.pt``, ``scheduler.pt`` and ``state.json``; a LoRA run's holds ``adapter.safetensors``
+(the trainable tensors alone) instead of ``model.safetensors``, and its state.json the LoRA
+settings and the base model's fingerprint it fits.
 
 A checkpoint is written into a temporary directory of the writer's own and renamed into place;
 only then is ``checkpoints/latest`` replaced. A crash or a full disk mid-save leaves the
@@ -19,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from sftui.rundir import RunDir, fresh_dir, write_atomic
+from sftui.trainer import adapters
 
 SPACE_MARGIN = 1.1
 
@@ -41,6 +44,8 @@ class State:
     data_fingerprint: str
     max_len: int
     seed: int
+    lora: dict[str, Any] | None = None  # run.json's lora: the adapters' settings
+    base_fingerprint: str | None = None  # with lora: the base the adapters fit
 
 
 def read_state(path: Path) -> State:
@@ -49,20 +54,32 @@ def read_state(path: Path) -> State:
     where = path / "state.json"
     try:
         data = json.loads(where.read_bytes())
-        values = {k: data[k] for k in State.__dataclass_fields__}
+        values = {k: data[k] for k in State.__dataclass_fields__ if k not in _OPTIONAL or k in data}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{where}: unreadable checkpoint state ({_first_line(e)}); {_REFUSED}") from None
     kinds = {"data_fingerprint": str}
     for name, value in values.items():
+        if name in _OPTIONAL:
+            if value is not None and not isinstance(value, _OPTIONAL[name]):
+                raise CheckpointError(f"{where}: unreadable checkpoint state ({name} is {value!r}); {_REFUSED}")
+            continue
         want = kinds.get(name, int)
         if not isinstance(value, want) or isinstance(value, bool) or (want is int and value < 0):
             raise CheckpointError(f"{where}: unreadable checkpoint state ({name} is {value!r}); {_REFUSED}")
     return State(**values)
 
 
-def estimate_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+_OPTIONAL = {"lora": dict, "base_fingerprint": str}  # absent from a full fine-tune's older checkpoints
+
+
+def _weights(model: torch.nn.Module, state: State) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of the model: the trainable tensors of a LoRA run, else all."""
+    return adapters.trainable_state(model) if state.lora else model.state_dict()
+
+
+def estimate_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: State) -> int:
     """Bytes the weights and the optimizer state take on disk (the tensors' own sizes)."""
-    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    total = sum(t.numel() * t.element_size() for t in _weights(model, state).values())
     for s in optimizer.state.values():
         total += sum(v.numel() * v.element_size() for v in s.values() if isinstance(v, torch.Tensor))
     return total
@@ -77,7 +94,7 @@ def save(run: RunDir, model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
     t0 = time.monotonic()
     final = run.checkpoint_dir(state.step)
     run.checkpoints.mkdir(parents=True, exist_ok=True)
-    need = int(estimate_bytes(model, optimizer) * SPACE_MARGIN)
+    need = int(estimate_bytes(model, optimizer, state) * SPACE_MARGIN)
     free = shutil.disk_usage(run.checkpoints).free
     if free < need:
         raise CheckpointError(
@@ -86,7 +103,10 @@ def save(run: RunDir, model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
     try:
         with fresh_dir(final, tag) as tmp:
             try:
-                save_model(model, str(tmp / "model.safetensors"))
+                if state.lora:
+                    save_file(adapters.trainable_state(model), str(tmp / "adapter.safetensors"))
+                else:
+                    save_model(model, str(tmp / "model.safetensors"))
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
                 torch.save(schedule, tmp / "scheduler.pt")
                 (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
@@ -150,9 +170,12 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | 
     another model's) is a CheckpointError naming the file.
     """
     state = read_state(path)
-    weights = path / "model.safetensors"
+    weights = path / ("adapter.safetensors" if state.lora else "model.safetensors")
     try:
-        missing, unexpected = load_model(model, str(weights), strict=False)
+        if state.lora:
+            missing, unexpected = adapters.load_trainable(model, load_file(str(weights))), []
+        else:
+            missing, unexpected = load_model(model, str(weights), strict=False)
     except Exception as e:  # SafetensorError, OSError, a shape mismatch's RuntimeError
         raise CheckpointError(f"{weights}: unreadable weights ({_first_line(e)}); {_REFUSED}") from None
     if missing or unexpected:

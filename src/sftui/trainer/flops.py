@@ -1,11 +1,13 @@
 """Model FLOPs utilisation (MFU), as DESIGN.md defines it: achieved FLOP/s ÷ the cards' datasheet
 dense bf16 peak. Achieved FLOPs count non-padding tokens only, encoder and decoder tokens each
-through their own half of the model: 6 × the matmul parameters a token passes through (forward
-and backward), plus attention. The worker's ``step`` events and the benchmark scripts use it.
+through their own half of the model: 6 × the trained and 4 × the frozen (LoRA's base) matmul
+parameters a token passes through (forward and backward), the LM head only on the positions it
+runs on, plus attention. The worker's ``step`` events and the benchmark scripts use it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 # Dense bf16 datasheet peaks (TFLOP/s) by a substring of torch.cuda.get_device_name().
@@ -25,30 +27,48 @@ def peak_tflops(cuda: bool) -> float | None:
     return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
 
 
-def flops_per_token(model: Any, seq2seq: bool) -> tuple[float, float]:
-    """Training FLOPs per (encoder, decoder) token without attention: 6 × the matmul parameters
-    the token passes through. Embedding lookups are no matmuls and do not count; a tied LM head
-    (the embedding matrix) does, on the decoder side."""
-    enc = dec = 0
-    for name, p in model.named_parameters():
-        if "embed" in name or name.startswith("shared"):
+@dataclass(frozen=True)
+class TokenFlops:
+    """Training FLOPs per token through each part of the model, without attention: ``enc`` per
+    encoder token, ``dec`` per decoder token (a causal LM's every token), ``head`` per token the
+    LM head runs on (``head_on_trained``: only the trained positions, as loss.py's chunked head;
+    else every decoder token)."""
+
+    enc: float
+    dec: float
+    head: float
+    head_on_trained: bool
+
+
+def flops_per_token(model: Any, seq2seq: bool) -> TokenFlops:
+    """6 × the trained matmul parameters a token passes through (forward 2, activation gradient
+    2, weight gradient 2) plus 4 × the frozen ones (a LoRA base: its weight gradient is never
+    computed, the activation gradient still flows through it). Embedding lookups are no matmuls
+    and do not count; the LM head (a tied one is the embedding matrix) is counted apart."""
+    from sftui.trainer.adapters import inner
+    from sftui.trainer.loss import plain_head
+
+    net = inner(model)
+    head = net.get_output_embeddings()
+    enc = dec = 0.0
+    for name, p in net.named_parameters():
+        if "embed" in name or name.startswith("shared") or p is head.weight:
             continue
+        cost = (6.0 if p.requires_grad else 4.0) * p.numel()
         if seq2seq and name.startswith("encoder."):
-            enc += p.numel()
+            enc += cost
         else:
-            dec += p.numel()
-    if getattr(model.config, "tie_word_embeddings", False):
-        dec += model.get_input_embeddings().weight.numel()
-    return 6.0 * enc, 6.0 * dec
+            dec += cost
+    head_cost = (6.0 if head.weight.requires_grad else 4.0) * head.weight.numel()
+    return TokenFlops(enc, dec, head_cost, plain_head(net) is not None)
 
 
-def mfu(rates: dict[str, float], enc_fpt: float, dec_fpt: float, config: Any, peak: float | None,
-        world: int) -> float | None:
+def mfu(rates: dict[str, float], fpt: TokenFlops, config: Any, peak: float | None, world: int) -> float | None:
     """Achieved FLOP/s over ``world`` cards' peak; None without a known peak (the CPU).
 
-    ``rates``: per second, ``samples`` and the non-padding ``enc_tokens`` and ``dec_tokens``;
-    ``enc_fpt``/``dec_fpt`` from ``flops_per_token``. Attention adds 12 × layers × width per
-    token, over a sample's average context (its tokens).
+    ``rates``: per second, ``samples``, the non-padding ``enc_tokens`` and ``dec_tokens``, and the
+    ``trained_tokens`` (the positions the loss reads); ``fpt`` from ``flops_per_token``.
+    Attention adds 12 × layers × width per token, over a sample's average context (its tokens).
     """
     if not peak:
         return None
@@ -56,5 +76,6 @@ def mfu(rates: dict[str, float], enc_fpt: float, dec_fpt: float, config: Any, pe
     width = getattr(config, "hidden_size", None) or getattr(config, "d_model", 0)
     tokens = rates["enc_tokens"] + rates["dec_tokens"]
     attention = 12.0 * layers * width * (tokens / max(1e-9, rates["samples"]))
-    flops = enc_fpt * rates["enc_tokens"] + dec_fpt * rates["dec_tokens"] + attention * tokens
+    head_tokens = rates["trained_tokens"] if fpt.head_on_trained else rates["dec_tokens"]
+    flops = fpt.enc * rates["enc_tokens"] + fpt.dec * rates["dec_tokens"] + fpt.head * head_tokens + attention * tokens
     return round(flops / (peak * 1e12 * world), 4)

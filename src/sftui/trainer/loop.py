@@ -29,8 +29,8 @@ from sftui import chat, rows
 from sftui import events as ev
 from sftui.config import ConfigError, RunConfig, default_lr
 from sftui.rundir import EventLog, RunDir, read_json, write_json_atomic
-from sftui.runfile import RunFile
-from sftui.trainer import checkpoint, data, flops, model as models, rendezvous
+from sftui.runfile import RunFile, base_fingerprint
+from sftui.trainer import adapters, checkpoint, data, flops, model as models, rendezvous
 from sftui.trainer.loss import TrainingModel, trained_positions
 from sftui.trainer.lifeline import Lifeline
 
@@ -82,6 +82,12 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
                           f"(fingerprint {start.data_fingerprint[:12]} there, {spec.data_fingerprint[:12]} now)")
     if start and start.max_len != cfg.max_len:
         raise ConfigError(f"{resume}: written with --max-len {start.max_len}, this run has {cfg.max_len}")
+    base = base_fingerprint(cfg.model)
+    if start and start.lora != spec.lora:
+        raise ConfigError(f"{resume}: written with LoRA {start.lora}, this run has {spec.lora}")
+    if start and start.lora and start.base_fingerprint != base:
+        raise ConfigError(f"{resume}: its adapters were trained on another base model (fingerprint "
+                          f"{start.base_fingerprint[:12]} there, {cfg.model} is {base[:12]} now)")
 
     # --- data: rank 0 checks it is unchanged and tokenizes it (once per run: cached), the others wait ---
     phase("validating")
@@ -102,13 +108,16 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
     phase("loading_model")
     peak_lr = cfg.lr if cfg.lr is not None else default_lr(cfg.model)
     net, opt = new_model(cfg, tok, device, peak_lr)
+    if lead:
+        trainable, total = adapters.parameter_counts(net)
+        log.emit("model", trainable_params=trainable, total_params=total, lora=spec.lora)
     step, seen = 0, 0
     if resume is not None:
         start, _ = checkpoint.load(resume, net, opt)
         step, seen = start.step, start.samples_seen
     resume_step = step if resume is not None else None
     schedule = Schedule(peak_lr, cfg.warmup * plan.target, plan.target)
-    enc_fpt, dec_fpt = flops.flops_per_token(net, seq2seq)
+    fpt = flops.flops_per_token(net, seq2seq)
     decoder_start = net.config.decoder_start_token_id if seq2seq else None
     model, optimizer = accelerator.prepare(TrainingModel(net), opt)
     if cfg.compile and cuda:
@@ -147,7 +156,7 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
         if lead or alone:
             phase("checkpointing")
             state = checkpoint.State(at_step, seen, seen // plan.n, batch, accum, me.world, spec.data_fingerprint,
-                                     cfg.max_len, cfg.seed)
+                                     cfg.max_len, cfg.seed, spec.lora, base)
             path, size, seconds = checkpoint.save(run, bare_model(accelerator, model), opt, schedule.state_dict(seen),
                                                   state, cfg.keep_checkpoints, tag=f"r{me.rank}-{os.getpid()}")
             log.emit("checkpoint", step=at_step, path=str(path.relative_to(run.path)), seconds=round(seconds, 3),
@@ -215,7 +224,7 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
                 log.emit("step", step=step, total_steps=total_steps, epoch=round(seen / plan.n, 6), epochs=epochs,
                          samples_seen=seen, loss=loss, lr=opt.param_groups[0]["lr"], grad_norm=norm,
                          samples_per_s=per_s["samples"], tokens_per_s=per_s["tokens"], batch_size=batch,
-                         grad_accum=accum, mfu=flops.mfu(per_s, enc_fpt, dec_fpt, net.config, peak_tflops, me.world))
+                         grad_accum=accum, mfu=flops.mfu(per_s, fpt, net.config, peak_tflops, me.world))
                 if cfg.compile and cuda and step == (resume_step or 0) + 1:
                     log.emit("log", level="info", message=f"torch.compile: the first step took {per_s['seconds']:.1f} s "
                                                           "(compiling, or loading the compile cache)")
@@ -248,7 +257,10 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
         phase("checkpointing")
         if fmt.kind == "template":  # inference's apply_chat_template then builds what training saw
             tok.chat_template = fmt.template
-        models.save_final(bare_model(accelerator, model), tok, run.final)
+        if spec.lora:
+            adapters.save_final(bare_model(accelerator, model), tok, run.final, cfg.merge)
+        else:
+            models.save_final(bare_model(accelerator, model), tok, run.final)
     accelerator.wait_for_everyone()
     log.emit("worker_exit", rank=me.rank, reason="finished", step=step)
     return ev.WORKER_OK
@@ -306,13 +318,20 @@ def pad_width(cfg: RunConfig, cuda: bool) -> int | None:
 
 def new_model(cfg: RunConfig, tok: Any, device: torch.device, lr: float) -> tuple[Any, torch.optim.Optimizer]:
     """The model on the device and its AdamW, not yet prepared by accelerate (a checkpoint is
-    loaded into both first). Shared with the memory probe."""
-    net = models.build_model(cfg.model, tok, cfg.seed, cfg.max_len, device)
+    loaded into both first): with ``--lora`` the base frozen and adapters on it (adapters.py), the
+    optimizer over the adapters alone. Shared with the memory probe."""
+    net = models.build_model(cfg.model, tok, cfg.seed, cfg.max_len, device, adapters.base_dtype(cfg, device))
     models.fused_attention_bias(net)
     if cfg.gradient_checkpointing:
         net.config.use_cache = False
         net.gradient_checkpointing_enable()
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+        if cfg.lora:  # the embeddings are frozen: a reentrant checkpoint needs an input that wants grad
+            net.enable_input_require_grads()
+    lora = adapters.Lora.of(cfg)
+    if lora is not None:
+        net = adapters.apply_lora(net, lora)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     return net, opt
 
 
@@ -515,7 +534,7 @@ class Meter:
     def __init__(self, device: torch.device):
         self.loss = torch.zeros((), device=device)
         self.grad_norm: torch.Tensor | float | None = None
-        self.steps = self.samples = self.tokens = self.enc_tokens = 0
+        self.steps = self.samples = self.tokens = self.enc_tokens = self.trained = 0
         self.since = time.monotonic()
 
     def add(self, item: dict[str, Any], grad_norm: torch.Tensor | float) -> None:
@@ -523,6 +542,7 @@ class Meter:
         self.samples += item["size"]
         self.tokens += item["n_tokens"]
         self.enc_tokens += item["n_enc"]
+        self.trained += item["n_target"]
         self.grad_norm = grad_norm
 
     def read(self, world: int) -> tuple[float, float | None, dict[str, float]]:
@@ -534,11 +554,11 @@ class Meter:
         seconds = max(1e-9, now - self.since)
         rates = {"samples": round(self.samples / seconds, 3), "tokens": round(self.tokens / seconds, 1),
                  "enc_tokens": self.enc_tokens / seconds, "dec_tokens": (self.tokens - self.enc_tokens) / seconds,
-                 "seconds": seconds, "steps": self.steps}
+                 "trained_tokens": self.trained / seconds, "seconds": seconds, "steps": self.steps}
         mean = float(loss.item()) / max(1, self.steps)
         norm = None if self.grad_norm is None else float(self.grad_norm)
         self.loss = torch.zeros_like(self.loss)
-        self.steps = self.samples = self.tokens = self.enc_tokens = 0
+        self.steps = self.samples = self.tokens = self.enc_tokens = self.trained = 0
         self.since = now
         return round(mean, 6), None if norm is None else round(norm, 6), rates
 

@@ -8,7 +8,8 @@ chunk at a time, each chunk's float32 logits recomputed in the backward pass ins
 (activation checkpointing), so at most one chunk of logits is alive. The loss is the same sum.
 
 ``TrainingModel`` wraps the model so that DDP (through accelerate) still sees one forward per
-micro-batch; ``bare`` is the model itself (checkpoints, ``final/``, evaluation).
+micro-batch; ``bare`` is the model itself (checkpoints, ``final/``, evaluation): a LoRA run's
+PeftModel, whose Hugging Face model inside (``adapters.inner``) is what the forward runs.
 """
 
 from __future__ import annotations
@@ -82,21 +83,24 @@ class TrainingModel(nn.Module):
     token-loss sum of the micro-batch, through the chunked head where the model has a plain one."""
 
     def __init__(self, model: Any):
+        from sftui.trainer.adapters import inner
+
         super().__init__()
         self.bare = model
-        # The head is the model's own module: kept out of this wrapper's children, so that its
-        # weight is not listed twice (state dicts, DDP's buckets).
-        self.__dict__["head"] = plain_head(model)
+        # The Hugging Face model and its head are the bare model's own modules: kept out of this
+        # wrapper's children, so that no weight is listed twice (state dicts, DDP's buckets).
+        self.__dict__["net"] = inner(model)
+        self.__dict__["head"] = plain_head(self.net)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 decoder_input_ids: torch.Tensor | None = None, trained: torch.Tensor | None = None) -> torch.Tensor:
         if self.head is None:
             extra = {} if decoder_input_ids is None else {"decoder_input_ids": decoder_input_ids}
-            logits = self.bare(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
+            logits = self.net(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
             if decoder_input_ids is None:
                 logits, labels = logits[:, :-1], labels[:, 1:]
             return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                    ignore_index=-100, reduction="sum")
-        base = getattr(self.bare, self.bare.base_model_prefix)
+        base = getattr(self.net, self.net.base_model_prefix)
         hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         return head_loss_sum(hidden[:, :-1], labels[:, 1:], self.head, trained)

@@ -97,19 +97,21 @@ def tokenizer_fingerprint(tok: "PreTrainedTokenizerBase") -> str:
 
 
 def build_model(name: str, tok: "PreTrainedTokenizerBase", seed: int, max_len: int,
-                device: Any = "cpu") -> "PreTrainedModel":
-    """The model in fp32 on ``device``: a preset with seeded random weights (initialised right
-    there: 0.8 s for chatlm-mini on a GPU, 4 s on the CPU), or a local directory."""
+                device: Any = "cpu", dtype: Any = None) -> "PreTrainedModel":
+    """The model in ``dtype`` (default float32) on ``device``: a preset with seeded random
+    weights (initialised right there: 0.8 s for chatlm-mini on a GPU, 4 s on the CPU), or a local
+    directory, read straight in ``dtype`` (a frozen bf16 base never exists in float32)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    dtype = dtype or torch.float32
     torch.manual_seed(seed)
     if is_preset(name):
         with torch.device(device):
-            return _preset(name, tok, max_len)
+            return _preset(name, tok, max_len).to(dtype)
     config = AutoConfig.from_pretrained(name, local_files_only=True)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    return auto.from_pretrained(name, local_files_only=True, dtype=torch.float32).to(device)
+    return auto.from_pretrained(name, local_files_only=True, dtype=dtype).to(device)
 
 
 def _preset(name: str, tok: "PreTrainedTokenizerBase", max_len: int) -> "PreTrainedModel":

@@ -82,8 +82,7 @@ def probe(out: Path) -> int:
     say("loading the model")
     lr = cfg.lr if cfg.lr is not None else default_lr(cfg.model)
     net, opt = loop.new_model(cfg, tok, device, lr)
-    # Weights, gradients and AdamW's two moments: a lower bound of the forecast's fixed part.
-    model_state = 4 * sum(p.numel() * p.element_size() for p in net.parameters())
+    model_state = model_state_bytes(net)
     decoder_start = net.config.decoder_start_token_id if train_data.seq2seq else None
     model, optimizer = accelerator.prepare(loss.TrainingModel(net), opt)
     if cfg.compile:
@@ -132,6 +131,16 @@ def probe(out: Path) -> int:
     save()
     accelerator.wait_for_everyone()
     return ev.WORKER_OK
+
+
+def model_state_bytes(net: Any) -> int:
+    """A lower bound of the forecast's fixed part: every weight as it is held (a LoRA base
+    frozen in bf16), and for the trained ones their gradients and AdamW's two moments, each of
+    the weight's own size (float32 adapters)."""
+    total = 0
+    for p in net.parameters():
+        total += p.numel() * p.element_size() * (4 if p.requires_grad else 1)
+    return total
 
 
 class CudaMemory:

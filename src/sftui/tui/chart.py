@@ -1,4 +1,6 @@
-"""The loss chart: raw and smoothed training loss, eval loss where present (braille, no dependency)."""
+"""The loss chart: the whole run's training loss (RunState's Series: downsampled, not cut), raw
+and smoothed, eval loss beside it where present, and a mark where each switch or restart took
+over (braille, no dependency)."""
 
 from __future__ import annotations
 
@@ -18,15 +20,17 @@ class LossChart(Panel):
 
     def key(self, view: View) -> Hashable:
         s = view.state
-        return (len(s.losses), s.losses[-1] if s.losses else None, len(s.eval_losses))
+        losses = s.losses
+        return (len(losses), losses[-1] if losses else None, s.loss, tuple(s.eval_losses), tuple(s.restarts))
 
     def show(self, view: View) -> None:
         super().show(view)
         s = view.state
         title = "loss"
-        if s.losses:
-            smooth = ema([v for _, v in s.losses[-200:]])[-1]
-            title += f" {s.losses[-1][1]:.4f} (smoothed {smooth:.4f})"
+        losses = s.losses
+        if losses and s.loss is not None:  # the last report itself: the series' newest point may be a mean
+            smooth = ema([v for _, v in losses[-200:]])[-1]
+            title += f" {s.loss:.4f} (smoothed {smooth:.4f})"
         if s.eval_losses:
             title += f" · eval {s.eval_losses[-1][1]:.4f}"
         if title != self.border_title:
@@ -34,4 +38,6 @@ class LossChart(Panel):
 
     def build(self, view: View, width: int, height: int) -> Text:
         s = view.state
-        return lines_text(loss_chart(s.losses, s.eval_losses, width, height), height)
+        restarts = [(r.step, r.kind) for r in s.restarts]
+        return lines_text(loss_chart(s.losses, s.eval_losses, width, height, restarts, s.loss_series.first_step),
+                          height)

@@ -7,7 +7,7 @@ from typing import Hashable
 from rich.text import Text
 
 from sftui.runfile import ENDED
-from sftui.runstate import rung_text
+from sftui.runstate import params_text, rung_text
 from sftui.tui.render import fit_line
 from sftui.tui.view import Panel
 from sftui.viewmodel import View
@@ -32,7 +32,7 @@ class HeaderPanel(Panel):
     def key(self, view: View) -> Hashable:
         s = view.state
         return (view.status, s.name, s.attempt, s.batch_size, s.grad_accum, s.world_size, s.step,
-                s.total_steps, round(s.epoch or 0, 2), s.epochs, s.reason, s.exit_code)
+                s.total_steps, round(s.epoch or 0, 2), s.epochs, s.reason, s.exit_code, s.params)
 
     def placeholder(self) -> Text:
         return Text.assemble((" sftui ", "bold reverse"), " ", ("reading the run…", "dim"))
@@ -52,6 +52,8 @@ class HeaderPanel(Panel):
         chips.append((f"step {s.step}{total}", 2))
         if s.epochs:
             chips.append((f"epoch {s.epoch_text}", 5))  # never above its total
+        if s.lora and s.params:  # what a LoRA run trains, e.g. "LoRA r16 α32: 40.4M of 7.6B params"
+            chips.append((params_text(s.params, s.lora), 6))
         if status in ENDED and (s.reason or s.exit_code is not None):
             why = s.reason or ""
             chips.append((Text(f"{why} (exit {s.exit_code})".strip(), "italic"), 4))

@@ -1,4 +1,5 @@
-"""The out-of-memory prompt: what happened, the proposal, a countdown, and the choices.
+"""The out-of-memory prompt: what happened (and the biggest holder of that GPU that is not this
+attempt's, when there is one), the proposal, a countdown, and the choices.
 
 Shown while ``RunState.pending_decision`` is set (a ``decision_needed`` event, also kept in
 run.json, so it comes back on re-attach); the app removes it when the ``decision`` arrives.
@@ -86,7 +87,8 @@ class OomScreen(ModalScreen[None]):
                 second = Text.assemble(f"on GPU {g.get('index')} ({name}): ",
                                        (f"{fmt_gib(g.get('mem_used'))}/{fmt_gib(g.get('mem_total'))} GiB used", "bold"),
                                        " at the time" if at_the_time else " now")
-        return lines_text([first, second])
+        holder = self.view.oom_holder()
+        return lines_text([first, second, *([Text(holder, "bold yellow")] if holder else [])])
 
     def proposal_text(self) -> Text:
         prop = self.decision.get("proposed_batch")

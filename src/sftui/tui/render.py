@@ -205,9 +205,18 @@ class Canvas:
         return out
 
 
+# a restart's kind (runstate.Restart) -> its mark's legend and style
+RESTART_MARKS = {"switch": ("switch", "yellow"), "oom": ("OOM restart", "red"), "restart": ("restart", "blue")}
+MARK = "┊"
+
+
 def loss_chart(losses: Sequence[tuple[int, float]], evals: Sequence[tuple[int, float]],
-               width: int, height: int) -> list[Text]:
-    """Raw loss (dim), its smoothed line (bright) and eval losses (markers) on ``height`` lines.
+               width: int, height: int, restarts: Sequence[tuple[int, str]] = (),
+               first_step: int | None = None) -> list[Text]:
+    """Raw loss (dim), its smoothed line (bright), eval loss (a line through its markers) and
+    where attempts took over (``restarts``: (step, kind), a dotted column each) on ``height``
+    lines. ``first_step``: where the x axis starts when the first point stands for several
+    steps (a downsampled series puts a point at the last step of its bucket).
 
     The last line is the x axis (first and last step) and the legend; the y labels take a gutter
     on the left. Returns exactly ``height`` lines, each at most ``width`` cells.
@@ -225,7 +234,7 @@ def loss_chart(losses: Sequence[tuple[int, float]], evals: Sequence[tuple[int, f
     lo, hi = min(ys), max(ys)
     if hi - lo < 1e-9:
         lo, hi = lo - 0.5, hi + 0.5
-    xs = [s for s, _ in pts] + [s for s, _ in evs]
+    xs = [s for s, _ in pts] + [s for s, _ in evs] + ([first_step] if first_step is not None else [])
     x0, x1 = min(xs), max(xs)
     if x1 == x0:
         x1 = x0 + 1
@@ -267,12 +276,23 @@ def loss_chart(losses: Sequence[tuple[int, float]], evals: Sequence[tuple[int, f
             canvas.vline(x, ymin, ymax, style)
             prev = (x, last)
 
+    # later layers win a shared cell: eval over the raw noise, the smoothed line over both
     if pts:
         draw(pts, "grey50")
+    draw(evs, "magenta")
+    if pts:
         smooth = ema([v for _, v in pts])
         draw(list(zip((s for s, _ in pts), smooth)), "bold cyan")
     for s, v in evs:
         canvas.mark(px(s) // 2, py(v) // 4, "●", "bold magenta")
+    kinds: list[str] = []  # for the legend, in the order they came
+    for step, kind in restarts:
+        if kind not in kinds:
+            kinds.append(kind)
+        cx = px(min(max(step, x0), x1)) // 2
+        for cy in range(plot_h):  # the lines stay visible: the mark takes the empty cells
+            if not canvas.bits[cy][cx] and canvas.glyph[cy][cx] is None:
+                canvas.mark(cx, cy, MARK, RESTART_MARKS[kind][1])
 
     rows = canvas.rows()
     out = []
@@ -288,12 +308,15 @@ def loss_chart(losses: Sequence[tuple[int, float]], evals: Sequence[tuple[int, f
         out.append(Text.assemble((label.rjust(gutter - 1) + " ", "dim"), ("│", "grey42"), row))
     axis_left = f"step {x0}"
     axis_right = f"{x1}"
-    legend = Text.assemble(("── raw", "grey50"), "  ", ("── smoothed", "bold cyan"),
-                           *((("  ", ""), ("● eval", "bold magenta")) if evs else ()))
     span = plot_w + 1
     axis = Text(" " * gutter)
     middle = span - len(axis_left) - len(axis_right)
-    if middle >= legend.cell_len + 4:
+    # what the legend loses first where it does not fit: raw, then the marks, eval, smoothed
+    entries = [(Text("── raw", "grey50"), 3), (Text("── smoothed", "bold cyan"), 1),
+               *([(Text("─●─ eval", "bold magenta"), 1)] if evs else []),
+               *((Text(f"{MARK} {RESTART_MARKS[k][0]}", RESTART_MARKS[k][1]), 2) for k in kinds)]
+    legend = fit_line(entries, max(0, middle - 4))
+    if legend.cell_len and middle >= legend.cell_len + 4:
         padl = (middle - legend.cell_len) // 2
         axis.append(axis_left, "dim")
         axis.append(" " * padl)
