@@ -1,6 +1,6 @@
 """Real CUDA out-of-memory, multi-GPU teardown and a two-GPU batch switch, on a GPU machine.
 
-    PYTHONPATH=src python3 scripts/gpu_oom.py --out OUT_DIR [--scenarios one,two,switch]
+    PYTHONPATH=src python3 scripts/gpu_oom.py --out OUT_DIR [--scenarios one,two,switch,foreign]
 
 `one`: chatlm-mini at max-len 256 on GPU 0, headless, --batch 16 --ladder 16,12,8 --on-oom auto
 --record-samples, with --mem-fraction calibrated on this card so that a batch of 16 long rows runs
@@ -15,6 +15,11 @@ torn down (teardown seconds), attempt 2 runs on both GPUs at 12, every sample on
 log and `sftui status` show both GPUs.
 
 `switch`: `sftui set-batch` on two GPUs mid-run: both ranks stop at the same step; nothing lost.
+
+`foreign`: as `one`, but with no --mem-fraction: another process (a plain torch script, started
+here) holds all of GPU 0 but what batch 12 needs, so batch 16's OOM at step 6 is real and caused
+by it. Checks that the supervisor's warning after the `oom` event names that process (pid, user,
+command, GiB) — the line the TUI's OOM prompt shows — and that the run recovers down the ladder.
 
 Everything goes through the real command line (`python3 -m sftui ...`); nothing here imports textual.
 """
@@ -185,6 +190,61 @@ def oom_scenario(out: Path, name: str, gpus: str, oom_rank: int) -> dict:
     return result
 
 
+HOLDER = """
+import sys, time, torch
+x = torch.empty(int(sys.argv[1]), dtype=torch.uint8, device="cuda")
+print("holding", x.numel(), flush=True)
+time.sleep(900)
+"""
+CONTEXT_BYTES = int(0.6 * 2**30)  # a rank's CUDA context and kernels: used on the card, not reserved by torch
+
+
+def free_gpu_bytes(index: int) -> int:
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).free
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def foreign_scenario(out: Path) -> dict:
+    peaks = calibrate(out, "0", 0)
+    low = max(peaks[12]["reserved"], peaks[12]["allocated"])
+    want_free = CONTEXT_BYTES + low + int(0.6 * (peaks[16]["allocated"] - low))
+    hold = free_gpu_bytes(0) - want_free
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(hold)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTORCH_CUDA_ALLOC_CONF": ""})
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().startswith("holding"), "the holder did not start"
+        free = free_gpu_bytes(0)
+        n_rows = 16 * 12
+        data = out / "foreign.jsonl"
+        write_data(data, n_rows, range(5 * 16, 6 * 16))
+        run_dir = out / "run-foreign"
+        r = sftui("run", "--headless", "--run-dir", str(run_dir), *COMMON, "--data", str(data), "--gpus", "0",
+                  "--batch", "16", "--ladder", "16,12,8", "--on-oom", "auto", "--record-samples",
+                  log=out / "foreign.log", check=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    evs = events(run_dir)
+    ooms = [e for e in of(evs, "oom") if not e["injected"]]
+    notes = [e["message"] for e in of(evs, "log") if e["message"].startswith("out of memory on GPU")]
+    result = {"scenario": "foreign", "exit_code": r.returncode, "holder_pid": holder.pid,
+              "held_gib": round(hold / 2**30, 2), "free_gib_left": round(free / 2**30, 2),
+              "calibration_gib": {b: {k: round(v / 2**30, 3) for k, v in p.items()} for b, p in peaks.items()},
+              "ooms": [(e["step"], e["batch_size"]) for e in ooms], "notes": notes,
+              "attempts": [(s["attempt"], s["batch_size"]) for s in of(evs, "attempt_start")]}
+    print(json.dumps(result, indent=2), flush=True)
+    assert ooms, "no real OOM"
+    assert notes and f"pid {holder.pid}," in notes[0], f"the warning does not name the holder: {notes}"
+    assert r.returncode == 0, f"run exited {r.returncode}; see foreign.log"
+    result["samples_checked"] = check_once(run_dir, n_rows)
+    return result
+
+
 def switch_scenario(out: Path, gpus: str = "0,1") -> dict:
     world = len(gpus.split(","))
     n_rows = 16 * world * 40
@@ -234,6 +294,8 @@ def main() -> None:
                 results.append(oom_scenario(args.out, "two", "0,1", 1))
             elif name == "switch":
                 results.append(switch_scenario(args.out))
+            elif name == "foreign":
+                results.append(foreign_scenario(args.out))
         except (AssertionError, SystemExit, subprocess.TimeoutExpired, StopIteration) as e:
             print(f"SCENARIO {name} FAILED: {e!r}", flush=True)
             results.append({"scenario": name, "failed": repr(e)})
