@@ -12,8 +12,9 @@
    forecast (the issue asks for ±5 %).
 4. hf: HF `Trainer` + peft (the same r, alpha 2 × r, the same target layers, bf16 base, the same
    rows and batch, gradient checkpointing when sftui has it); samples/s against sftui's.
-5. oom: `sftui run --lora` one rung above the recommendation with `--on-oom auto`: a real CUDA OOM,
-   the restart at the next rung; seconds from the OOM to the first step of the next attempt, and
+5. oom: `sftui run --lora` at the smallest batch past the recommendation that the forecast puts past
+   the whole card, with `--on-oom auto` and the probe's ladder below it: a real CUDA OOM, the restart
+   at the next rung; seconds from the OOM to the first step of the next attempt, and
    the steps lost.
 6. compiled (not by default): `sftui run --lora --compile` at the recommended rung.
 
@@ -67,7 +68,7 @@ def build_worker(args: argparse.Namespace) -> int:
 
 
 def oom_recovery(bench: LoraBench, above: int) -> dict[str, Any]:
-    """One rung above the recommendation with --on-oom auto: when the OOM came, how long until
+    """Past the recommendation (``above``) with --on-oom auto: when the OOM came, how long until
     the next attempt's first step, and how many completed steps were lost."""
     # The CPU has no memory to run out of: --smoke injects the OOM (a real torch.OutOfMemoryError).
     inject = ["--inject-oom-at-step", "2"] if bench.args.smoke else []
@@ -87,6 +88,17 @@ def oom_recovery(bench: LoraBench, above: int) -> dict[str, Any]:
     bench.save()
     say(f"oom: {res}")
     return res
+
+
+def past_the_card(probe: dict[str, Any], rung: int) -> int | None:
+    """The smallest multiple of 8 above ``rung`` whose forecast exceeds the whole free memory: the
+    rung above the recommendation may still fit the card (the recommendation keeps 15 % spare;
+    on the H200 on 2026-12-01 batch 32 ran where 24 was recommended), and the OOM must be real."""
+    fit = probe.get("fit")
+    if not fit or fit["per_sample"] <= 0:
+        return None
+    need = (probe["budget_bytes"] - fit["fixed"]) / fit["per_sample"]
+    return max(rung + 8, int(need // 8 + 1) * 8)
 
 
 def summary(report: dict[str, Any]) -> str:
@@ -186,7 +198,7 @@ def main() -> int:
         bench.save()
         say(f"HF + peft: {bench.report['hf']}")
     if "oom" in stages and rung:
-        above = min((b for b in ladder if b > rung), default=None)
+        above = past_the_card(probe, rung) if probe else min((b for b in ladder if b > rung), default=None)
         if above is None:
             bench.report["oom"] = {"recovery": f"no rung above {rung} on --probe-ladder"}
         else:
