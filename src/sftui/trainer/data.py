@@ -312,13 +312,15 @@ def rank_micro_batches(indices: np.ndarray, rank: int, batch: int, grad_accum: i
 
 class StepBatches:
     """Map-style dataset for a DataLoader: item j is this rank's micro-batches of the j-th step
-    of the attempt, already collated; sftui's plan, not a sampler, owns the order."""
+    of the attempt, already collated; sftui's plan, not a sampler, owns the order. ``packing``
+    (a ``batching.Packing``) lays each micro-batch's samples end to end instead of padding them."""
 
     def __init__(self, data: Tokenized, plan: Plan, steps: list[tuple[int, int]], rank: int, batch: int,
-                 grad_accum: int, pad_id: int, width: int | None = None, multiple: int = 1):
+                 grad_accum: int, pad_id: int, width: int | None = None, multiple: int = 1,
+                 packing: Callable[[Tokenized, np.ndarray, bool], dict[str, Any]] | None = None):
         self.data, self.plan, self.steps = data, plan, steps
         self.rank, self.batch, self.grad_accum, self.pad_id = rank, batch, grad_accum, pad_id
-        self.width, self.multiple = width, multiple
+        self.width, self.multiple, self.packing = width, multiple, packing
         self._order: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -334,8 +336,9 @@ class StepBatches:
         for part in rank_micro_batches(indices, self.rank, self.batch, self.grad_accum):
             # A micro-batch past the end of a short last step still runs (every rank makes the
             # same number of passes): one real row with zero weight.
-            micro.append(collate(self.data, part if len(part) else indices[:1], self.pad_id, weight=len(part) > 0,
-                                 width=self.width, multiple=self.multiple))
+            rows, weight = (part, True) if len(part) else (indices[:1], False)
+            micro.append(self.packing(self.data, rows, weight) if self.packing is not None else
+                         collate(self.data, rows, self.pad_id, weight=weight, width=self.width, multiple=self.multiple))
         return {
             "seen": seen,
             "size": size,

@@ -1,0 +1,166 @@
+"""A step's micro-batch of sample ids → the tensors the model takes: padded rows (``data.collate``,
+one row per sample) or, for a causal LM, the samples packed end to end in one row.
+
+Packed, no FLOP and no byte goes to padding: a micro-batch of rows of 40 to 500 tokens padded to
+the longest (or to ``--max-len`` with ``--compile``) spends about half its positions on padding.
+The row is ``input_ids`` of shape (1, T), T the samples' total length; ``position_ids`` restart at
+0 at each sample, so every sample sees the positions (rotary angles) it has alone; ``labels`` are
+the padded path's, laid end to end. Attention must not cross samples: with no ``attention_mask``,
+transformers' mask builders (sdpa, eager, flex_attention; 5.17 and later) find the samples where
+the position ids restart (``masking_utils.find_packed_sequence_indices``) and make the mask block
+diagonal; variable-length kernels (FlashAttention's, torch's ``varlen_attn``: ``VARLEN``) take the
+boundaries as ``cu_seqlens``. The loss needs nothing new: the first token of every sample is
+labelled -100 (nothing before it in that sample predicts it), so the causal shift by one across
+the whole row never trains a token from the sample before it.
+
+The sample plan does not change: a packed micro-batch holds exactly the sample ids the padded one
+would, so resume, switch and the sample ledger stay exact.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from sftui.trainer.data import Tokenized
+
+# --compile: packed widths come from a few buckets, 2^k × {1, 1.25, 1.5, 1.75}: at most a fifth of
+# a row is padding, four widths per doubling (a batch's total length varies little around its
+# mean, so a run meets a handful), each a multiple of 64.
+BUCKET_QUARTERS = (4, 5, 6, 7)
+MIN_BUCKET = 256
+
+
+def token_bucket(tokens: int, cap: int) -> int:
+    """The packed row's width under ``--compile``: the smallest bucket (``BUCKET_QUARTERS`` of a
+    power of two, at least ``MIN_BUCKET``) that holds ``tokens``, but never more than ``cap`` —
+    the micro-batch's samples × ``--max-len``, what its padded form would take — so the memory
+    probe's worst case (batch × max-len) stays the worst case."""
+    if tokens > cap:
+        raise ValueError(f"{tokens} tokens do not fit the cap of {cap}")
+    octave = max(MIN_BUCKET, 1 << max(0, (tokens - 1).bit_length() - 1))  # the power of two below
+    bucket = next((q * octave // 4 for q in BUCKET_QUARTERS if q * octave // 4 >= tokens), 2 * octave)
+    return min(bucket, cap)
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How a micro-batch is packed: ``pad_id`` fills the tail, ``max_len`` (``--max-len``) bounds
+    every document, the tail's pieces too; ``buckets`` (``--compile``) rounds the row up to
+    ``token_bucket``, else it is rounded up to a ``multiple`` (8 on a GPU, as padded widths are).
+
+    The tail is padding, laid out as documents of its own (position ids from 0, at most
+    ``max_len`` each): each attends to itself only and trains nothing, so a real sample never
+    sees it and the loss never counts it.
+    """
+
+    pad_id: int
+    max_len: int
+    buckets: bool = False
+    multiple: int = 1
+
+    def width(self, tokens: int, samples: int) -> int:
+        if self.buckets:
+            return token_bucket(tokens, samples * self.max_len)
+        return -(-tokens // self.multiple) * self.multiple
+
+    def __call__(self, data: Tokenized, indices: np.ndarray, weight: bool = True) -> dict[str, Any]:
+        """The packed micro-batch of the samples ``indices`` (in their order): ``input_ids``,
+        ``position_ids`` and ``labels`` of shape (1, T); ``cu_seqlens`` (int32, the documents'
+        boundaries: 0, the ends of the samples, then of the tail's pieces) and ``max_seqlen``
+        (int, the longest document) for variable-length kernels. ``weight`` False: nothing is
+        trained (the zero-weight pass of a short last step, as ``data.collate``)."""
+        import torch
+
+        if data.seq2seq:
+            raise ValueError("packing is for causal LMs: an encoder-decoder row is two sequences")
+        starts, ends = data.offsets[indices], data.offsets[indices + 1]
+        lengths = (ends - starts).astype(np.int64)
+        tokens = int(lengths.sum())
+        tail = self.width(tokens, len(indices)) - tokens
+        pieces = np.full(-(-tail // self.max_len), self.max_len, np.int64)
+        if tail % self.max_len:
+            pieces[-1] = tail % self.max_len
+        documents = np.concatenate([lengths, pieces])
+        bounds = np.concatenate([[0], np.cumsum(documents)])
+        ids = np.full(bounds[-1], self.pad_id, np.int64)
+        labels = np.full(bounds[-1], -100, np.int64)
+        for start, end, at in zip(starts, ends, bounds):
+            row = data.ids[start:end]
+            ids[at:at + len(row)] = row
+            if weight:
+                trained = data.mask[start:end] == 1
+                trained[0] = False  # the first token of a sample has nothing of its own before it
+                labels[at:at + len(row)] = np.where(trained, row, -100)
+        positions = np.arange(bounds[-1]) - np.repeat(bounds[:-1], documents)
+        return {
+            "input_ids": torch.from_numpy(ids)[None],
+            "position_ids": torch.from_numpy(positions)[None],
+            "labels": torch.from_numpy(labels)[None],
+            "cu_seqlens": torch.from_numpy(bounds.astype(np.int32)),
+            "max_seqlen": int(documents.max()),
+        }
+
+
+# --- a variable-length attention for transformers' models: torch's own FlashAttention varlen ---------
+
+VARLEN = "sftui_varlen"  # the attn_implementation name it is registered under
+
+
+def varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: Any, *, kernel: Callable[..., torch.Tensor], gqa: bool,
+                     scaling: float | None = None, dropout: float = 0.0, cu_seq_lens_q: torch.Tensor | None = None,
+                     max_length_q: int | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """A transformers attention function over a packed row: ``kernel`` is torch's
+    ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention's variable-length kernel, no
+    ``flash_attn`` package), each document causal and alone: no mask is built and no position
+    attends across documents. ``gqa``: the kernel takes fewer key/value heads as they are.
+    ``cu_seq_lens_q`` / ``max_length_q`` are transformers' names for the packed micro-batch's
+    ``cu_seqlens`` / ``max_seqlen``, handed to the model's forward as keyword arguments."""
+    import torch
+
+    if cu_seq_lens_q is None or max_length_q is None or query.shape[0] != 1:
+        raise ValueError(f"{VARLEN} attention takes a packed row: cu_seq_lens_q and max_length_q")
+    if dropout:
+        raise ValueError(f"{VARLEN} attention has no dropout")
+    # Under autocast the rotary embedding leaves queries and keys in float32; the kernel takes
+    # bf16/fp16 alone, and unlike SDPA it is no autocast op: cast as autocast would.
+    kind = query.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else value.dtype
+    q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))  # (1, heads, T, dim) → (T, heads, dim)
+    if not gqa:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    out = kernel(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling,
+                 window_size=(-1, 0), **({"enable_gqa": True} if gqa else {}))  # (-1, 0): causal
+    return out[None], None
+
+
+def register_varlen() -> None:
+    """Makes ``attn_implementation=VARLEN`` (``model.set_attn_implementation(VARLEN)``) mean
+    ``varlen_attention`` over this torch's ``varlen_attn``, its signature read here, once, not
+    in the traced forward. No mask is built for it (transformers skips mask creation for a name
+    it has no mask builder for)."""
+    import torch
+    from torch.nn.attention.varlen import varlen_attn
+    from transformers import AttentionInterface
+
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" not in params:  # torch 2.9's first form: is_causal, no scale
+        raise ValueError(f"{VARLEN} attention needs torch.nn.attention.varlen of torch 2.10 or later "
+                         f"(torch {torch.__version__} here)")
+    AttentionInterface.register(VARLEN, partial(varlen_attention, kernel=varlen_attn, gqa="enable_gqa" in params))
+
+
+def varlen_kwargs(micro: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments that carry a packed micro-batch's boundaries to the attention:
+    transformers' FlashAttention names, read by its flash_attention_2 path and by ``VARLEN``."""
+    return {"cu_seq_lens_q": micro["cu_seqlens"], "cu_seq_lens_k": micro["cu_seqlens"],
+            "max_length_q": micro["max_seqlen"], "max_length_k": micro["max_seqlen"]}
