@@ -65,3 +65,24 @@ def test_models_whose_logits_are_not_a_plain_head_keep_their_own_forward():
                 decoder_input_ids=b["decoder_input_ids"]).logits
     want = F.cross_entropy(logits.float().reshape(-1, 100), b["labels"].reshape(-1), ignore_index=-100, reduction="sum")
     assert torch.allclose(wrapped(**b), want)
+
+
+def test_the_compiled_model_does_not_recompile_when_the_trained_count_changes():
+    """Under --compile every batch is padded to one width, but each step trains another number of
+    positions: the chunk loop must not make dynamo specialise on that count (it would recompile
+    every step, then give up to eager at the recompile limit)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    net = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    compiled = torch.compile(loss.TrainingModel(net), backend="eager")
+    torch._dynamo.reset()
+    counters.clear()
+    for prompt in (4, 6, 9, 11):  # the same shapes, another count of trained positions each time
+        b = batch(300)
+        b["labels"] = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+        b["labels"][:, :prompt] = -100
+        compiled(**b, trained=loss.trained_positions(b["labels"])).backward()
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])

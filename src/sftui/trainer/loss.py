@@ -47,12 +47,18 @@ def _ce_sum(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bi
     return F.cross_entropy(logits.float(), labels, reduction="sum")
 
 
+@torch.compiler.disable
 def head_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Linear,
                   trained: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of the cross-entropy of ``head(hidden)`` against ``labels`` at the positions whose
     label is not -100 (``labels`` already aligned with ``hidden``: shifted for a causal LM).
     ``trained``: those positions in the flattened (row, position) order, found on the host
-    (``trained_positions``) so that selecting them needs no GPU-to-host sync."""
+    (``trained_positions``) so that selecting them needs no GPU-to-host sync.
+
+    Never compiled (``--compile`` compiles the body up to here): the chunk loop runs once per
+    chunk of trained positions, a count that changes every step, and dynamo would specialise
+    on it and recompile at every step. The head is a matmul and a cross-entropy, kernels that
+    compiling gains little on."""
     if trained is None:
         keep = labels != -100
         h, y = hidden[keep], labels[keep]
