@@ -8,6 +8,7 @@ from __future__ import annotations
 import getpass
 import io
 import os
+import subprocess
 import sys
 
 import psutil
@@ -54,6 +55,20 @@ def test_nvml_records_become_telemetrys_procs():
     assert "pytest" in mine["command"] and sys.executable not in mine["command"]
     assert procs[1] == {"pid": gone, "user": None, "command": None, "mem": 2 * GIB}
     assert procs[2]["mem"] is None
+
+
+def test_a_command_of_several_lines_reads_as_one(tmp_path):
+    """Seen on an H200: a holder started as `python3 -c "<a script of several lines>"` broke the
+    OOM warning over several lines of the log. Its command reads as one line."""
+    script = "import time\nprint('ready', flush=True)\ntime.sleep(60)\n"
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        (proc,) = gpu_processes([nvml_record(child.pid, GIB)])
+    finally:
+        child.kill()
+        child.wait()
+    assert proc["command"] == f"{os.path.basename(sys.executable)} -c import time print('ready', flush=True) time.sleep(60)"
 
 
 def test_holders_are_told_apart(tmp_path):

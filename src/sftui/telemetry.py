@@ -135,7 +135,8 @@ def _who(pid: int) -> dict[str, str | None]:
     try:
         argv = p.cmdline()
         argv = [os.path.basename(argv[0]), *argv[1:]] if argv else [p.name()]
-        out["command"] = " ".join(argv)[:COMMAND_CHARS]
+        # one line, whatever the arguments hold (`python -c` with a script of several lines)
+        out["command"] = " ".join(" ".join(argv).split())[:COMMAND_CHARS]
     except psutil.Error:
         pass
     return out
