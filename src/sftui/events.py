@@ -25,7 +25,7 @@ KINDS: dict[str, tuple[str, ...]] = {
         "step", "total_steps", "epoch", "epochs", "samples_seen", "loss", "lr", "grad_norm",
         "samples_per_s", "tokens_per_s", "batch_size", "grad_accum", "mfu",
     ),
-    "rank_stats": ("rank", "gpu_uuid", "mem_peak_bytes", "mem_reserved_bytes", "alloc_retries"),
+    "rank_stats": ("step", "rank", "gpu_uuid", "mem_peak_bytes", "mem_reserved_bytes", "alloc_retries"),
     "checkpoint": ("step", "path", "seconds", "bytes", "reason"),
     "eval": ("step", "loss", "samples"),
     "oom": ("step", "batch_size", "rank", "gpu_uuid", "where", "message", "emergency_checkpoint", "injected"),

@@ -569,7 +569,7 @@ class RunState:
         mem.reserved_peak = reserved if isinstance(reserved, int) else mem.reserved_peak
         # alloc_retries counts since the rank's report before (trainer/loop.py MemoryReport)
         if isinstance(e.get("alloc_retries"), int):
-            mem.retries.append((self.step, e["alloc_retries"]))
+            mem.retries.append((e["step"] if isinstance(e.get("step"), int) else self.step, e["alloc_retries"]))
         mem.retries = [(s, n) for s, n in mem.retries if s > self.step - PRESSURE_STEPS]
         peak = mem.reserved_peak or mem.alloc_peak
         if peak is not None and self.batch_size:

@@ -50,9 +50,10 @@ class Converter:
 
     The step of a record: a ``step`` or ``eval`` event's own (``oom`` too: the step that failed);
     a decision's or a batch change's, the run's step then, as every reader folds it (RunState).
-    ``rank_stats`` carry no step: each rank reports at every multiple of ``--log-every`` it
-    completes, so its n-th report of an attempt is the n-th multiple after the attempt's resume
-    step. Counted per rank, because ranks other than 0 may report before rank 0's step event.
+    ``rank_stats`` carry their step; those of runs from before they did are placed by the rule
+    they were written by: each rank reports at every multiple of ``--log-every`` it completes,
+    so its n-th report of an attempt is the n-th multiple after the attempt's resume step
+    (counted per rank: ranks other than 0 may report before rank 0's step event).
     """
 
     def __init__(self) -> None:
@@ -83,7 +84,8 @@ class Converter:
     def _memory(self, e: dict[str, Any], t: float) -> list[Record]:
         attempt, rank = e.get("attempt"), e.get("rank", 0)
         resume, every = self._first.get(attempt, (0, self._log_every))
-        step = (self._reported.get((attempt, rank), resume) // every + 1) * every
+        step = e["step"] if isinstance(e.get("step"), int) else \
+            (self._reported.get((attempt, rank), resume) // every + 1) * every
         self._reported[(attempt, rank)] = step
         return [Record(f"memory/rank{rank}/{tag}", step, t, e[name] / GIB) for name, tag in MEMORY_SCALARS.items()
                 if _number(e.get(name))]

@@ -229,7 +229,7 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
                     log.emit("log", level="info", message=f"torch.compile: the first step took {per_s['seconds']:.1f} s "
                                                           "(compiling, or loading the compile cache)")
         if step % cfg.log_every == 0:
-            log.emit("rank_stats", rank=me.rank, gpu_uuid=uuid, **memory.report())
+            log.emit("rank_stats", step=step, rank=me.rank, gpu_uuid=uuid, **memory.report())
         if eval_data is not None and step % cfg.eval_every == 0:
             try:
                 _evaluate(training_form(accelerator, model), eval_data, batch, me, tok.pad_token_id, decoder_start,
