@@ -201,3 +201,12 @@ def test_the_writer_needs_neither_torch_nor_tensorflow(tmp_path):
     assert out.returncode == 0, out.stderr
     records, heavy = out.stdout.splitlines()
     assert int(records) > 0 and heavy == "[]", out.stdout
+
+
+def test_a_resume_may_switch_reporting_on():
+    """A run started without --report-to can be resumed with it (and the reverse)."""
+    from sftui.config import RunConfig
+
+    state = RunFile.new(RunConfig(model="tiny", data="demo", cpu=True), "t", "demo", 100)
+    assert state.cfg.report_to == "none"
+    assert state.resumed({"report_to": "tensorboard"}).cfg.report_to == "tensorboard"
