@@ -87,6 +87,7 @@ def start_server(run_dir: Path, port: int) -> tuple[subprocess.Popen, str]:
     raise AssertionError("sftui serve printed no URL:\n" + "".join(lines))
 
 
+@pytest.mark.slow
 def test_the_screen_in_a_browser(tmp_path):
     if not CHROMIUM.exists():
         pytest.fail("this test runs Debian's Chromium at /usr/bin/chromium: apt-get install -y chromium")

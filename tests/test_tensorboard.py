@@ -47,6 +47,7 @@ def assert_scalars_are_the_steps(acc: EventAccumulator, steps: list[dict]) -> No
         assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6), tag
 
 
+@pytest.mark.slow
 def test_a_run_reports_to_tensorboard_across_an_oom_and_a_resume_and_export_agrees(tmp_path):
     """A CPU run with an injected OOM at step 3 (batch 4 → 2), stopped, then resumed by a second
     supervisor: two event files; loss, lr, grad norm, speed, epoch and batch size at every step
