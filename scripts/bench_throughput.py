@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from sftui import launch, rundir  # noqa: E402
+from sftui.config import is_seq2seq  # noqa: E402
 from sftui.runfile import RunFile  # noqa: E402
 
 GIB = 1024**3
@@ -88,7 +89,7 @@ def hf_worker(args: argparse.Namespace) -> int:
     work.mkdir(parents=True)
     models.build_char_tokenizer(char_counts(str(args.data), False), work / "tokenizer", models.max_vocab(args.model))
     tok = models.load_tokenizer(work / "tokenizer", preset=True)
-    seq2seq = models.is_seq2seq(args.model)
+    seq2seq = is_seq2seq(args.model)
     rows = data.tokenize_to_cache(str(args.data), tok, MAX_LEN, seq2seq, False, work / "cache", lambda f: None)
 
     class Rows(torch.utils.data.Dataset):

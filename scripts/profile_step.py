@@ -84,6 +84,7 @@ def say(text: str) -> None:
 
 def prepare(args: argparse.Namespace) -> tuple[Any, Any]:
     """The tokenizer and the tokenized synthetic rows, through sftui's own cache."""
+    from sftui.config import is_seq2seq
     from sftui.rows import char_counts
     from sftui.trainer import data, model as models
 
@@ -94,7 +95,7 @@ def prepare(args: argparse.Namespace) -> tuple[Any, Any]:
     tok = models.load_tokenizer(args.out / "tokenizer", preset=True)
     cache = args.out / "cache"
     tokenized = data.Tokenized.open(cache) if cache.exists() else data.tokenize_to_cache(
-        str(rows), tok, MAX_LEN, models.is_seq2seq(args.model), False, cache, lambda f: None)
+        str(rows), tok, MAX_LEN, is_seq2seq(args.model), False, cache, lambda f: None)
     return tok, tokenized
 
 

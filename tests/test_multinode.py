@@ -17,7 +17,6 @@ import psutil
 from conftest import (
     assert_each_sample_once,
     kinds,
-    processes_of,
     read_events,
     run_sftui,
     sftui_env,

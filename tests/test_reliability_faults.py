@@ -6,7 +6,6 @@ tests."""
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import random
 import select
@@ -14,7 +13,6 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
 import termios
 import time
 from collections import Counter

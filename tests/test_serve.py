@@ -5,7 +5,6 @@ page ends its `sftui attach` and nothing else, and a request without the token i
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket

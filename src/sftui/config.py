@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import os
 import shlex
@@ -76,6 +77,7 @@ class RunConfig:
     compile: bool = False
     pad_to_max_len: bool | None = None  # None: on with --compile on a GPU (see trainer/loop.pad_width)
     group_by_length: bool = False
+    packing: bool = False  # causal LMs: a micro-batch's samples end to end in one row, no padding (trainer/batching.py)
     compile_layers: bool = False
     mem_fraction: list[float] | None = None
     inject_oom_at_step: int | None = None
@@ -275,6 +277,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("group_by_length", _bool, "sort each chunk of 8,192 samples of an epoch's order by length, longest "
            "first: batches of similar rows, less padding (a gain for eager runs; --compile pads to --max-len)",
            is_flag=True),
+    Option("packing", _bool, "causal LMs: lay each micro-batch's samples end to end in one row (padding-free; "
+           "no token attends across samples) instead of padding them; off by default until a GPU measurement "
+           "shows it faster", is_flag=True, negatable=True),
     Option("mem_fraction", _fractions, "cap each rank's CUDA memory (one value, or one per rank)", "F[,F...]"),
     Option("inject_oom_at_step", _int(), "raise a real torch.OutOfMemoryError in step N of the first attempt", "N"),
     Option("inject_oom_rank", _int(0), "the rank that raises it (default: 0)", "R"),
@@ -392,8 +397,19 @@ def validate(cfg: RunConfig, given: Any = ()) -> None:
             raise ConfigError("--notify: empty command")
 
 
+def is_seq2seq(model: str) -> bool:
+    """Encoder-decoder (labels on the decoder side) or causal LM, read from the config only."""
+    if model == "chatlm-mini":
+        return True
+    if model == "tiny":
+        return False
+    with open(Path(model) / "config.json") as f:
+        return bool(json.load(f).get("is_encoder_decoder", False))
+
+
 def check_paths(cfg: RunConfig) -> None:
-    """The inputs that exist on disk: data files and a model directory (no rows read here)."""
+    """The inputs that exist on disk: data files and a model directory (no rows read here), and
+    what the model's kind allows (``--packing`` is for causal LMs)."""
     for name in ("data", "eval_data"):
         value = getattr(cfg, name)
         if value is None or (name == "data" and value == "demo"):
@@ -412,6 +428,9 @@ def check_paths(cfg: RunConfig) -> None:
             raise ConfigError(f"--model: {cfg.model}: not a preset ({', '.join(PRESETS)}) nor a directory")
         if not (p / "config.json").is_file():
             raise ConfigError(f"--model: {cfg.model}: no config.json (expected a save_pretrained directory)")
+    if cfg.packing and is_seq2seq(cfg.model):
+        raise ConfigError(f"--packing: for causal LMs only; {cfg.model} is an encoder-decoder model "
+                          "(its rows are two sequences)")
 
 
 # --- ladder math --------------------------------------------------------------------------------

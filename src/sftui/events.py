@@ -19,7 +19,7 @@ KINDS: dict[str, tuple[str, ...]] = {
     "phase": ("phase", "progress"),
     "attempt_start": ("batch_size", "grad_accum", "world_size", "effective_batch", "resume_step"),
     "rank_start": ("rank", "pid", "host", "gpu_uuid"),
-    "data": ("rows", "skipped", "eval_rows", "target_samples", "chat_format"),
+    "data": ("rows", "skipped", "eval_rows", "target_samples", "chat_format", "batches"),
     "model": ("trainable_params", "total_params", "lora"),
     "step": (
         "step", "total_steps", "epoch", "epochs", "samples_seen", "loss", "lr", "grad_norm",

@@ -29,7 +29,7 @@ RESUME_MUTABLE = frozenset({
     "keep_checkpoints", "log_every", "eval_every", "dataloader_workers", "compile", "gpus", "cpu",
     "num_processes", "mem_fraction", "record_samples", "skip_bad_rows", "peak_tflops",
     "num_machines", "main_process_ip", "main_process_port", "pad_to_max_len", "compile_layers", "merge",
-    "report_to",
+    "report_to", "packing",
 })
 # Parameter names of embeddings and LM heads, never a LoRA target (trainer/adapters.py agrees).
 EMBEDDING_NAMES = ("embed", "shared", "lm_head", "wte", "wpe")

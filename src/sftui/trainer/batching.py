@@ -76,7 +76,7 @@ class Packing:
         """The packed micro-batch of the samples ``indices`` (in their order): ``input_ids``,
         ``position_ids`` and ``labels`` of shape (1, T); ``cu_seqlens`` (int32, the documents'
         boundaries: 0, the ends of the samples, then of the tail's pieces) and ``max_seqlen``
-        (int, the longest document) for variable-length kernels. ``weight`` False: nothing is
+        (int, the longest document; ``max_len`` with ``buckets``) for variable-length kernels. ``weight`` False: nothing is
         trained (the zero-weight pass of a short last step, as ``data.collate``)."""
         import torch
 
@@ -106,13 +106,15 @@ class Packing:
             "position_ids": torch.from_numpy(positions)[None],
             "labels": torch.from_numpy(labels)[None],
             "cu_seqlens": torch.from_numpy(bounds.astype(np.int32)),
-            "max_seqlen": int(documents.max()),
+            # Bucketed (compiled): the bound every document keeps, one value, so one graph.
+            "max_seqlen": self.max_len if self.buckets else int(documents.max()),
         }
 
 
 # --- a variable-length attention for transformers' models: torch's own FlashAttention varlen ---------
 
 VARLEN = "sftui_varlen"  # the attn_implementation name it is registered under
+BOUNDED = (VARLEN, "flash_attention_2")  # attentions that take a packed row's boundaries (varlen_kwargs)
 
 
 def varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -164,3 +166,17 @@ def varlen_kwargs(micro: dict[str, Any]) -> dict[str, Any]:
     transformers' FlashAttention names, read by its flash_attention_2 path and by ``VARLEN``."""
     return {"cu_seq_lens_q": micro["cu_seqlens"], "cu_seq_lens_k": micro["cu_seqlens"],
             "max_length_q": micro["max_seqlen"], "max_length_k": micro["max_seqlen"]}
+
+
+def packed_attention(device: torch.device) -> str | None:
+    """The attention a packed run sets (None: the model's own, sdpa, whose mask transformers
+    makes block-diagonal from the position ids): ``VARLEN`` on a GPU where this torch has
+    ``varlen_attn``, no padding and no T² mask; sdpa on the CPU. Provisional until
+    scripts/bench_packing.py has measured the paths on a GPU (docs/DESIGN.md, "Packing")."""
+    if device.type != "cuda":
+        return None
+    try:
+        register_varlen()
+    except (ImportError, ValueError):
+        return None
+    return VARLEN

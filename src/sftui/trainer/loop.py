@@ -27,10 +27,10 @@ from torch.utils.data import DataLoader
 
 from sftui import chat, rows
 from sftui import events as ev
-from sftui.config import ConfigError, RunConfig, default_lr
+from sftui.config import ConfigError, RunConfig, default_lr, is_seq2seq
 from sftui.rundir import EventLog, RunDir, read_json, write_json_atomic
 from sftui.runfile import RunFile, base_fingerprint
-from sftui.trainer import adapters, checkpoint, data, flops, model as models, rendezvous
+from sftui.trainer import adapters, batching, checkpoint, data, flops, model as models, rendezvous
 from sftui.trainer.loss import TrainingModel, trained_positions
 from sftui.trainer.lifeline import Lifeline
 
@@ -93,6 +93,8 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
     phase("validating")
     tok, train_data, eval_data, fmt = prepare_data(run, cfg, spec.data_fingerprint, me, phase, spec.chat_format)
     seq2seq = train_data.seq2seq
+    if cfg.packing and seq2seq:  # the CLI refuses it; a run.json written otherwise is refused here
+        raise ConfigError(f"--packing: for causal LMs only; {cfg.model} is an encoder-decoder model")
     target = spec.sample_budget if spec.sample_budget else cfg.epochs * train_data.n
     plan = data.Plan(train_data.n, cfg.seed, target,
                      data.length_key(train_data, cfg.max_len) if cfg.group_by_length else None)
@@ -102,7 +104,7 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
     if lead:
         log.emit("data", rows=train_data.n, skipped=train_data.skipped,
                  eval_rows=eval_data.n if eval_data is not None else None, target_samples=target,
-                 chat_format=fmt.describe())
+                 chat_format=fmt.describe(), batches="packed" if cfg.packing else "padded")
 
     # --- the model, the optimizer, and the state to resume from ---
     phase("loading_model")
@@ -111,6 +113,9 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
     if lead:
         trainable, total = adapters.parameter_counts(net)
         log.emit("model", trainable_params=trainable, total_params=total, lora=spec.lora)
+        if cfg.packing:
+            log.emit("log", level="info", message="packed batches: each micro-batch's samples end to end in one row, "
+                                                  f"no padding; {net.config._attn_implementation} attention")
     step, seen = 0, 0
     if resume is not None:
         start, _ = checkpoint.load(resume, net, opt)
@@ -136,10 +141,12 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
     per_step = batch * me.world * accum
     steps = plan.steps(seen, per_step)
     total_steps = step + len(steps)
-    width = pad_width(cfg, cuda)
+    width = None if cfg.packing else pad_width(cfg, cuda)
+    packing = batching.Packing(tok.pad_token_id, cfg.max_len, buckets=cfg.compile and cuda,
+                               multiple=PAD_MULTIPLE if cuda else 1) if cfg.packing else None
     loader = DataLoader(
         data.StepBatches(train_data, plan, steps, me.rank, batch, accum, tok.pad_token_id, width,
-                         PAD_MULTIPLE if cuda else 1),
+                         PAD_MULTIPLE if cuda else 1, packing),
         batch_size=None, num_workers=cfg.dataloader_workers,
         prefetch_factor=2 if cfg.dataloader_workers else None, pin_memory=cuda,
     )
@@ -311,7 +318,7 @@ def pad_width(cfg: RunConfig, cuda: bool) -> int | None:
     """The columns every batch is padded to: ``--max-len`` with ``--pad-to-max-len`` (by default
     with ``--compile`` on a GPU: a compiled graph is fastest on one shape), else None (each
     micro-batch's longest row, rounded up to PAD_MULTIPLE on a GPU). Shared with the memory
-    probe."""
+    probe. Packed batches (``--packing``) have a width of their own (batching.Packing)."""
     static = cfg.pad_to_max_len if cfg.pad_to_max_len is not None else cfg.compile and cuda
     return cfg.max_len if static else None
 
@@ -319,8 +326,12 @@ def pad_width(cfg: RunConfig, cuda: bool) -> int | None:
 def new_model(cfg: RunConfig, tok: Any, device: torch.device, lr: float) -> tuple[Any, torch.optim.Optimizer]:
     """The model on the device and its AdamW, not yet prepared by accelerate (a checkpoint is
     loaded into both first): with ``--lora`` the base frozen and adapters on it (adapters.py), the
-    optimizer over the adapters alone. Shared with the memory probe."""
+    optimizer over the adapters alone. With ``--packing`` the attention packed rows take
+    (batching.packed_attention). Shared with the memory probe."""
     net = models.build_model(cfg.model, tok, cfg.seed, cfg.max_len, device, adapters.base_dtype(cfg, device))
+    attention = batching.packed_attention(device) if cfg.packing else None
+    if attention is not None:
+        net.set_attn_implementation(attention)
     models.fused_attention_bias(net)
     if cfg.gradient_checkpointing:
         net.config.use_cache = False
@@ -356,7 +367,8 @@ def train_step(accelerator: Accelerator, model: Any, optimizer: Any, micros: lis
         if decoder_start is None:
             trained = trained_positions(micro["labels"])
             micro = {**micro, "trained": trained.pin_memory() if device.type == "cuda" else trained}
-        micro = {k: v.to(device, non_blocking=True) for k, v in micro.items()}
+        micro = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                 for k, v in micro.items()}  # a packed micro-batch's max_seqlen is an int
         last = m == len(micros) - 1
         with nullcontext() if last else accelerator.no_sync(model):
             at.where = "forward"
@@ -389,29 +401,39 @@ def _emergency_checkpoint(step: int, where: str, resume_step: int | None, save: 
     return last
 
 
-def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], decoder_start: int | None,
+def token_loss_sum(model: Any, batch: dict[str, Any], decoder_start: int | None,
                    widths_vary: bool = False) -> torch.Tensor:
     """Sum (not mean) of the cross-entropy over the target tokens of a micro-batch, from the
     model in its training form (TrainingModel, maybe wrapped by DDP or torch.compile).
 
     ``decoder_start`` is None for a causal LM (labels are the inputs, shifted by one) and the
     decoder's start token for an encoder-decoder model (labels feed the decoder, shifted right).
+    A packed micro-batch (batching.Packing: ``position_ids``) goes in without an attention mask:
+    a mask would keep transformers from finding the samples where the positions restart.
     """
     labels = batch["labels"]
-    inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                              "labels": labels}
+    packed = "position_ids" in batch
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "labels": labels}
+    if packed:
+        inputs["position_ids"] = batch["position_ids"]
+    else:
+        inputs["attention_mask"] = batch["attention_mask"]
     if decoder_start is not None:
         decoder_input_ids = torch.cat([torch.full_like(labels[:, :1], decoder_start), labels[:, :-1]], dim=1)
         inputs["decoder_input_ids"] = decoder_input_ids.masked_fill(decoder_input_ids == -100, decoder_start)
     # The batch varies (ladder rungs, a short last step): a compiled model takes it as a symbol
     # rather than recompiling for each size. So does the width when batches are not padded to one:
     # unmarked, the first new width costs a second whole compile (torch's automatic dynamic).
+    # A packed row is one row (dimension 0 is 1) of a varying width: its token bucket.
     # A no-op for a model that is not compiled.
     for tensor in inputs.values():
-        torch._dynamo.maybe_mark_dynamic(tensor, [0, 1] if widths_vary else 0)
-    if "trained" in batch:  # the trained positions, counted on the host (loss.trained_positions)
-        inputs["trained"] = batch["trained"]
-        torch._dynamo.maybe_mark_dynamic(inputs["trained"], 0)
+        torch._dynamo.maybe_mark_dynamic(tensor, 1 if packed else [0, 1] if widths_vary else 0)
+    for name in ("trained", "cu_seqlens"):  # the trained positions (loss.trained_positions); the samples' bounds
+        if name in batch:
+            inputs[name] = batch[name]
+            torch._dynamo.maybe_mark_dynamic(inputs[name], 0)
+    if packed:
+        inputs["max_seqlen"] = batch["max_seqlen"]
     return model(**inputs)
 
 
@@ -614,7 +636,7 @@ def prepare_data(run: RunDir, cfg: RunConfig, expected_fingerprint: str, me: Ran
     template that changed since is refused like changed data."""
     # Named by the attempt and its rendezvous port: never a marker left by an earlier launch.
     ready = run.cache / f"ready-attempt-{me.attempt}-{os.environ.get('MASTER_PORT', '0')}.json"
-    seq2seq = models.is_seq2seq(cfg.model)
+    seq2seq = is_seq2seq(cfg.model)
     tok_dir = run.path / "tokenizer" if models.is_preset(cfg.model) else Path(cfg.model)
     if me.rank != 0:
         while not ready.exists():

@@ -85,8 +85,13 @@ def trained_positions(labels: torch.Tensor) -> torch.Tensor:
 
 
 class TrainingModel(nn.Module):
-    """The model in its training form: ``forward(input_ids, attention_mask, labels)`` returns the
-    token-loss sum of the micro-batch, through the chunked head where the model has a plain one."""
+    """The model in its training form: ``forward(input_ids, labels, ...)`` returns the token-loss
+    sum of the micro-batch, through the chunked head where the model has a plain one.
+
+    Padded rows come with their ``attention_mask``; a packed row (trainer/batching.py) with
+    ``position_ids`` and no mask, so that transformers builds the block-diagonal mask from
+    where the positions restart, and its boundaries (``cu_seqlens``, ``max_seqlen``), which
+    reach the attention only where it takes them (``batching.BOUNDED``)."""
 
     def __init__(self, model: Any):
         from sftui.trainer.adapters import inner
@@ -98,15 +103,25 @@ class TrainingModel(nn.Module):
         self.__dict__["net"] = inner(model)
         self.__dict__["head"] = plain_head(self.net)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                decoder_input_ids: torch.Tensor | None = None, trained: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, decoder_input_ids: torch.Tensor | None = None,
+                trained: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                max_seqlen: int | None = None) -> torch.Tensor:
+        from sftui.trainer import batching
+
+        inputs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
+        for name, value in (("attention_mask", attention_mask), ("position_ids", position_ids)):
+            if value is not None:
+                inputs[name] = value
+        if cu_seqlens is not None and self.net.config._attn_implementation in batching.BOUNDED:
+            inputs.update(batching.varlen_kwargs({"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}))
         if self.head is None:
             extra = {} if decoder_input_ids is None else {"decoder_input_ids": decoder_input_ids}
-            logits = self.net(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
+            logits = self.net(**inputs, **extra).logits
             if decoder_input_ids is None:
                 logits, labels = logits[:, :-1], labels[:, 1:]
             return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                    ignore_index=-100, reduction="sum")
         base = getattr(self.net, self.net.base_model_prefix)
-        hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = base(**inputs).last_hidden_state
         return head_loss_sum(hidden[:, :-1], labels[:, 1:], self.head, trained)

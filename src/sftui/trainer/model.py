@@ -28,16 +28,6 @@ def is_preset(model: str) -> bool:
     return model in PRESETS
 
 
-def is_seq2seq(model: str) -> bool:
-    """Encoder-decoder (labels on the decoder side) or causal LM, read from the config only."""
-    if model == "chatlm-mini":
-        return True
-    if model == "tiny":
-        return False
-    with open(Path(model) / "config.json") as f:
-        return bool(json.load(f).get("is_encoder_decoder", False))
-
-
 def max_vocab(model: str) -> int | None:
     """The largest tokenizer a preset's embedding can take (None: no limit, tiny sizes to fit)."""
     return CHATLM_VOCAB if model == "chatlm-mini" else None

@@ -3,11 +3,12 @@ started by ``sftui probe`` / ``--batch auto`` through the supervisor's own launc
 gradient buckets and NCCL's buffers are there, as in training).
 
 Each trial runs a few optimizer steps at one per-GPU batch size on a batch of the longest rows
-of the data, padded to the widest row: the worst case training can meet. It measures peak
-*reserved* memory (what decides an OOM) from a cleared allocator. forecast.next_trial picks the
-trials: the smallest rung, then what the forecast recommends until that rung has been measured.
-The device, the model, the optimizer and the step are the trainer's own (loop.setup_device,
-loop.new_model, loop.train_step); nothing here is a second copy of training.
+of the data, padded to the widest row (with ``--packing``, laid end to end in one row of batch ×
+that width): the worst case training can meet. It measures peak *reserved* memory (what decides
+an OOM) from a cleared allocator. forecast.next_trial picks the trials: the smallest rung, then
+what the forecast recommends until that rung has been measured. The device, the model, the
+optimizer and the step are the trainer's own (loop.setup_device, loop.new_model,
+loop.train_step); nothing here is a second copy of training.
 
 PROBE_DIR/spec.json says what to measure (written by sftui/probing.py). Rank 0 rewrites
 PROBE_DIR/result.json after every trial; a rank that runs out of memory while other ranks wait in
@@ -114,9 +115,10 @@ def probe(out: Path) -> int:
             break
         say(f"batch {batch}: {int(spec['steps'])} optimizer steps on the {batch} longest rows")
         width = loop.pad_width(cfg, True)
-        micro = _worst_case_batch(train_data, batch, tok.pad_token_id, width)
-        peak, per_s, oom = _trial(accelerator, model, optimizer, micro, me.world, decoder_start, int(spec["steps"]),
-                                  memory, widths_vary=width is None)
+        micro = (_worst_case_batch(train_data, batch, tok.pad_token_id, width) if not cfg.packing else
+                 _worst_case_packed(train_data, batch, tok.pad_token_id, width, cfg.max_len))
+        peak, per_s, oom = _trial(accelerator, model, optimizer, micro, batch, me.world, decoder_start,
+                                  int(spec["steps"]), memory, widths_vary=width is None)
         if oom and me.world > 1:
             # The other ranks wait in a collective this rank will never join: say so and leave.
             write_json_atomic(out / f"oom-rank-{me.rank}.json", {"batch": batch, "message": oom})
@@ -206,6 +208,13 @@ def _agree(value: int, device: Any, world: int) -> int:
     return int(t.item())
 
 
+def _longest_rows(data: Any, batch: int) -> Any:
+    """The ``batch`` longest rows, longest first (repeated when there are fewer)."""
+    import numpy as np
+
+    return np.resize(np.argsort(-np.asarray(data.n_tokens), kind="stable"), batch)
+
+
 def _worst_case_batch(data: Any, batch: int, pad_id: int, width: int | None = None) -> dict[str, Any]:
     """``batch`` of the longest rows (repeated when there are fewer), padded to the widest input
     (and label) row of the whole data, or to ``width`` where training pads every batch to it:
@@ -215,8 +224,7 @@ def _worst_case_batch(data: Any, batch: int, pad_id: int, width: int | None = No
 
     from sftui.trainer.data import collate
 
-    order = np.argsort(-np.asarray(data.n_tokens), kind="stable")
-    micro = collate(data, np.resize(order, batch), pad_id)
+    micro = collate(data, _longest_rows(data, batch), pad_id)
     widths = {"input_ids": width or int(np.diff(data.offsets).max())}
     if data.seq2seq:
         widths["labels"] = width or int(np.diff(data.label_offsets).max())
@@ -227,17 +235,30 @@ def _worst_case_batch(data: Any, batch: int, pad_id: int, width: int | None = No
     return micro
 
 
-def _trial(accelerator: Any, model: Any, optimizer: Any, micro: dict[str, Any], world: int,
+def _worst_case_packed(data: Any, batch: int, pad_id: int, width: int | None, max_len: int) -> dict[str, Any]:
+    """With ``--packing``: the ``batch`` longest rows packed into one row of exactly batch × w
+    tokens, w the padded worst case's width (``width``, else the widest row): the forecast's
+    worst case stays batch × max-len, and no packed row training meets is wider (eager, its
+    samples' total; compiled, a token bucket capped at samples × ``--max-len``)."""
+    import numpy as np
+
+    from sftui.trainer.batching import Packing
+
+    w = width or int(np.diff(data.offsets).max())
+    return Packing(pad_id, max_len, multiple=batch * w)(data, _longest_rows(data, batch))
+
+
+def _trial(accelerator: Any, model: Any, optimizer: Any, micro: dict[str, Any], batch: int, world: int,
            decoder_start: int | None, steps: int, memory: CudaMemory,
            widths_vary: bool) -> tuple[int | None, float | None, str | None]:
     """(peak reserved bytes, samples/s of this rank, OOM message) of ``steps`` optimizer steps
+    on ``micro``, which holds ``batch`` samples (padded rows, or one packed row),
     from what a fresh process at this batch starts with: the weights alone, the allocator's
     cache empty; AdamW's state is made anew by the first step, in training's order. The step is
     compiled as training compiles it (``widths_vary`` as there)."""
     from sftui.trainer import loop
 
     n_target = int((micro["labels"] != -100).sum())
-    batch = int(micro["input_ids"].shape[0])
     optimizer.zero_grad(set_to_none=True)
     optimizer.state.clear()
     memory.clear()

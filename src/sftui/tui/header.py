@@ -1,4 +1,5 @@
-"""The header line: run name, status (``lost`` included), attempt, rung, step."""
+"""The header line: run name, status (``lost`` included), attempt, rung, step, and the run's
+visible choices (packed batches, LoRA)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ class HeaderPanel(Panel):
     def key(self, view: View) -> Hashable:
         s = view.state
         return (view.status, s.name, s.attempt, s.batch_size, s.grad_accum, s.world_size, s.step,
-                s.total_steps, round(s.epoch or 0, 2), s.epochs, s.reason, s.exit_code, s.params)
+                s.total_steps, round(s.epoch or 0, 2), s.epochs, s.reason, s.exit_code, s.params,
+                bool(s.config.get("packing")))
 
     def placeholder(self) -> Text:
         return Text.assemble((" sftui ", "bold reverse"), " ", ("reading the run…", "dim"))
@@ -52,6 +54,8 @@ class HeaderPanel(Panel):
         chips.append((f"step {s.step}{total}", 2))
         if s.epochs:
             chips.append((f"epoch {s.epoch_text}", 5))  # never above its total
+        if s.config.get("packing"):  # --packing: padding-free micro-batches
+            chips.append(("packed", 6))
         if s.lora and s.params:  # what a LoRA run trains, e.g. "LoRA r16 α32: 40.4M of 7.6B params"
             chips.append((params_text(s.params, s.lora), 6))
         if status in ENDED and (s.reason or s.exit_code is not None):
