@@ -51,6 +51,8 @@ def test_a_packed_run_trains_the_padded_runs_loss_curve_and_says_it_is_packed(tm
     assert [e["batches"] for e in kinds(read_events(packed_dir), "data")] == ["packed"]
     assert [e["batches"] for e in kinds(read_events(padded_dir), "data")] == ["padded"]
     assert f"{PACKED_LINE}, no padding; sdpa attention" in packed_log and "packed batches" not in padded_log
+    assert [line for line in packed_log.splitlines() if " data: " in line][0].endswith("; packed batches")
+    assert [line for line in padded_log.splitlines() if " data: " in line][0].endswith("; padded batches")
     status = run_sftui("status", str(packed_dir), cwd=tmp_path)
     assert status.returncode == 0 and "packed batches" in status.stdout.splitlines()[0], status.stdout
     assert "packed" not in run_sftui("status", str(padded_dir), cwd=tmp_path).stdout

@@ -97,7 +97,8 @@ def describe_event(e: dict[str, Any]) -> str | None:
         return (f"data: {g('rows') or 0:,} rows" + (f", {skipped:,} bad rows skipped (--skip-bad-rows)" if skipped else "")
                 + (f", {g('eval_rows'):,} eval rows" if g("eval_rows") else "")
                 + (f"; {target:,} samples to train" if target else "")
-                + (f"; {g('chat_format')}" if g("chat_format") else ""))
+                + (f"; {g('chat_format')}" if g("chat_format") else "")
+                + (f"; {g('batches')} batches" if g("batches") else ""))
     if k == "model":
         said = params_text((g("trainable_params"), g("total_params")), g("lora"))
         return f"model: {said} trained" if said else "model loaded"
