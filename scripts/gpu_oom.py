@@ -90,12 +90,14 @@ def of(evs: list[dict], kind: str) -> list[dict]:
     return [e for e in evs if e.get("kind") == kind]
 
 
-def total_gpu_bytes(index: int) -> int:
+def gpu_memory(index: int) -> tuple[int, int]:
+    """NVML's (free, total) bytes of one GPU."""
     import pynvml
 
     pynvml.nvmlInit()
     try:
-        return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).total
+        info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
+        return info.free, info.total
     finally:
         pynvml.nvmlShutdown()
 
@@ -141,7 +143,7 @@ def check_once(run_dir: Path, n_rows: int) -> int:
 
 def oom_scenario(out: Path, name: str, gpus: str, oom_rank: int) -> dict:
     world = len(gpus.split(","))
-    total = total_gpu_bytes(int(gpus.split(",")[oom_rank]))
+    _, total = gpu_memory(int(gpus.split(",")[oom_rank]))
     peaks = calibrate(out, gpus, oom_rank)
     fraction = fraction_between(peaks, total)
     fractions = ["0.9"] * world
@@ -199,26 +201,16 @@ time.sleep(900)
 CONTEXT_BYTES = int(0.6 * 2**30)  # a rank's CUDA context and kernels: used on the card, not reserved by torch
 
 
-def free_gpu_bytes(index: int) -> int:
-    import pynvml
-
-    pynvml.nvmlInit()
-    try:
-        return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).free
-    finally:
-        pynvml.nvmlShutdown()
-
-
 def foreign_scenario(out: Path) -> dict:
     peaks = calibrate(out, "0", 0)
     low = max(peaks[12]["reserved"], peaks[12]["allocated"])
     want_free = CONTEXT_BYTES + low + int(0.6 * (peaks[16]["allocated"] - low))
-    hold = free_gpu_bytes(0) - want_free
+    hold = gpu_memory(0)[0] - want_free
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(hold)], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTORCH_CUDA_ALLOC_CONF": ""})
     try:
         assert holder.stdout is not None and holder.stdout.readline().startswith("holding"), "the holder did not start"
-        free = free_gpu_bytes(0)
+        free, _ = gpu_memory(0)
         n_rows = 16 * 12
         data = out / "foreign.jsonl"
         write_data(data, n_rows, range(5 * 16, 6 * 16))
