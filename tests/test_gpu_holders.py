@@ -19,7 +19,7 @@ from sftui import events as ev
 from sftui.headless import HeadlessLog, status_lines
 from sftui.rundir import RunDir
 from sftui.runstate import RankPids, RunWatcher, peak_text
-from sftui.supervisor import oom_holder_note
+from sftui.supervisor import Supervisor, oom_holder_note
 from sftui.telemetry import gpu_processes
 from sftui.tui.app import SftuiApp
 from sftui.tui.oom import OomScreen
@@ -69,6 +69,18 @@ def test_a_command_of_several_lines_reads_as_one(tmp_path):
         child.kill()
         child.wait()
     assert proc["command"] == f"{os.path.basename(sys.executable)} -c import time print('ready', flush=True) time.sleep(60)"
+
+
+def test_a_new_supervisor_knows_the_ranks_of_earlier_ones(tmp_path):
+    """After a --resume the supervisor is a new process: attempt 1's rank 1, still on GPU 1,
+    must read as left over in its OOM note, not as a foreign process."""
+    path = shared_run(tmp_path)
+    sup = Supervisor(RunDir(path))
+    oom = event("oom", CLOCK, 2, step=150, batch_size=12, rank=1, gpu_uuid=GPU_UUIDS[1], where="backward",
+                message="CUDA out of memory", emergency_checkpoint=149, injected=False)
+    assert oom_holder_note(oom, shared_sample(CLOCK), sup._ranks) == (
+        "out of memory on GPU 1: 10.5 GiB held by pid 4001 (rank 1 of attempt 1, left over), user alice, "
+        "python -m sftui.trainer /runs/alpaca-7b")
 
 
 def test_holders_are_told_apart(tmp_path):

@@ -35,6 +35,7 @@ from sftui.rundir import (
     LockHeld,
     RunDir,
     acquire_lock,
+    read_all,
     read_json,
     tail_lines,
     write_json_atomic,
@@ -144,13 +145,17 @@ class Supervisor:
         self._watch: AttemptWatch | None = None
         self._last_error: str | None = None
         self._last_tui_ping = 0.0
-        self._request_seq_written = self.state.request_seq
-        self._rank_ends: list[str] = []  # how the failed ranks of the last attempt ended  # the newest request.json written
+        self._request_seq_written = self.state.request_seq  # the newest request.json written
+        self._rank_ends: list[str] = []  # how the failed ranks of the last attempt ended
         self._mem_fractions: deque[tuple[float, float]] = deque(maxlen=100)
         self.sampler = Sampler(interval=1.0)
         self.events: EventLog | None = None
         self._tail = EventTails(run, from_end=True)
-        self._ranks = RankPids()  # the pids of every rank this supervisor started, to tell GPU holders apart
+        # The pids of every rank of this run, earlier supervisors' included (a rank left from before
+        # a --resume is "left over", not foreign), to tell GPU holders apart.
+        self._ranks = RankPids()
+        for e in read_all(run.events):
+            self._ranks.see(e)
         if self.cfg.report_to == "tensorboard":  # an observer, like the headless log
             self.observers.append(LiveReport(run, lambda level, message: self.emit("log", level=level, message=message)))
 
