@@ -18,7 +18,8 @@ import pytest
 from sftui import events as ev
 from sftui.headless import HeadlessLog, status_lines
 from sftui.rundir import RunDir
-from sftui.runstate import RankPids, RunWatcher, peak_text
+from sftui.gpumemory import RankPids, peak_text
+from sftui.runstate import RunWatcher
 from sftui.supervisor import Supervisor, oom_holder_note
 from sftui.telemetry import gpu_processes
 from sftui.tui.app import SftuiApp

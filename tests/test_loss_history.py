@@ -7,7 +7,8 @@ from __future__ import annotations
 import math
 
 from sftui.rundir import EventLog, RunDir
-from sftui.runstate import SERIES_POINTS, Restart, RunState, RunWatcher, Series
+from sftui.runstate import RunState, RunWatcher
+from sftui.series import SERIES_POINTS, Restart, Series
 from sftui.tui.app import SftuiApp
 from sftui.tui.render import MARK, loss_chart
 from memory_support import event

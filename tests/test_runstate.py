@@ -7,7 +7,8 @@ import io
 from sftui import events as ev
 from sftui import rundir
 from sftui.headless import HeadlessLog, memory_text
-from sftui.runstate import RunWatcher, describe_event, fmt_duration, rung_text
+from sftui.runstate import RunWatcher, describe_event, rung_text
+from sftui.units import fmt_duration
 
 SAMPLE_FIELDS = {
     "run_start": {"config": {"model": "tiny", "data": "demo"}},

@@ -14,7 +14,9 @@ import sys
 import time
 from typing import Any, Callable, TextIO
 
-from sftui.runstate import PRESSURE_STEPS, RunState, fmt_duration, fmt_gib, fmt_num, params_text, rung_text
+from sftui.gpumemory import PRESSURE_STEPS
+from sftui.runstate import RunState, params_text, rung_text
+from sftui.units import fmt_duration, fmt_gib, fmt_num
 from sftui.rundir import RunDir
 
 

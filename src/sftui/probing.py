@@ -21,7 +21,7 @@ from sftui import forecast
 from sftui.config import ConfigError, RunConfig, ladder_below
 from sftui.launch import start_attempt
 from sftui.rundir import RunDir, read_json, write_json_atomic
-from sftui.runstate import fmt_gib
+from sftui.units import fmt_gib
 
 TRIAL_STEPS = 3          # optimizer steps per trial: one to warm up, two timed
 TRIAL_SECONDS = 30.0     # no new trial starts after this long of trials

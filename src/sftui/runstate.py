@@ -6,7 +6,6 @@ agree on what they show (status, rung, step, ETA, readable event lines). No text
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 from collections import deque
@@ -15,45 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from sftui.config import count_steps, next_rung
+from sftui.gpumemory import PRESSURE_STEPS, Holder, Pressure, RankMemory, RankPids, peak_text
 from sftui.rundir import EventTails, JsonlTail, RunDir, lock_is_held, tail_lines
 from sftui.runfile import RunFile
+from sftui.series import RESTART_KINDS, Restart, Series
+from sftui.units import fmt_count, fmt_gib, fmt_num
 
 LIVE_STATUSES = ("starting", "running", "waiting")
 OUTCOME_WORDS = {"cuda_oom": "out of memory", "host_oom": "the host ran out of memory", "crash": "crash",
                  "hang": "hang", "stopped": "stopped", "switch": "batch switch", "finished": "finished"}
-GIB = 1024**3
-SERIES_POINTS = 1000  # a loss series keeps the whole run in at most this many points
-PRESSURE_STEPS = 100  # allocator retries count over this many steps
-PRESSURE_MARGIN = 0.05  # a GPU with less of its memory left than this at the reserved peak is under pressure
-RESTART_KINDS = {"switch": "switch", "cuda_oom": "oom"}  # how an attempt ended -> the chart's mark; else "restart"
-
-
-# --- formatting shared by every view ------------------------------------------------------------
-
-
-def fmt_gib(n: float | None, digits: int = 1) -> str:
-    return "n/a" if n is None else f"{n / GIB:.{digits}f}"
-
-
-def fmt_duration(seconds: float | None) -> str:
-    if seconds is None or seconds != seconds or seconds < 0 or seconds == float("inf"):
-        return "--:--"
-    s = int(round(seconds))
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
-
-
-def fmt_num(x: float | None, spec: str = ".3f") -> str:
-    return "n/a" if x is None else format(x, spec)
-
-
-def fmt_count(n: int) -> str:
-    """A parameter count as people say it: 78.1K, 40.4M, 7.6B."""
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return str(n)
 
 
 def params_text(params: tuple[int, int] | None, lora: dict[str, Any] | None) -> str | None:
@@ -135,208 +104,6 @@ def describe_event(e: dict[str, Any]) -> str | None:
     if k == "run_end":
         return f"run {g('status')}: {g('reason')} (exit {g('exit_code')})"
     return None
-
-
-def peak_text(alloc: int | None, reserved: int | None) -> str | None:
-    """A rank's peaks: ``alloc 21.2 / res 21.9 GiB`` where the two differ as shown, else
-    ``peak 21.9 GiB`` (what the caching allocator keeps beyond the tensors is then nothing to
-    speak of)."""
-    if reserved is None:
-        return None if alloc is None else f"alloc {fmt_gib(alloc)} GiB"
-    if alloc is None or fmt_gib(alloc) == fmt_gib(reserved):
-        return f"peak {fmt_gib(reserved)} GiB"
-    return f"alloc {fmt_gib(alloc)} / res {fmt_gib(reserved)} GiB"
-
-
-class Series:
-    """A whole run's ``(step, value)`` points in at most ``limit`` of them.
-
-    Each point is the mean of a bucket of consecutive reports, every bucket (but the newest,
-    still filling) of ``width`` reports; when the points pass the limit, neighbours merge two by
-    two and the width doubles. A long run so keeps its beginning, at a coarser grain, in bounded
-    memory and drawing time. A point's step is the last step in its bucket."""
-
-    def __init__(self, limit: int = SERIES_POINTS):
-        self.limit = limit
-        self.width = 1
-        self._points: list[tuple[int, float]] = []
-        self._first: list[int] = []  # each bucket's first step
-        self._counts: list[int] = []
-
-    @property
-    def points(self) -> list[tuple[int, float]]:
-        return list(self._points)
-
-    @property
-    def first_step(self) -> int | None:
-        """The first step the series holds (its first point stands at the last step of its bucket)."""
-        return self._first[0] if self._first else None
-
-    def add(self, step: int, value: float) -> None:
-        if self._counts and self._counts[-1] < self.width:
-            n = self._counts[-1]
-            self._points[-1] = (step, (self._points[-1][1] * n + value) / (n + 1))
-            self._counts[-1] = n + 1
-        else:
-            self._points.append((step, value))
-            self._first.append(step)
-            self._counts.append(1)
-        if len(self._points) > self.limit:
-            self._merge()
-
-    def _merge(self) -> None:
-        points, first, counts = [], [], []
-        for i in range(0, len(self._points), 2):
-            group = range(i, min(i + 2, len(self._points)))
-            n = sum(self._counts[j] for j in group)
-            mean = sum(self._points[j][1] * self._counts[j] for j in group) / n
-            points.append((self._points[group[-1]][0], mean))
-            first.append(self._first[i])
-            counts.append(n)
-        self._points, self._first, self._counts = points, first, counts
-        self.width *= 2
-
-    def drop_after(self, step: int) -> None:
-        """Forget the buckets that start after ``step``: a restart from that step's checkpoint
-        trains the later steps again (a bucket that straddles it stays, as it was)."""
-        keep = sum(1 for f in self._first if f <= step)
-        del self._points[keep:], self._first[keep:], self._counts[keep:]
-
-    def copy(self) -> "Series":
-        other = copy.copy(self)
-        other._points, other._first, other._counts = list(self._points), list(self._first), list(self._counts)
-        return other
-
-
-@dataclass(frozen=True)
-class Restart:
-    """Where an attempt took over from the one before: ``kind`` ``switch`` (a batch switch),
-    ``oom`` (a restart after running out of memory) or ``restart`` (a resume after a stop, a
-    crash or a lost supervisor); ``step`` the step it resumed after (0 from the start)."""
-
-    step: int
-    kind: str
-
-
-@dataclass(frozen=True)
-class Holder:
-    """A process holding memory on a GPU (telemetry's ``procs``), and whose it is: ``rank`` (a
-    rank of the current attempt), ``leftover`` (a rank of an earlier attempt of this run, still
-    there) or ``foreign`` (anything else)."""
-
-    pid: int
-    user: str | None
-    command: str | None
-    mem: int | None
-    role: str
-    rank: int | None = None
-    attempt: int | None = None
-
-    @property
-    def outsider(self) -> bool:
-        """Memory the current attempt cannot have."""
-        return self.role != "rank"
-
-    def text(self) -> str:
-        """``40.2 GiB held by pid 1234, user bob, python train.py``; a leftover says whose it was."""
-        held = f"{fmt_gib(self.mem)} GiB held" if self.mem is not None else "memory held"
-        who = f" (rank {self.rank} of attempt {self.attempt}, left over)" if self.role == "leftover" else ""
-        return f"{held} by pid {self.pid}{who}, user {self.user or 'n/a'}, {self.command or 'command n/a'}"
-
-
-class RankPids:
-    """Which pid was which rank of which attempt, on which host, from the ranks' ``rank_start``
-    events: what tells a GPU's processes (telemetry) apart into this attempt's ranks, ranks left
-    from an earlier attempt, and foreign processes. The supervisor keeps one, every reader too."""
-
-    def __init__(self) -> None:
-        self._by_pid: dict[int, tuple[int | None, int | None, str | None]] = {}
-
-    def see(self, e: dict[str, Any]) -> None:
-        if e.get("kind") == "rank_start" and isinstance(e.get("pid"), int):
-            self._by_pid[e["pid"]] = (e.get("attempt"), e.get("rank"), e.get("host"))
-
-    def holders(self, gpu: dict[str, Any], host: str | None, attempt: int | None) -> list[Holder]:
-        """The GPU's processes, biggest first. A pid matches a rank only on the rank's host (the
-        other machines of a multi-node run have pids of their own); a sample or an event without
-        a host matches any."""
-        out = []
-        for p in gpu.get("procs") or []:
-            pid = p.get("pid")
-            if not isinstance(pid, int):
-                continue
-            known = self._by_pid.get(pid)
-            role, rank, of = "foreign", None, None
-            if known is not None and (host is None or known[2] is None or known[2] == host):
-                of, rank = known[0], known[1]
-                role = "rank" if of == attempt else "leftover"
-            out.append(Holder(pid, p.get("user"), p.get("command"), p.get("mem"), role, rank, of))
-        return out
-
-    def outsider_line(self, gpu: dict[str, Any] | None, host: str | None, attempt: int | None) -> str | None:
-        """``GPU 0: 40.2 GiB held by pid 1234, user bob, python train.py``: the biggest holder
-        of the GPU that is not a rank of the current attempt, or None. The OOM prompt and the
-        supervisor's note after an ``oom`` event say it."""
-        if gpu is None:
-            return None
-        outsiders = [h for h in self.holders(gpu, host, attempt) if h.outsider]
-        if not outsiders:
-            return None
-        biggest = max(outsiders, key=lambda h: h.mem or 0)
-        return f"GPU {gpu.get('index')}: {biggest.text()}"
-
-    def copy(self) -> "RankPids":
-        other = RankPids()
-        other._by_pid = dict(self._by_pid)
-        return other
-
-
-@dataclass
-class RankMemory:
-    """What a rank of the current attempt said of its GPU memory (``rank_stats``)."""
-
-    gpu_uuid: str | None = None
-    alloc_peak: int | None = None
-    reserved_peak: int | None = None
-    retries: list[tuple[int, int]] = field(default_factory=list)  # (step, retries since the report before)
-
-
-@dataclass(frozen=True)
-class Pressure:
-    """A GPU under memory pressure: the allocator retried (``retries`` within the last
-    PRESSURE_STEPS steps), or the reserved peak leaves less than PRESSURE_MARGIN of the card
-    (``room``: what the run may use there, the card less what outsiders hold, under
-    --mem-fraction)."""
-
-    gpu: str  # "GPU 0"
-    uuid: str
-    retries: int
-    reserved: int | None
-    room: int | None
-    total: int | None
-    outsiders: int
-
-    @property
-    def margin(self) -> float | None:
-        """What is left at the reserved peak, as a share of the card."""
-        if self.reserved is None or not self.room or not self.total:
-            return None
-        return (self.room - self.reserved) / self.total
-
-    @property
-    def tight(self) -> bool:
-        return self.margin is not None and self.margin < PRESSURE_MARGIN
-
-    def text(self, remedy: str) -> str:
-        """``GPU 0 under memory pressure: 12 allocator retries in the last 100 steps; `-` drops a rung``."""
-        why = []
-        if self.retries:
-            why.append(f"{self.retries} allocator {'retry' if self.retries == 1 else 'retries'} "
-                       f"in the last {PRESSURE_STEPS} steps")
-        if self.tight and self.margin is not None:
-            of = f"{fmt_gib(self.room)} GiB" + (" that other processes leave" if self.outsiders else "")
-            why.append(f"reserved peak {fmt_gib(self.reserved)} of {of} ({max(0.0, self.margin) * 100:.1f}% left)")
-        return f"{self.gpu} under memory pressure: {', '.join(why)}; {remedy}"
 
 
 # --- the state ----------------------------------------------------------------------------------

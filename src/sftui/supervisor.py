@@ -40,7 +40,7 @@ from sftui.rundir import (
     tail_lines,
     write_json_atomic,
 )
-from sftui.runstate import RankPids
+from sftui.gpumemory import RankPids
 from sftui.tboard import LiveReport
 from sftui.telemetry import Sampler
 

@@ -22,7 +22,8 @@ from typing import Any, BinaryIO, Callable
 
 from sftui.config import RunConfig
 from sftui.rundir import EventTails, RunDir, write_atomic
-from sftui.runstate import GIB, RunState, describe_event
+from sftui.runstate import RunState, describe_event
+from sftui.units import GIB
 
 LIVE_SUBDIR = "tensorboard"  # RUN_DIR/tensorboard/: where --report-to tensorboard writes
 # step event field -> scalar tag (the HF Trainer's names where it has one)

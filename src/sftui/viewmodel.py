@@ -21,7 +21,8 @@ from typing import Any, Callable, Hashable
 
 from sftui.config import RunConfig, grad_accum_for
 from sftui.forecast import FORECAST_FILE, RunForecast, for_run, read_probe
-from sftui.runstate import LIVE_STATUSES, RunState, RunWatcher, fmt_gib, rung_text
+from sftui.runstate import LIVE_STATUSES, RunState, RunWatcher, rung_text
+from sftui.units import fmt_gib
 
 TROUBLE = ("failed", "lost")  # display statuses where the worker's last lines say what went wrong
 

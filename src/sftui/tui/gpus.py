@@ -17,7 +17,8 @@ from typing import Any, Hashable
 from rich.text import Text
 from textual.geometry import Size
 
-from sftui.runstate import Holder, fmt_gib
+from sftui.gpumemory import Holder
+from sftui.units import fmt_gib
 from sftui.tui.render import bar, crop, level_style, lines_text, sparkline
 from sftui.tui.view import Panel
 from sftui.viewmodel import View, fraction, gpu_key, seen_at

@@ -9,7 +9,7 @@ from typing import Hashable
 
 from rich.text import Text
 
-from sftui.runstate import fmt_gib
+from sftui.units import fmt_gib
 from sftui.tui.render import crop, lines_text
 from sftui.tui.view import Panel
 from sftui.viewmodel import View

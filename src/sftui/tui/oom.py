@@ -20,7 +20,7 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
-from sftui.runstate import fmt_gib
+from sftui.units import fmt_gib
 from sftui.tui.ladder import rung_line
 from sftui.tui.render import lines_text
 from sftui.viewmodel import View, rung_effective

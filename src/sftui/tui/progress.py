@@ -8,7 +8,8 @@ from typing import Hashable
 from rich.text import Text
 
 from sftui.runfile import ENDED
-from sftui.runstate import RunState, fmt_duration, fmt_num
+from sftui.runstate import RunState
+from sftui.units import fmt_duration, fmt_num
 from sftui.tui.render import bar, crop, flow, fmt_si, lines_text
 from sftui.tui.view import Panel
 from sftui.viewmodel import View

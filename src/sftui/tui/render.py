@@ -205,7 +205,7 @@ class Canvas:
         return out
 
 
-# a restart's kind (runstate.Restart) -> its mark's legend and style
+# a restart's kind (series.Restart) -> its mark's legend and style
 RESTART_MARKS = {"switch": ("switch", "yellow"), "oom": ("OOM restart", "red"), "restart": ("restart", "blue")}
 MARK = "┊"
 

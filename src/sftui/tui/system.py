@@ -11,7 +11,7 @@ from typing import Hashable
 
 from rich.text import Text
 
-from sftui.runstate import fmt_gib
+from sftui.units import fmt_gib
 from sftui.tui.render import bar, crop, lines_text
 from sftui.tui.view import Panel
 from sftui.viewmodel import View, fraction, seen_at
