@@ -97,22 +97,6 @@ def unavailable(variant: str, cuda: bool) -> str | None:
     return None
 
 
-class PackedForm(torch.nn.Module):
-    """The packed forward as loss.TrainingModel will run it (docs/DESIGN.md, "Packing (in
-    progress)"): the base model on the packed row with its position ids and no attention mask (and
-    the boundaries, for a varlen kernel), then sftui's chunked head and loss over the trained
-    positions."""
-
-    def __init__(self, net: Any):
-        super().__init__()
-        self.net, self.head = net, loss.plain_head(net)
-
-    def forward(self, input_ids: Any, position_ids: Any, labels: Any, trained: Any, **bounds: Any) -> Any:
-        base = getattr(self.net, self.net.base_model_prefix)
-        hidden = base(input_ids=input_ids, position_ids=position_ids, use_cache=False, **bounds).last_hidden_state
-        return loss.head_loss_sum(hidden[:, :-1], labels[:, 1:], self.head, trained)
-
-
 def run_variant(args: argparse.Namespace, variant: str, compiled: bool, tok: Any, tokenized: Any,
                 log: Log) -> dict[str, Any]:
     """One variant at every batch of --batches, on one model instance (compiled once: the shapes
@@ -135,8 +119,7 @@ def run_variant(args: argparse.Namespace, variant: str, compiled: bool, tok: Any
     net = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, attn_implementation=attn).to(device)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-5, weight_decay=0.0, fused=cuda)
-    bounds = attn in (batching.VARLEN, "flash_attention_2")  # the kernel takes the boundaries as arguments
-    form: Any = PackedForm(net) if packed else loss.TrainingModel(net)
+    form = loss.TrainingModel(net)  # the worker's form: it passes the boundaries to a kernel that takes them
     if compiled:  # the transformer body (see the module docstring); the CPU smoke: dynamo alone
         prefix = net.base_model_prefix
         setattr(net, prefix, torch.compile(getattr(net, prefix), backend="inductor" if cuda else "eager"))
@@ -163,7 +146,7 @@ def run_variant(args: argparse.Namespace, variant: str, compiled: bool, tok: Any
         for k, item in enumerate(loader, start=1):
             if k == args.warmup + 1:
                 t0 = sync(cuda)
-            losses.append(train_step(form, optimizer, params, item, device, packed, bounds, compiled))
+            losses.append(train_step(form, optimizer, params, item, device, packed, compiled))
             widths.update(int(m["input_ids"].shape[1]) for m in item["micro"])
             if k == 1:
                 first = sync(cuda) - start
@@ -186,7 +169,7 @@ def run_variant(args: argparse.Namespace, variant: str, compiled: bool, tok: Any
 
 
 def train_step(form: Any, optimizer: Any, params: list[Any], item: dict[str, Any], device: Any, packed: bool,
-               bounds: bool, compiled: bool) -> Any:
+               compiled: bool) -> Any:
     """One optimizer step as loop.train_step takes it (one rank): per micro-batch the loss sum
     under bf16 autocast, backward of it over the step's trained-token count; clip; AdamW."""
     cuda = device.type == "cuda"
@@ -199,11 +182,9 @@ def train_step(form: Any, optimizer: Any, params: list[Any], item: dict[str, Any
             inputs = {k: tensors[k] for k in ("input_ids", "position_ids", "labels")}
             for t in inputs.values():
                 torch._dynamo.maybe_mark_dynamic(t, 1)  # the row's width: one graph for every bucket
-            if bounds:
-                # compiled: one max_seqlen (an upper bound is valid), or each new value recompiles
-                inputs.update(batching.varlen_kwargs({"cu_seqlens": tensors["cu_seqlens"],
-                                                      "max_seqlen": MAX_LEN if compiled else micro["max_seqlen"]}))
-                torch._dynamo.maybe_mark_dynamic(inputs["cu_seq_lens_q"], 0)
+            # compiled: one max_seqlen (an upper bound is valid), or each new value recompiles
+            inputs.update(cu_seqlens=tensors["cu_seqlens"], max_seqlen=MAX_LEN if compiled else micro["max_seqlen"])
+            torch._dynamo.maybe_mark_dynamic(inputs["cu_seqlens"], 0)
         else:
             inputs = {k: tensors[k] for k in ("input_ids", "attention_mask", "labels")}
             for t in inputs.values():
