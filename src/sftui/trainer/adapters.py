@@ -81,10 +81,6 @@ def inner(net: Any) -> "PreTrainedModel":
     return net.get_base_model() if hasattr(net, "get_base_model") else net
 
 
-def is_lora(net: Any) -> bool:
-    return hasattr(net, "peft_config")
-
-
 def trainable_state(net: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors a LoRA checkpoint holds: the trainable ones, by their names in ``net``."""
     return {name: p.detach().contiguous() for name, p in net.named_parameters() if p.requires_grad}
