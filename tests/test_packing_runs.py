@@ -47,7 +47,7 @@ def test_a_packed_run_trains_the_padded_runs_loss_curve_and_says_it_is_packed(tm
         assert a["samples_seen"] == b["samples_seen"]
 
     assert json.loads((packed_dir / "run.json").read_text())["config"]["packing"] is True
-    assert json.loads((padded_dir / "run.json").read_text())["config"]["packing"] is False
+    assert json.loads((padded_dir / "run.json").read_text())["config"]["packing"] is None  # the default: padded on a CPU
     assert [e["batches"] for e in kinds(read_events(packed_dir), "data")] == ["packed"]
     assert [e["batches"] for e in kinds(read_events(padded_dir), "data")] == ["padded"]
     assert f"{PACKED_LINE}, no padding; sdpa attention" in packed_log and "packed batches" not in padded_log
@@ -103,6 +103,20 @@ def test_a_run_json_asking_an_encoder_decoder_to_pack_is_bad_input_for_the_worke
     write_run_json(run, cfg)
     assert run_attempt(run, 1, 1) == [ev.WORKER_BAD_INPUT], log_tail(run, 1)
     assert "--packing: for causal LMs only" in log_tail(run, 1)
+
+
+def test_packing_by_default_where_packed_rows_take_the_varlen_kernel() -> None:
+    """--packing's default: a causal LM on a GPU whose torch has varlen_attn (registering it needs
+    no GPU), never an encoder-decoder model, never the CPU; an explicit choice always wins."""
+    import torch
+
+    from sftui.trainer import batching
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert batching.packs(None, False, gpu) is True and batching.packed_attention(gpu) == batching.VARLEN
+    assert batching.packs(None, True, gpu) is False
+    assert batching.packs(None, False, cpu) is False
+    assert batching.packs(True, False, cpu) is True and batching.packs(False, False, gpu) is False
 
 
 def test_packing_may_change_on_resume() -> None:

@@ -77,7 +77,7 @@ class RunConfig:
     compile: bool = False
     pad_to_max_len: bool | None = None  # None: on with --compile on a GPU (see trainer/loop.pad_width)
     group_by_length: bool = False
-    packing: bool = False  # causal LMs: a micro-batch's samples end to end in one row, no padding (trainer/batching.py)
+    packing: bool | None = None  # causal LMs: a micro-batch's samples end to end in one row, no padding; None: batching.packs decides
     compile_layers: bool = False
     mem_fraction: list[float] | None = None
     inject_oom_at_step: int | None = None
@@ -278,8 +278,9 @@ OPTIONS: tuple[Option, ...] = (
            "first: batches of similar rows, less padding (a gain for eager runs; --compile pads to --max-len)",
            is_flag=True),
     Option("packing", _bool, "causal LMs: lay each micro-batch's samples end to end in one row (padding-free; "
-           "no token attends across samples) instead of padding them; off by default until a GPU measurement "
-           "shows it faster", is_flag=True, negatable=True),
+           "no token attends across samples) instead of padding them (default: on for a causal LM on a GPU where "
+           "torch has its variable-length attention kernel, measured faster there; off elsewhere)",
+           is_flag=True, negatable=True),
     Option("mem_fraction", _fractions, "cap each rank's CUDA memory (one value, or one per rank)", "F[,F...]"),
     Option("inject_oom_at_step", _int(), "raise a real torch.OutOfMemoryError in step N of the first attempt", "N"),
     Option("inject_oom_rank", _int(0), "the rank that raises it (default: 0)", "R"),

@@ -114,7 +114,7 @@ def status_json(s: RunState) -> dict[str, Any]:
 def status_lines(s: RunState) -> list[str]:
     """``sftui status``: a few lines, like ``nvitop --once``; live numbers only while it runs."""
     lines = [f"{s.name}  {s.display_status}  attempt {s.attempt}  batch {rung_text(s.batch_size, s.world_size, s.grad_accum)}"
-             + ("  packed batches" if s.config.get("packing") else "")]
+             + ("  packed batches" if s.batches == "packed" else "")]
     eta = f"  ETA {fmt_duration(s.eta_s)}" if s.eta_s is not None else ""
     lines.append(f"  step {s.step}/{s.total_steps if s.total_steps is not None else '?'}  epoch {s.epoch_text}  "
                  f"loss {fmt_num(s.loss, '.4f')}  {fmt_num(s.samples_per_s, '.1f')} samples/s{eta}")

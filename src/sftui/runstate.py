@@ -131,6 +131,7 @@ class RunState:
     skipped_rows: int | None = None
     target_samples: int | None = None
     chat_format: str | None = None  # how rows became text, in words
+    batches: str | None = None  # "packed" or "padded": what the worker chose (--packing's default is its)
     params: tuple[int, int] | None = None  # from the model event: (trained, all) parameters
     lora: dict[str, Any] | None = None  # and its LoRA settings (run.json's lora)
     # from step events
@@ -292,6 +293,7 @@ class RunState:
             self.rows, self.skipped_rows = e.get("rows"), e.get("skipped")
             self.target_samples = e.get("target_samples")
             self.chat_format = e.get("chat_format")
+            self.batches = e.get("batches")
         elif k == "model" and isinstance(e.get("trainable_params"), int) and isinstance(e.get("total_params"), int):
             self.params, self.lora = (e["trainable_params"], e["total_params"]), e.get("lora")
         elif k == "rank_start":

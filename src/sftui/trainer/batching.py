@@ -168,11 +168,22 @@ def varlen_kwargs(micro: dict[str, Any]) -> dict[str, Any]:
             "max_length_q": micro["max_seqlen"], "max_length_k": micro["max_seqlen"]}
 
 
+def packs(choice: bool | None, seq2seq: bool, device: torch.device) -> bool:
+    """Whether this run's micro-batches are packed: ``--packing`` / ``--no-packing`` as given; by
+    default (None) for a causal LM where packed rows take ``VARLEN`` (a GPU whose torch has
+    ``varlen_attn``), the one packed path measured faster than padding (scripts/bench_packing.py
+    on an H200: 1.40× padded eager at batch 16, 1.58× at 64). Elsewhere padded: packed rows
+    under sdpa get a dense T × T mask and ran slower than padded (0.73× at batch 16)."""
+    if choice is not None:
+        return choice
+    return not seq2seq and packed_attention(device) == VARLEN
+
+
 def packed_attention(device: torch.device) -> str | None:
     """The attention a packed run sets (None: the model's own, sdpa, whose mask transformers
     makes block-diagonal from the position ids): ``VARLEN`` on a GPU where this torch has
-    ``varlen_attn``, no padding and no T² mask; sdpa on the CPU. Provisional until
-    scripts/bench_packing.py has measured the paths on a GPU (docs/DESIGN.md, "Packing")."""
+    ``varlen_attn``, no padding and no T² mask (the fastest packed path measured: flex
+    attention ran 0.89× of it eager after an 80 s kernel compile, sdpa 0.52×); sdpa on the CPU."""
     if device.type != "cuda":
         return None
     try:

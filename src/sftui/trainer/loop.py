@@ -14,7 +14,7 @@ import socket
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
@@ -95,6 +95,7 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
     seq2seq = train_data.seq2seq
     if cfg.packing and seq2seq:  # the CLI refuses it; a run.json written otherwise is refused here
         raise ConfigError(f"--packing: for causal LMs only; {cfg.model} is an encoder-decoder model")
+    cfg = replace(cfg, packing=batching.packs(cfg.packing, seq2seq, device))  # its default decided here
     target = spec.sample_budget if spec.sample_budget else cfg.epochs * train_data.n
     plan = data.Plan(train_data.n, cfg.seed, target,
                      data.length_key(train_data, cfg.max_len) if cfg.group_by_length else None)

@@ -51,7 +51,7 @@ def probe(out: Path) -> int:
     from sftui import forecast
     from sftui.config import ConfigError, RunConfig, default_lr
     from sftui.rundir import RunDir, write_json_atomic
-    from sftui.trainer import loop, loss
+    from sftui.trainer import batching, loop, loss
 
     if not CudaMemory.available():
         raise ConfigError("no CUDA GPU visible to torch (the probe measures GPU memory)")
@@ -80,6 +80,7 @@ def probe(out: Path) -> int:
         say(name + (f" {progress * 100:.0f}%" if isinstance(progress, (int, float)) else ""))
 
     tok, train_data, _, _ = loop.prepare_data(RunDir(Path(spec["work_dir"])), cfg, spec["data_fingerprint"], me, phase)
+    cfg = replace(cfg, packing=batching.packs(cfg.packing, train_data.seq2seq, device))  # as the run decides it
     say("loading the model")
     lr = cfg.lr if cfg.lr is not None else default_lr(cfg.model)
     net, opt = loop.new_model(cfg, tok, device, lr)

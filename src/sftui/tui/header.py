@@ -34,7 +34,7 @@ class HeaderPanel(Panel):
         s = view.state
         return (view.status, s.name, s.attempt, s.batch_size, s.grad_accum, s.world_size, s.step,
                 s.total_steps, round(s.epoch or 0, 2), s.epochs, s.reason, s.exit_code, s.params,
-                bool(s.config.get("packing")))
+                s.batches)
 
     def placeholder(self) -> Text:
         return Text.assemble((" sftui ", "bold reverse"), " ", ("reading the run…", "dim"))
@@ -54,7 +54,7 @@ class HeaderPanel(Panel):
         chips.append((f"step {s.step}{total}", 2))
         if s.epochs:
             chips.append((f"epoch {s.epoch_text}", 5))  # never above its total
-        if s.config.get("packing"):  # --packing: padding-free micro-batches
+        if s.batches == "packed":  # padding-free micro-batches (--packing, or its default on a GPU)
             chips.append(("packed", 6))
         if s.lora and s.params:  # what a LoRA run trains, e.g. "LoRA r16 α32: 40.4M of 7.6B params"
             chips.append((params_text(s.params, s.lora), 6))
