@@ -8,6 +8,7 @@ probe's packed worst case is batch × the padded width."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -136,25 +137,37 @@ def char_data(tmp_path: Path) -> tuple[Any, Any]:
     return tok, data.tokenize_to_cache(str(path), tok, 32, False, False, tmp_path / "cache", lambda f: None)
 
 
-def test_the_probes_packed_worst_case_is_batch_times_the_padded_width(tmp_path: Path) -> None:
-    """The forecast's worst case stays batch × max-len: one packed row of exactly that many tokens,
-    holding the longest rows, and the trainer's own step runs on it."""
+def test_the_probes_packed_worst_case_is_the_widest_packed_row_the_run_meets(tmp_path: Path) -> None:
+    """Packed, the probe's worst case is the plan's heaviest micro-batch at that batch: as many
+    tokens as the widest window of 6 consecutive samples in any epoch's order (brute force here),
+    no wider than batch × the longest row, and no micro-batch the run's own StepBatches hand out
+    from any starting point is wider. The trainer's own step runs on it."""
     import numpy as np
     import torch
     from accelerate import Accelerator
 
-    from sftui.trainer import loop, loss, probe
+    from sftui.trainer import batching, data, loop, loss, probe
 
     tok, cache = char_data(tmp_path)
-    widest = int(np.diff(cache.offsets).max())
-    eager = probe._worst_case_packed(cache, 6, tok.pad_token_id, None, 32)
-    compiled = probe._worst_case_packed(cache, 6, tok.pad_token_id, 32, 32)
-    assert eager["input_ids"].shape == (1, 6 * widest) and compiled["input_ids"].shape == (1, 6 * 32)
-    longest = sorted(np.diff(cache.offsets).tolist(), reverse=True)[:6]
-    assert np.diff(compiled["cu_seqlens"].numpy())[:6].tolist() == longest
-    padded = probe._worst_case_batch(cache, 6, tok.pad_token_id)
-    assert int((eager["labels"] != -100).sum()) == int((padded["labels"] != -100).sum())
-    cfg = RunConfig(packing=True)
+    cfg = RunConfig(packing=True, epochs=2, max_len=32, seed=7)
+    lengths = np.asarray(cache.n_tokens)
+    plan = data.Plan(cache.n, cfg.seed, 2 * cache.n)
+    heaviest, at = max((int(lengths[plan.order(e)[i:i + 6]].sum()), e * cache.n + i)
+                       for e in range(2) for i in range(cache.n - 5))
+    eager = probe._worst_case_packed(cache, 6, 6, tok.pad_token_id, cfg)
+    assert int(np.diff(eager["cu_seqlens"].numpy())[:6].sum()) == heaviest
+    assert eager["input_ids"].shape == (1, -(-heaviest // loop.PAD_MULTIPLE) * loop.PAD_MULTIPLE)
+    assert heaviest < 6 * int(lengths.max())
+    compiled = probe._worst_case_packed(cache, 6, 6, tok.pad_token_id, replace(cfg, compile=True))
+    assert compiled["input_ids"].shape == (1, batching.token_bucket(heaviest, 6 * 32))
+    packing = batching.Packing(tok.pad_token_id, 32, multiple=loop.PAD_MULTIPLE)
+    for seen in (0, 1, 5, 199, 203, at):  # where a resume or a switch may start; at: the heaviest window's
+        steps = plan.steps(seen, 6)
+        widths = [m["input_ids"].shape[1] for j in range(len(steps))
+                  for m in data.StepBatches(cache, plan, steps, 0, 6, 1, tok.pad_token_id, None,
+                                            loop.PAD_MULTIPLE, packing)[j]["micro"]]
+        assert max(widths) <= eager["input_ids"].shape[1], (seen, max(widths))
+    assert widths[0] == eager["input_ids"].shape[1]  # a run that starts there meets it: exact, not a bound
     net, opt = loop.new_model(cfg, tok, torch.device("cpu"), 1e-3)
     step_loss, _ = loop.train_step(Accelerator(cpu=True), loss.TrainingModel(net), opt, [eager],
                                    int((eager["labels"] != -100).sum()), 1, None, loop.StepPhase())

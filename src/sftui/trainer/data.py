@@ -304,6 +304,24 @@ class Plan:
         return order[pos:pos + size]
 
 
+def heaviest_micro_batch(plan: Plan, tokens: np.ndarray, batch: int, epochs: int) -> np.ndarray:
+    """Dataset indices of the ``batch`` consecutive samples of one epoch's order (over the first
+    ``epochs`` epochs) with the most ``tokens``. Every micro-batch of a run at this batch is such a
+    window or part of one, wherever a resume, a switch or a rank's slice starts it (a step never
+    crosses an epoch's end), so packed, no micro-batch of the run is wider: the run's own worst
+    case, well under batch × the longest row when rows vary in length."""
+    window = min(batch, plan.n)
+    best, most = plan.order(0)[:window], -1
+    for epoch in range(max(1, epochs)):
+        order = plan.order(epoch)
+        sums = np.concatenate([[0], np.cumsum(tokens[order], dtype=np.int64)])
+        totals = sums[window:] - sums[:-window]
+        at = int(totals.argmax())
+        if totals[at] > most:
+            best, most = order[at:at + window], int(totals[at])
+    return best
+
+
 def rank_micro_batches(indices: np.ndarray, rank: int, batch: int, grad_accum: int) -> list[np.ndarray]:
     """This rank's fixed slice of a step, in ``grad_accum`` micro-batches (some maybe empty)."""
     start = rank * batch * grad_accum

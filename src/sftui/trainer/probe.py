@@ -3,8 +3,11 @@ started by ``sftui probe`` / ``--batch auto`` through the supervisor's own launc
 gradient buckets and NCCL's buffers are there, as in training).
 
 Each trial runs a few optimizer steps at one per-GPU batch size on a batch of the longest rows
-of the data, padded to the widest row (with ``--packing``, laid end to end in one row of batch ×
-that width): the worst case training can meet. It measures peak *reserved* memory (what decides
+of the data, padded to the widest row: the worst case training can meet. Packed (``--packing``,
+its default on a GPU), the worst case is the run's own: its sample plan's heaviest micro-batch at
+that batch (data.heaviest_micro_batch), packed as training packs it, since a packed row's width is
+its samples' tokens, and batch × the widest row would overstate it about twofold on rows of
+varied length. It measures peak *reserved* memory (what decides
 an OOM) from a cleared allocator. forecast.next_trial picks the trials: the smallest rung, then
 what the forecast recommends until that rung has been measured. The device, the model, the
 optimizer and the step are the trainer's own (loop.setup_device, loop.new_model,
@@ -114,10 +117,11 @@ def probe(out: Path) -> int:
         batch = _agree(nxt or 0, device, me.world)
         if not batch:
             break
-        say(f"batch {batch}: {int(spec['steps'])} optimizer steps on the {batch} longest rows")
+        say(f"batch {batch}: {int(spec['steps'])} optimizer steps on "
+            + (f"the heaviest {batch} samples the run packs together" if cfg.packing else f"the {batch} longest rows"))
         width = loop.pad_width(cfg, True)
         micro = (_worst_case_batch(train_data, batch, tok.pad_token_id, width) if not cfg.packing else
-                 _worst_case_packed(train_data, batch, tok.pad_token_id, width, cfg.max_len))
+                 _worst_case_packed(train_data, batch, batch * me.world * cfg.grad_accum, tok.pad_token_id, cfg))
         peak, per_s, oom = _trial(accelerator, model, optimizer, micro, batch, me.world, decoder_start,
                                   int(spec["steps"]), memory, widths_vary=width is None)
         if oom and me.world > 1:
@@ -236,17 +240,22 @@ def _worst_case_batch(data: Any, batch: int, pad_id: int, width: int | None = No
     return micro
 
 
-def _worst_case_packed(data: Any, batch: int, pad_id: int, width: int | None, max_len: int) -> dict[str, Any]:
-    """With ``--packing``: the ``batch`` longest rows packed into one row of exactly batch × w
-    tokens, w the padded worst case's width (``width``, else the widest row): the forecast's
-    worst case stays batch × max-len, and no packed row training meets is wider (eager, its
-    samples' total; compiled, a token bucket capped at samples × ``--max-len``)."""
-    import numpy as np
+def _worst_case_packed(data: Any, batch: int, per_step: int, pad_id: int, cfg: Any) -> dict[str, Any]:
+    """With ``--packing``: the heaviest micro-batch at ``batch`` of the sample plan loop.train
+    makes when it starts at ``per_step`` samples a step (data.heaviest_micro_batch, over every
+    epoch the run begins), packed as loop.train packs on a GPU (token buckets under ``--compile``,
+    else a multiple of PAD_MULTIPLE): no packed row the run meets at this batch is wider."""
+    import math
 
+    from sftui.config import samples_in_steps
+    from sftui.trainer import loop
     from sftui.trainer.batching import Packing
+    from sftui.trainer.data import Plan, heaviest_micro_batch, length_key
 
-    w = width or int(np.diff(data.offsets).max())
-    return Packing(pad_id, max_len, multiple=batch * w)(data, _longest_rows(data, batch))
+    target = samples_in_steps(cfg.max_steps, per_step, data.n) if cfg.max_steps else math.ceil(cfg.epochs * data.n)
+    plan = Plan(data.n, cfg.seed, target, length_key(data, cfg.max_len) if cfg.group_by_length else None)
+    rows = heaviest_micro_batch(plan, data.n_tokens, batch, -(-target // data.n))
+    return Packing(pad_id, cfg.max_len, buckets=cfg.compile, multiple=loop.PAD_MULTIPLE)(data, rows)
 
 
 def _trial(accelerator: Any, model: Any, optimizer: Any, micro: dict[str, Any], batch: int, world: int,
