@@ -25,10 +25,12 @@ from sftui.rundir import RunDir, lock_is_held
 from sftui.runfile import RunFile
 
 START_TIMEOUT_S = 15.0
-# The settings the memory probe takes: what shapes the model, the data, the devices and memory.
+# The settings the memory probe takes: what shapes the model, the data, the devices and memory, and,
+# packed, the sample plan (its heaviest micro-batch is the packed worst case: epochs, steps, order).
 PROBE_OPTIONS = ("model", "data", "chat_template", "ladder", "max_len", "lr", "weight_decay", "seed", "gpus", "mem_fraction",
                  "gradient_checkpointing", "compile", "compile_layers", "pad_to_max_len", "skip_bad_rows",
-                 "hang_timeout", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+                 "hang_timeout", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "packing",
+                 "epochs", "max_steps", "grad_accum", "group_by_length")
 
 
 class Parser(argparse.ArgumentParser):
@@ -89,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("batch_size", nargs="?", metavar="BATCH", help="per-GPU batch size to restart at (default: the proposed one)")
 
     probe = sub.add_parser("probe", help="measure peak GPU memory per batch size and recommend a rung",
-                           description="A few optimizer steps at two or more batch sizes on the longest rows, on the "
-                           "run's GPUs; a forecast of the peak for every rung of the ladder.")
+                           description="A few optimizer steps at two or more batch sizes on the longest rows (packed: "
+                           "on the heaviest micro-batch of the run's sample plan, so give the run's --epochs or "
+                           "--max-steps), on the run's GPUs; a forecast of the peak for every rung of the ladder.")
     probe.add_argument("--config", metavar="FILE.toml", help="settings file; flags override it")
     add_options(probe, [cfgmod.OPTION_BY_NAME[name] for name in PROBE_OPTIONS])
     probe.add_argument("--target", default=str(DEFAULT_TARGET), metavar="F",
