@@ -10,9 +10,10 @@
 3. HF: `Trainer` (bf16, fused AdamW, clip 1.0) at batch 16 on sftui's own tokenization of the
    rows (the chat template applied, prompt masked), the allocator as the user has it.
 4. sftui: `sftui run --headless` eager at batch 16 for --steps steps (rates after the warm-up, peak
-   allocated and reserved from `rank_stats`); `sftui probe` over a ladder that reaches past the
-   default one; a run of --steps steps at the probe's recommended rung, its peak reserved against
-   the forecast.
+   allocated and reserved from `rank_stats`; packed or padded as sftui decides by default, the
+   `padded` stage with --no-packing); `sftui probe` (with the runs' --max-steps: packed, the worst
+   case is the plan's heaviest micro-batch) over a ladder that reaches past the default one; a run
+   of --steps steps at the probe's recommended rung, its peak reserved against the forecast.
 
 Writes OUT/bench_causal.json after every stage and OUT/bench_causal.md at the end.
 """
@@ -228,6 +229,7 @@ class Bench:
                "oom": any(e["kind"] == "oom" for e in evs),
                "allocator": next((e["message"] for e in evs if e["kind"] == "log" and "allocator" in e["message"]), None),
                "chat_format": next((e.get("chat_format") for e in evs if e["kind"] == "data"), None),
+               "batches": next((e.get("batches") for e in evs if e["kind"] == "data"), None),
                "last_loss": steps[-1]["loss"] if steps else None}
         self.report[name] = res
         self.save()
@@ -247,6 +249,7 @@ class Bench:
     def probe(self, *extra: str) -> dict[str, Any] | None:
         code, text = self.sftui("probe", "--model", str(self.args.model_dir), "--data", str(self.args.data),
                                 "--max-len", str(self.args.max_len), "--ladder", self.args.probe_ladder, "--json",
+                                "--max-steps", str(self.args.steps),  # the runs' plan: packed, its heaviest micro-batch
                                 *self.device, *extra, log="probe")
         if code != 0:
             self.report["probe"] = {"exit": code, "tail": text[-2000:]}
@@ -271,8 +274,9 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--max-len", type=int, default=MAX_LEN, help=argparse.SUPPRESS)
     p.add_argument("--stages", default="build,hf,eager,probe,recommended",
-                   help="also: alternate (eager batch 16 with expandable segments on, off, off, on), auto "
-                        "(--batch auto on the default ladder), compiled (--compile at batch 16)")
+                   help="also: padded (eager batch 16 with --no-packing), alternate (eager batch 16 with "
+                        "expandable segments on, off, off, on), auto (--batch auto on the default ladder), "
+                        "compiled (--compile at batch 16)")
     p.add_argument("--alternate-steps", type=int, default=120)
     p.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
@@ -307,6 +311,8 @@ def main() -> int:
         say(f"HF: {bench.report['hf']}")
     if "eager" in stages:
         bench.run("eager-16", 16 if not args.smoke else 4)
+    if "padded" in stages:
+        bench.run("padded-16", 16 if not args.smoke else 4, "--no-packing")
     if "probe" in stages:
         result = bench.probe()
         if result and result.get("recommended") and "recommended" in stages:

@@ -91,13 +91,15 @@ def oom_recovery(bench: LoraBench, above: int) -> dict[str, Any]:
 
 
 def past_the_card(probe: dict[str, Any], rung: int) -> int | None:
-    """The smallest multiple of 8 above ``rung`` whose forecast exceeds the whole free memory: the
-    rung above the recommendation may still fit the card (the recommendation keeps 15 % spare;
-    on the H200 on 2026-12-01 batch 32 ran where 24 was recommended), and the OOM must be real."""
+    """The smallest multiple of 8 above ``rung`` whose forecast exceeds the whole free memory by a
+    quarter: the rung above the recommendation may still fit the card (the recommendation keeps
+    15 % spare; on the H200 on 2026-12-01 batch 32 ran where 24 was recommended), and packed, the
+    forecast is the plan's heaviest micro-batch, which the first steps need not meet. The OOM
+    must be real and early."""
     fit = probe.get("fit")
     if not fit or fit["per_sample"] <= 0:
         return None
-    need = (probe["budget_bytes"] - fit["fixed"]) / fit["per_sample"]
+    need = 1.25 * (probe["budget_bytes"] - fit["fixed"]) / fit["per_sample"]
     return max(rung + 8, int(need // 8 + 1) * 8)
 
 
@@ -197,6 +199,8 @@ def main() -> int:
         bench.report["hf"] = json.loads(line[3:]) if line else {"exit": r.returncode, "tail": (r.stdout + r.stderr)[-2000:]}
         bench.save()
         say(f"HF + peft: {bench.report['hf']}")
+        if batch != rung and "recommended" in stages:  # the same batch as HF's, too
+            bench.run(f"at-hf-batch-{batch}", batch, *bench.lora_flags())
     if "oom" in stages and rung:
         above = past_the_card(probe, rung) if probe else min((b for b in ladder if b > rung), default=None)
         if above is None:
