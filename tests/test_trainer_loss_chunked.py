@@ -4,6 +4,7 @@ a tiny T5 keeps its own forward)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
@@ -86,3 +87,136 @@ def test_the_compiled_model_does_not_recompile_when_the_trained_count_changes():
         b["labels"][:, :prompt] = -100
         compiled(**b, trained=loss.trained_positions(b["labels"])).backward()
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+
+
+# The fused head loss itself: its value and the gradients it computes in the forward against autograd
+# through the plain expression, over several chunks of the real chunk_rows (CHUNK_BYTES 0: 128 rows).
+
+VOCAB, DIM, ROWS, WIDTH = 50, 16, 2, 200
+
+
+def plain(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return F.cross_entropy(F.linear(h, w, b).float(), y, reduction="sum")
+
+
+def head_case(dtype: torch.dtype, bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Linear]:
+    """Hidden states, labels with a prompt and a padded tail masked out (~300 trained, 3 chunks), a head."""
+    torch.manual_seed(0)  # the head's initialisation
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(ROWS, WIDTH, DIM, generator=g).to(dtype).requires_grad_()
+    labels = torch.randint(0, VOCAB, (ROWS, WIDTH), generator=g)
+    labels[:, :30] = -100
+    labels[1, -40:] = -100
+    head = torch.nn.Linear(DIM, VOCAB, bias=bias).to(dtype)
+    return hidden, labels, head
+
+
+def grads(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    out = [None if t is None or t.grad is None else t.grad.clone() for t in tensors]
+    for t in tensors:
+        if t is not None:
+            t.grad = None
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("indexed", [False, True])
+def test_the_fused_loss_and_its_gradients_equal_autograd_through_the_plain_head(monkeypatch, dtype, bias, indexed):
+    monkeypatch.setattr(loss, "CHUNK_BYTES", 0)
+    calls, fused = [], loss._head_loss
+    monkeypatch.setattr(loss, "_head_loss", lambda *a: calls.append(1) or fused(*a))
+    hidden, labels, head = head_case(dtype, bias)
+    assert (labels != -100).sum() > 2 * loss.chunk_rows(VOCAB)
+    trained = (labels != -100).reshape(-1).nonzero().squeeze(1) if indexed else None
+    got = loss.head_loss_sum(hidden, labels, head, trained)
+    (got * 2.5).backward()  # the loop scales the sum (world / step targets): the gradients must follow
+    assert len(calls) == 1  # the backward recomputes nothing
+    got_grads = grads(hidden, head.weight, head.bias)
+    keep = labels != -100
+    want = plain(hidden[keep], labels[keep], head.weight, head.bias)
+    (want * 2.5).backward()
+    want_grads = grads(hidden, head.weight, head.bias)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)  # the same logits, summed in float32
+    for a, w in zip(got_grads, want_grads):
+        assert (a is None) == (w is None)
+        if a is not None:
+            assert a.dtype == dtype
+            # bf16: each side rounds its own way (the fused weight gradient sums its chunks in float32)
+            tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0, "atol": 2e-2 * w.abs().max()}
+            torch.testing.assert_close(a, w, **tol)
+
+
+def test_a_frozen_head_gets_no_gradient_and_the_hidden_states_theirs():
+    hidden, labels, head = head_case(torch.float32, bias=True)
+    head.requires_grad_(False)
+    loss.head_loss_sum(hidden, labels, head).backward()
+    assert head.weight.grad is None and head.bias.grad is None
+    got = grads(hidden)[0]
+    keep = labels != -100
+    plain(hidden[keep], labels[keep], head.weight, head.bias).backward()
+    torch.testing.assert_close(got, hidden.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_head_tied_to_the_embeddings_gets_both_gradients():
+    torch.manual_seed(0)
+    embed = torch.nn.Embedding(VOCAB, DIM)
+    head = torch.nn.Linear(DIM, VOCAB, bias=False)
+    head.weight = embed.weight
+    ids = torch.randint(0, VOCAB, (ROWS, WIDTH))
+    labels = ids.roll(-1, 1)
+    labels[:, :30] = -100
+
+    def total(fused: bool) -> torch.Tensor:
+        hidden = torch.tanh(embed(ids))
+        if fused:
+            return loss.head_loss_sum(hidden, labels, head)
+        keep = labels != -100
+        return plain(hidden[keep], labels[keep], head.weight, None)
+
+    total(True).backward()
+    got = grads(embed.weight)[0]
+    total(False).backward()
+    torch.testing.assert_close(got, embed.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_without_gradients_only_the_loss_is_computed():
+    hidden, labels, head = head_case(torch.float32, bias=True)
+    keep = labels != -100
+    want = plain(hidden[keep], labels[keep], head.weight, head.bias).detach()
+    with torch.no_grad():
+        got = loss.head_loss_sum(hidden, labels, head)
+    assert got.grad_fn is None
+    torch.testing.assert_close(got, want)
+    head.requires_grad_(False)
+    got = loss.head_loss_sum(hidden.detach(), labels, head)
+    assert got.grad_fn is None
+    torch.testing.assert_close(got, want)
+
+
+def test_no_trained_position_is_a_zero_that_reaches_the_hidden_states_and_the_head():
+    hidden, labels, head = head_case(torch.float32, bias=False)
+    labels[:] = -100
+    for trained in (None, torch.zeros(0, dtype=torch.long)):
+        got = loss.head_loss_sum(hidden, labels, head, trained)
+        got.backward()
+        assert got.item() == 0.0
+        assert not hidden.grad.any() and not head.weight.grad.any()
+        grads(hidden, head.weight)
+
+
+def test_under_autocast_the_logits_are_in_the_autocast_dtype_as_with_the_plain_head():
+    """bf16 autocast on the CPU stands for a GPU's: float32 hidden states and head, bf16 logits."""
+    hidden, labels, head = head_case(torch.float32, bias=True)
+    keep = labels != -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss.head_loss_sum(hidden, labels, head)
+        want = plain(hidden[keep], labels[keep], head.weight, head.bias)
+    got.backward()
+    got_grads = grads(hidden, head.weight, head.bias)
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)  # the same bf16 logits, summed in float32
+    for a, w in zip(got_grads, grads(hidden, head.weight, head.bias)):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, w, rtol=0, atol=2e-2 * w.abs().max())

@@ -4,8 +4,15 @@ A causal LM's forward computes logits for every position — padding and prompt 
 the loss then copied them all to float32: at batch 16 × 512 × a 151,936-token vocabulary that is
 5 GB in float32 alone, plus its gradient, for a loss that only reads the response positions. Here
 the model runs up to its last hidden state; the head runs on the positions that are trained, a
-chunk at a time, each chunk's float32 logits recomputed in the backward pass instead of kept
-(activation checkpointing), so at most one chunk of logits is alive. The loss is the same sum.
+chunk at a time, so at most one chunk of logits is alive. The loss is the same sum.
+
+Each chunk's gradient (softmax − one-hot, w.r.t. its logits) is taken in the forward, while its
+logits exist, and turned at once into the gradients of the hidden rows, the head weight and its
+bias (a fused linear cross-entropy, as Liger-Kernel's, in plain torch); the backward only scales
+them. Recomputing the logits in the backward instead (activation checkpointing, as this did
+before) cost a second head matmul and float32 pass per chunk: a few % of a step at a 151,936
+vocabulary. The price: the head's float32 weight gradient is held from the forward to the
+backward (frozen heads, LoRA's, have none).
 
 ``TrainingModel`` wraps the model so that DDP (through accelerate) still sees one forward per
 micro-batch; ``bare`` is the model itself (checkpoints, ``final/``, evaluation): a LoRA run's
@@ -19,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 CHUNK_BYTES = 512 * 1024**2  # float32 logits of one chunk
 
@@ -42,9 +49,62 @@ def chunk_rows(vocab: int) -> int:
     return max(128, CHUNK_BYTES // (4 * vocab))
 
 
-def _ce_sum(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    logits = F.linear(hidden, weight, bias)
-    return F.cross_entropy(logits.float(), labels, reduction="sum")
+def _head_loss(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               grads: tuple[bool, bool, bool]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+                                                       torch.Tensor | None]:
+    """The cross-entropy sum of ``F.linear(h, weight, bias)`` against ``y`` a chunk at a time, and
+    the gradients of that sum w.r.t. (h, weight, bias) that ``grads`` asks for, taken from each
+    chunk's logits while they are alive (softmax − one-hot). The logits are in the dtype F.linear
+    would give under the ambient autocast (bf16 on a GPU), their log-sum-exp and softmax in float32."""
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    hc, w = h.to(dtype), weight.to(dtype)  # cast once, not per chunk
+    b = None if bias is None else bias.to(dtype)
+    grad_h = torch.empty_like(h, dtype=torch.float32) if grads[0] else None
+    grad_w = torch.zeros_like(weight, dtype=torch.float32) if grads[1] else None
+    grad_b = torch.zeros_like(bias, dtype=torch.float32) if grads[2] else None  # False without a bias
+    total = h.new_zeros((), dtype=torch.float32)
+    step = chunk_rows(weight.shape[0])
+    for start in range(0, h.shape[0], step):
+        rows, target = hc[start:start + step], y[start:start + step, None]
+        logits = F.linear(rows, w, b).float()
+        lse = logits.logsumexp(-1, keepdim=True)
+        total = total + (lse - logits.gather(1, target)).sum()
+        if not any(grads):
+            continue
+        probs = logits.sub_(lse).exp_().scatter_add_(1, target, torch.full_like(lse, -1.0))
+        if grad_b is not None:
+            grad_b += probs.sum(0)
+        g = probs.to(dtype)
+        if grad_h is not None:
+            grad_h[start:start + step] = g @ w
+        if grad_w is not None:
+            grad_w += g.T @ rows
+    return total, grad_h, grad_w, grad_b
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """The head's cross-entropy sum whose gradients are computed in the forward, chunk by chunk
+    (Liger-Kernel's fused linear cross-entropy, in plain torch): no chunk's logits outlive it and
+    none is recomputed; the backward only scales the saved gradients by its incoming one."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        need = ctx.needs_input_grad
+        total, *grads = _head_loss(h, y, weight, bias, (need[0], need[2], need[3]))
+        ctx.save_for_backward(*grads)
+        ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        # Scaled in float32 and in place (no second copy of the head's gradient while the backward's
+        # activations are alive; a second backward through this graph is refused), then rounded once.
+        grad_h, grad_w, grad_b = (None if g is None else g.mul_(grad_out).to(dtype)
+                                  for g, dtype in zip(ctx.saved_tensors, ctx.dtypes))
+        return grad_h, None, grad_w, grad_b
 
 
 @torch.compiler.disable
@@ -69,12 +129,9 @@ def head_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Linear,
         # No trained position (a padding row of a short last step): a zero that still reaches the
         # hidden states and the head, so that autograd and DDP see every parameter used.
         return (hidden.float().sum() + head.weight.float().sum()) * 0.0
-    total = hidden.new_zeros((), dtype=torch.float32)
-    step = chunk_rows(head.out_features)
-    for start in range(0, h.shape[0], step):
-        part = (h[start:start + step], y[start:start + step], head.weight, head.bias)
-        total = total + (checkpoint(_ce_sum, *part, use_reentrant=False) if torch.is_grad_enabled() else _ce_sum(*part))
-    return total
+    if torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad):
+        return _FusedHeadLoss.apply(h, y, head.weight, head.bias)
+    return _head_loss(h, y, head.weight, head.bias, (False, False, False))[0]
 
 
 def trained_positions(labels: torch.Tensor) -> torch.Tensor:
