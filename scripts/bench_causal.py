@@ -278,6 +278,8 @@ def main() -> int:
                         "expandable segments on, off, off, on), auto (--batch auto on the default ladder), "
                         "compiled (--compile at batch 16)")
     p.add_argument("--alternate-steps", type=int, default=120)
+    p.add_argument("--eager-batches", type=lambda s: [int(b) for b in s.split(",")], default=[16],
+                   help="the batches of the eager and padded stages (default: 16)")
     p.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -309,10 +311,11 @@ def main() -> int:
         bench.report["hf"] = json.loads(line[3:]) if line else {"exit": r.returncode, "tail": (r.stdout + r.stderr)[-2000:]}
         bench.save()
         say(f"HF: {bench.report['hf']}")
-    if "eager" in stages:
-        bench.run("eager-16", 16 if not args.smoke else 4)
-    if "padded" in stages:
-        bench.run("padded-16", 16 if not args.smoke else 4, "--no-packing")
+    for batch in (args.eager_batches if not args.smoke else [4]):
+        if "eager" in stages:
+            bench.run(f"eager-{batch}", batch)
+        if "padded" in stages:
+            bench.run(f"padded-{batch}", batch, "--no-packing")
     if "probe" in stages:
         result = bench.probe()
         if result and result.get("recommended") and "recommended" in stages:
