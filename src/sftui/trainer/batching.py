@@ -171,9 +171,10 @@ def varlen_kwargs(micro: dict[str, Any]) -> dict[str, Any]:
 def packs(choice: bool | None, seq2seq: bool, device: torch.device) -> bool:
     """Whether this run's micro-batches are packed: ``--packing`` / ``--no-packing`` as given; by
     default (None) for a causal LM where packed rows take ``VARLEN`` (a GPU whose torch has
-    ``varlen_attn``), the one packed path measured faster than padding (scripts/bench_packing.py
-    on an H200: 1.40× padded eager at batch 16, 1.58× at 64). Elsewhere padded: packed rows
-    under sdpa get a dense T × T mask and ran slower than padded (0.73× at batch 16)."""
+    ``varlen_attn``): the worker on an H200 ran 1.22× padded at batch 32, even within noise at 16,
+    296.7 samples/s at its best rung against padded's 195.4, in less memory at every batch
+    (docs/BENCHMARKS.md). Elsewhere padded: packed rows under sdpa get a dense T × T mask and ran
+    slower than padded (0.73× at batch 16)."""
     if choice is not None:
         return choice
     return not seq2seq and packed_attention(device) == VARLEN
