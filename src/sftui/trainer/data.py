@@ -311,15 +311,14 @@ def heaviest_micro_batch(plan: Plan, tokens: np.ndarray, batch: int, epochs: int
     crosses an epoch's end), so packed, no micro-batch of the run is wider: the run's own worst
     case, well under batch × the longest row when rows vary in length."""
     window = min(batch, plan.n)
-    best, most = plan.order(0)[:window], -1
+    heaviest: list[tuple[int, np.ndarray]] = []  # (tokens, indices) of each epoch's heaviest window
     for epoch in range(max(1, epochs)):
         order = plan.order(epoch)
         sums = np.concatenate([[0], np.cumsum(tokens[order], dtype=np.int64)])
         totals = sums[window:] - sums[:-window]
         at = int(totals.argmax())
-        if totals[at] > most:
-            best, most = order[at:at + window], int(totals[at])
-    return best
+        heaviest.append((int(totals[at]), order[at:at + window]))
+    return max(heaviest, key=lambda found: found[0])[1]
 
 
 def rank_micro_batches(indices: np.ndarray, rank: int, batch: int, grad_accum: int) -> list[np.ndarray]:
