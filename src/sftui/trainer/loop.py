@@ -97,8 +97,7 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
         raise ConfigError(f"--packing: for causal LMs only; {cfg.model} is an encoder-decoder model")
     cfg = replace(cfg, packing=batching.packs(cfg.packing, seq2seq, device))  # its default decided here
     target = spec.sample_budget if spec.sample_budget else cfg.epochs * train_data.n
-    plan = data.Plan(train_data.n, cfg.seed, target,
-                     data.length_key(train_data, cfg.max_len) if cfg.group_by_length else None)
+    plan = sample_plan(cfg, train_data, target)
     # --max-steps counts whole epochs of its own: the epoch shown never passes its total.
     epochs: float = cfg.epochs if not spec.sample_budget else round(target / train_data.n, 6)
     epochs = int(epochs) if epochs == int(epochs) else epochs
@@ -143,8 +142,7 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
     steps = plan.steps(seen, per_step)
     total_steps = step + len(steps)
     width = None if cfg.packing else pad_width(cfg, cuda)
-    packing = batching.Packing(tok.pad_token_id, cfg.max_len, buckets=cfg.compile and cuda,
-                               multiple=PAD_MULTIPLE if cuda else 1) if cfg.packing else None
+    packing = packed_layout(cfg, tok.pad_token_id, cuda) if cfg.packing else None
     loader = DataLoader(
         data.StepBatches(train_data, plan, steps, me.rank, batch, accum, tok.pad_token_id, width,
                          PAD_MULTIPLE if cuda else 1, packing),
@@ -313,6 +311,19 @@ def bare_model(accelerator: Accelerator, model: Any) -> Any:
     dict names every parameter ``_orig_mod.…``, which a resumed attempt could not load), no
     training form around it."""
     return training_form(accelerator, model).bare
+
+
+def sample_plan(cfg: RunConfig, train_data: data.Tokenized, target: int) -> data.Plan:
+    """The run's sample plan of ``target`` samples (``--group-by-length`` sorts within chunks).
+    Shared with the memory probe, whose packed worst case is this plan's heaviest micro-batch."""
+    return data.Plan(train_data.n, cfg.seed, target,
+                     data.length_key(train_data, cfg.max_len) if cfg.group_by_length else None)
+
+
+def packed_layout(cfg: RunConfig, pad_id: int, cuda: bool) -> batching.Packing:
+    """How a packed run lays out its micro-batches: token buckets under ``--compile`` on a GPU,
+    else widths rounded up to PAD_MULTIPLE there. Shared with the memory probe."""
+    return batching.Packing(pad_id, cfg.max_len, buckets=cfg.compile and cuda, multiple=PAD_MULTIPLE if cuda else 1)
 
 
 def pad_width(cfg: RunConfig, cuda: bool) -> int | None:

@@ -249,13 +249,11 @@ def _worst_case_packed(data: Any, batch: int, per_step: int, pad_id: int, cfg: A
 
     from sftui.config import samples_in_steps
     from sftui.trainer import loop
-    from sftui.trainer.batching import Packing
-    from sftui.trainer.data import Plan, heaviest_micro_batch, length_key
+    from sftui.trainer.data import heaviest_micro_batch
 
     target = samples_in_steps(cfg.max_steps, per_step, data.n) if cfg.max_steps else math.ceil(cfg.epochs * data.n)
-    plan = Plan(data.n, cfg.seed, target, length_key(data, cfg.max_len) if cfg.group_by_length else None)
-    rows = heaviest_micro_batch(plan, data.n_tokens, batch, -(-target // data.n))
-    return Packing(pad_id, cfg.max_len, buckets=cfg.compile, multiple=loop.PAD_MULTIPLE)(data, rows)
+    rows = heaviest_micro_batch(loop.sample_plan(cfg, data, target), data.n_tokens, batch, -(-target // data.n))
+    return loop.packed_layout(cfg, pad_id, cuda=True)(data, rows)
 
 
 def _trial(accelerator: Any, model: Any, optimizer: Any, micro: dict[str, Any], batch: int, world: int,
