@@ -46,6 +46,7 @@ SLOW_MODULES = {
     "test_reliability_input", "test_multinode", "test_probe", "test_tui_tmux", "test_tui_supervisor",
     "test_trainer_resume", "test_trainer_oom", "test_trainer_models", "test_trainer_fast_path",
     "test_trainer_static", "test_trainer_options", "test_chat_runs", "test_lora", "test_packing_runs",
+    "test_two_ranks_combined",
 }
 
 
