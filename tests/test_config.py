@@ -110,3 +110,15 @@ def test_max_steps_becomes_the_samples_of_exactly_that_many_steps():
         assert c.count_steps(0, per_step, rows, budget) == steps
         assert c.count_steps(0, per_step, rows, budget + 1) == steps + 1
     assert c.samples_in_steps(40, 16, 300) == 632
+
+
+def test_a_resumed_run_injects_no_oom_and_may_drop_the_injecting_rank() -> None:
+    """--inject-oom-at-step fires in attempt 1 only: a run of two ranks that injected on rank 1
+    resumes on one rank (it used to be refused: "1 is not a rank of a run of 1")."""
+    from sftui.config import validate
+    from sftui.runfile import RunFile
+
+    spec = RunFile.new(RunConfig(cpu=True, num_processes=2, inject_oom_at_step=3, inject_oom_rank=1), "r", "f" * 64, 100)
+    cfg = spec.resumed({"num_processes": 1}).cfg
+    validate(cfg)
+    assert (cfg.world_size, cfg.inject_oom_at_step, cfg.inject_oom_rank) == (1, None, 0)

@@ -109,6 +109,9 @@ class RunFile:
             elif value != getattr(cfg, name):
                 flag = cfgmod.OPTION_BY_NAME[name].flag
                 raise ConfigError(f"{flag}: cannot change on --resume (the run has {getattr(cfg, name)!r})")
+        # --inject-oom-at-step fires in attempt 1 only: a resumed run injects nothing, and its rank
+        # need not exist in the resumed world (a run of 2 with rank 1 injecting, resumed on 1 GPU).
+        cfg.inject_oom_at_step, cfg.inject_oom_rank = None, 0
         if "gpus" in values or "cpu" in values:
             if "cpu" in values:
                 cfg.gpus = None
