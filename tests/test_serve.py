@@ -101,8 +101,9 @@ def test_the_screen_in_a_browser(tmp_path):
     try:
         token = url.rstrip("/").rsplit("/", 1)[1]
         assert len(token) >= 32
-        # no token, or another one: refused, pages, scripts and the websocket alike
-        for path in ("/", "/ws", "/static/js/textual.js", f"/{token[:-1]}x/", f"/{token[:-1]}x/ws"):
+        # no token, or another one (its last character changed): refused, pages, scripts and the websocket alike
+        wrong = token[:-1] + ("y" if token[-1] == "x" else "x")
+        for path in ("/", "/ws", "/static/js/textual.js", f"/{wrong}/", f"/{wrong}/ws"):
             assert http_status(f"http://127.0.0.1:{port}{path}") == 403, path
         assert http_status(url) == 200
         listening = [c for c in psutil.Process(server.pid).net_connections("tcp") if c.status == psutil.CONN_LISTEN]
