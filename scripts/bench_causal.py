@@ -7,15 +7,22 @@
    24 layers, 14 heads / 2 KV heads, tied embeddings), random weights in bf16, a byte-level BPE
    tokenizer trained with `tokenizers` on the bench rows, and a ChatML chat template (Qwen's form).
 2. Rows: prompt 16–256 and response 8–256 words of a fixed word list (about a token each).
-3. HF: `Trainer` (bf16, fused AdamW, clip 1.0) at batch 16 on sftui's own tokenization of the
-   rows (the chat template applied, prompt masked), the allocator as the user has it.
-4. sftui: `sftui run --headless` eager at batch 16 for --steps steps (rates after the warm-up, peak
+3. hf: `Trainer` (bf16, fused AdamW, clip 1.0) at batch 16 on sftui's own tokenization of the
+   rows (the chat template applied, prompt masked), padded, the allocator as the user has it.
+4. hf-flat: the same `Trainer` with transformers' `DataCollatorWithFlattening` (padding-free: the batch's
+   rows end to end in one row, position ids restarting at each) and the model loaded with each
+   attention of --hf-flat-attn (default flex_attention; "flex_attention,sdpa" runs both), one process
+   each: `hf-flat-flex_attention`, `hf-flat-sdpa`. A run that fails records its error and the script
+   goes on. tokens/s counts tokens that are not padding, for hf and hf-flat alike.
+5. sftui: `sftui run --headless` eager at batch 16 for --steps steps (rates after the warm-up, peak
    allocated and reserved from `rank_stats`; packed or padded as sftui decides by default, the
    `padded` stage with --no-packing); `sftui probe` (with the runs' --max-steps: packed, the worst
    case is the plan's heaviest micro-batch) over a ladder that reaches past the default one; a run
    of --steps steps at the probe's recommended rung, its peak reserved against the forecast.
+6. ratios: sftui's samples/s at the HF batch (eager, and compiled with the `compiled` stage) over the
+   HF Trainer's, padded and each padding-free run's (issue 17's goals at batch 16: ≥ 6× and ≥ 2×).
 
-Writes OUT/bench_causal.json after every stage and OUT/bench_causal.md at the end.
+Writes OUT/bench_causal.json after every stage.
 """
 
 from __future__ import annotations
@@ -101,17 +108,22 @@ def build_tokenizer(directory: Path, rows: Path, smoke: bool) -> None:
 def hf_worker(args: argparse.Namespace) -> int:
     """HF Trainer at ``args.batch`` (16) on sftui's tokenization of the rows; one line "HF {...}".
     With ``args.lora_r``: LoRA through peft on a bf16 base, on the linear layers sftui adapts
-    (alpha 2 × r), gradient checkpointing with ``args.gradient_checkpointing`` (bench_lora.py)."""
+    (alpha 2 × r), gradient checkpointing with ``args.gradient_checkpointing`` (bench_lora.py).
+    With ``args.flatten``: padding-free, through ``DataCollatorWithFlattening``; ``args.attn`` is the
+    model's ``attn_implementation`` (transformers' default without it). ``label_tokens`` counts the
+    trained labels of the timed steps: the same rows padded or flattened give the same count."""
     import numpy as np
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorWithFlattening, Trainer, TrainerCallback,
+                              TrainingArguments)
 
     from sftui import chat
     from sftui.trainer import data
 
     cuda = torch.cuda.is_available()
     tok = AutoTokenizer.from_pretrained(args.model_dir)
-    batch, lora_r = getattr(args, "batch", 16), getattr(args, "lora_r", None)
+    batch, lora_r = getattr(args, "batch", None) or 16, getattr(args, "lora_r", None)
+    flatten, attn = bool(getattr(args, "flatten", False)), getattr(args, "attn", None)
     rows = data.tokenize_to_cache(str(args.data), tok, args.max_len, False, False, args.out / "hf-cache", lambda f: None,
                                   chat.resolve("auto", tok).template)
 
@@ -120,6 +132,7 @@ def hf_worker(args: argparse.Namespace) -> int:
             return rows.n
 
         def __getitem__(self, i: int) -> dict[str, Any]:
+            # one row alone: its own length, no padding (what DataCollatorWithFlattening needs)
             return {k: v[0] for k, v in data.collate(rows, np.array([i]), tok.pad_token_id).items()}
 
     def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -130,6 +143,8 @@ def hf_worker(args: argparse.Namespace) -> int:
 
     marks: dict[int, float] = {}
     tokens: list[Any] = []
+    labels: list[Any] = []
+    losses: list[float] = []
     first, last = args.warmup, args.warmup + args.hf_steps
 
     class Clock(TrainerCallback):
@@ -141,36 +156,44 @@ def hf_worker(args: argparse.Namespace) -> int:
 
     class Counting(Trainer):
         def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
-            if first <= self.state.global_step < last:
-                tokens.append(inputs["attention_mask"].sum())
-            return super().training_step(model, inputs, num_items_in_batch)
+            if first <= self.state.global_step < last:  # flattened: no attention mask, and no padding
+                tokens.append(inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel())
+                labels.append((inputs["labels"] != -100).sum())
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if not losses:
+                losses.append(float(loss))
+            return loss
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    net = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16 if lora_r and cuda else torch.float32)
-    net = net.to("cuda" if cuda else "cpu")
     gradient_checkpointing = bool(getattr(args, "gradient_checkpointing", False))
-    if lora_r:
-        from peft import LoraConfig, get_peft_model
-
-        from sftui.trainer.adapters import target_modules
-
-        if gradient_checkpointing:
-            net.enable_input_require_grads()
-        net = get_peft_model(net, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, bias="none",
-                                             target_modules=target_modules(net, None), task_type="CAUSAL_LM"))
     targs = TrainingArguments(output_dir=str(args.out / "hf-out"), per_device_train_batch_size=batch, max_steps=last,
                               gradient_checkpointing=gradient_checkpointing,
                               learning_rate=2e-5, max_grad_norm=1.0, bf16=cuda, use_cpu=not cuda,
                               optim="adamw_torch_fused" if cuda else "adamw_torch", logging_strategy="no",
                               save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
                               remove_unused_columns=False, dataloader_num_workers=1, seed=SEED)
-    out: dict[str, Any] = {"batch": batch}
-    try:
-        Counting(model=net, args=targs, train_dataset=Rows(), data_collator=collate, callbacks=[Clock()]).train()
+    out: dict[str, Any] = {"batch": batch, "collator": "flattening" if flatten else "padded"}
+    try:  # the load too: an attention that cannot run here is a result
+        net = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16 if lora_r and cuda else torch.float32,
+                                                   **({"attn_implementation": attn} if attn else {}))
+        out["attn_implementation"] = net.config._attn_implementation
+        net = net.to("cuda" if cuda else "cpu")
+        if lora_r:
+            from peft import LoraConfig, get_peft_model
+
+            from sftui.trainer.adapters import target_modules
+
+            if gradient_checkpointing:
+                net.enable_input_require_grads()
+            net = get_peft_model(net, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, bias="none",
+                                                 target_modules=target_modules(net, None), task_type="CAUSAL_LM"))
+        Counting(model=net, args=targs, train_dataset=Rows(), callbacks=[Clock()],
+                 data_collator=DataCollatorWithFlattening() if flatten else collate).train()
         seconds = marks[last] - marks[first]
         out.update(samples_per_s=round(batch * args.hf_steps / seconds, 1),
                    tokens_per_s=round(float(sum(int(t) for t in tokens)) / seconds),
+                   label_tokens=sum(int(n) for n in labels), first_loss=round(losses[0], 4),
                    peak_allocated=torch.cuda.max_memory_allocated() if cuda else None,
                    peak_reserved=torch.cuda.max_memory_reserved() if cuda else None)
     except Exception as e:  # noqa: BLE001 - an OOM is a result
@@ -273,14 +296,20 @@ def main() -> int:
     p.add_argument("--probe-ladder", default="128,96,64,48,32,24,16")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--max-len", type=int, default=MAX_LEN, help=argparse.SUPPRESS)
-    p.add_argument("--stages", default="build,hf,eager,probe,recommended",
-                   help="also: padded (eager batch 16 with --no-packing), alternate (eager batch 16 with "
+    p.add_argument("--stages", default="build,hf,hf-flat,eager,probe,recommended",
+                   help="hf-flat: the HF Trainer padding-free (DataCollatorWithFlattening), once per --hf-flat-attn; "
+                        "also: padded (eager batch 16 with --no-packing), alternate (eager batch 16 with "
                         "expandable segments on, off, off, on), auto (--batch auto on the default ladder), "
                         "compiled (--compile at batch 16)")
     p.add_argument("--alternate-steps", type=int, default=120)
     p.add_argument("--eager-batches", type=lambda s: [int(b) for b in s.split(",")], default=[16],
                    help="the batches of the eager and padded stages (default: 16)")
+    p.add_argument("--hf-flat-attn", default="flex_attention",
+                   help="the attn_implementation of the hf-flat stage, a comma list runs each (e.g. flex_attention,sdpa)")
     p.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--flatten", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--attn", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -300,17 +329,10 @@ def main() -> int:
         build_model_dir(args.model_dir, args.data, args.smoke)
         say(f"built {args.model_dir} and {args.rows} rows")
     if "hf" in stages:
-        cmd = [sys.executable, __file__, "--hf-worker", "--out", str(args.out), "--model-dir", str(args.model_dir),
-               "--data", str(args.data), "--warmup", str(args.warmup), "--hf-steps", str(args.hf_steps)]
-        env = {k: v for k, v in bench.env.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
-        if not args.smoke:
-            env["CUDA_VISIBLE_DEVICES"] = args.gpu
-        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-        (args.out / "hf.log").write_text(r.stdout + r.stderr)
-        line = next((ln for ln in r.stdout.splitlines() if ln.startswith("HF ")), None)
-        bench.report["hf"] = json.loads(line[3:]) if line else {"exit": r.returncode, "tail": (r.stdout + r.stderr)[-2000:]}
-        bench.save()
-        say(f"HF: {bench.report['hf']}")
+        hf(bench, "hf")
+    if "hf-flat" in stages:
+        for attn in args.hf_flat_attn.split(","):
+            hf(bench, f"hf-flat-{attn}", "--flatten", "--attn", attn)
     for batch in (args.eager_batches if not args.smoke else [4]):
         if "eager" in stages:
             bench.run(f"eager-{batch}", batch)
@@ -327,8 +349,43 @@ def main() -> int:
         auto(bench)
     if "compiled" in stages:
         bench.run("compiled-16", 16 if not args.smoke else 4, "--compile")
+    bench.report["ratios"] = ratios(bench.report)
+    bench.save()
+    say(f"ratios: {bench.report['ratios']}")
     say("done")
     return 0
+
+
+def hf(bench: Bench, name: str, *extra: str) -> None:
+    """``hf_worker`` in a process of its own (a fresh CUDA context, its own peak memory), at batch 16
+    (4 in the smoke, the eager stage's); its line of figures as report[NAME], its output as OUT/NAME.log."""
+    args = bench.args
+    cmd = [sys.executable, __file__, "--hf-worker", "--out", str(args.out), "--model-dir", str(args.model_dir),
+           "--data", str(args.data), "--max-len", str(args.max_len), "--warmup", str(args.warmup),
+           "--hf-steps", str(args.hf_steps), "--batch", "4" if args.smoke else "16", *extra]
+    env = {k: v for k, v in bench.env.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+    if not args.smoke:
+        env["CUDA_VISIBLE_DEVICES"] = args.gpu
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    (args.out / f"{name}.log").write_text(r.stdout + r.stderr)
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("HF ")), None)
+    bench.report[name] = json.loads(line[3:]) if line else {"exit": r.returncode, "tail": (r.stdout + r.stderr)[-2000:]}
+    bench.save()
+    say(f"{name}: {bench.report[name]}")
+
+
+def ratios(report: dict[str, Any]) -> dict[str, float]:
+    """sftui's samples/s, eager and compiled, over each HF stage's at the same batch
+    ("compiled-16/hf-flat-sdpa"), where both ran: issue 17's goals are ≥ 6× the HF Trainer and
+    ≥ 2× the padding-free HF Trainer at batch 16."""
+    out = {}
+    for name, hf_res in report.items():
+        if name == "hf" or name.startswith("hf-flat-"):
+            for ours in (f"{mode}-{hf_res.get('batch')}" for mode in ("eager", "compiled")):
+                rate, theirs = (report.get(ours) or {}).get("samples_per_s"), hf_res.get("samples_per_s")
+                if rate and theirs:
+                    out[f"{ours}/{name}"] = round(rate / theirs, 2)
+    return out
 
 
 def alternate(bench: Bench, batch: int) -> None:
