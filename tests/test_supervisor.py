@@ -168,6 +168,7 @@ def test_kill_9_supervisor_ranks_checkpoint_then_leave_and_resume_redoes_nothing
     served = wait_for_event(run_dir, lambda e: e["kind"] == "checkpoint" and e["reason"] == "request")
     pid = run_json(run_dir)["supervisor_pid"]
     ranks = [e["pid"] for e in kinds(read_events(run_dir), "rank_start")]
+    ranks += [p.pid for p in standby_processes(run_dir, 2)]  # attempt 2's, waiting: they leave too
     os.kill(pid, signal.SIGKILL)
     t0 = time.monotonic()
     wait_no_processes(run_dir, timeout=30)
@@ -187,6 +188,7 @@ def test_kill_9_supervisor_ranks_checkpoint_then_leave_and_resume_redoes_nothing
     assert last["reason"] == "supervisor_lost" and last["step"] == trained > served["step"], last
     assert sorted((e["rank"], e["reason"], e["step"]) for e in kinds(ev, "worker_exit")) == \
         [(0, "stop", trained), (1, "stop", trained)]
+    assert not (run_dir / "attempt-2.log").exists()  # the waiting ranks wrote nothing
     status = run_sftui("status", str(run_dir))
     assert " lost " in status.stdout and f"sftui run --resume {run_dir}" in status.stdout, status.stdout
     assert json.loads(run_sftui("status", str(run_dir), "--json").stdout)["status"] == "lost"
@@ -197,6 +199,36 @@ def test_kill_9_supervisor_ranks_checkpoint_then_leave_and_resume_redoes_nothing
     assert kinds(ev, "attempt_start")[-1]["resume_step"] == trained
     assert [e["reason"] for e in kinds(ev, "checkpoint") if e["attempt"] == 2] == ["final"]
     assert_each_sample_once(run_dir, 400)
+
+
+def standby_processes(run_dir: Path, world: int, timeout: float = 60) -> list[psutil.Process]:
+    """The next attempt's ranks the supervisor started ahead (``sftui.trainer.standby``), once all
+    ``world`` of them are there."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [p for p in processes_of(run_dir) if "sftui.trainer.standby" in p.info["cmdline"]]
+        if len(found) == world:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"no {world} ranks started ahead: {[p.info['cmdline'] for p in processes_of(run_dir)]}")
+
+
+def test_a_switch_starts_the_next_attempt_from_the_ranks_started_ahead(tmp_path):
+    """Once an attempt has trained a step, the next attempt's ranks are started and import ahead;
+    a switch (like an OOM restart) hands them the rendezvous port and they are its ranks: the same
+    processes, their output in attempt-2.log, every sample still trained once."""
+    data = write_rows(tmp_path / "d.jsonl", 480)
+    run_dir = detach(tmp_path, "--data", str(data), "--batch", "8", "--num-processes", "2")
+    ahead = sorted(p.pid for p in standby_processes(run_dir, 2))
+    assert not (run_dir / "attempt-2.log").exists()
+    assert run_sftui("set-batch", str(run_dir), "4").returncode == 0
+    assert wait_end(run_dir)["exit_code"] == 0, read_events(run_dir)[-5:]
+    ev = read_events(run_dir)
+    assert [e["outcome"] for e in kinds(ev, "attempt_end")] == ["switch", "finished"]
+    assert [e["warm"] for e in kinds(ev, "attempt_start")] == [False, True]
+    assert sorted(e["pid"] for e in kinds(ev, "rank_start") if e["attempt"] == 2) == ahead
+    assert_each_sample_once(run_dir, 480)
+    wait_no_processes(run_dir)
 
 
 def test_a_killed_rank_fails_the_run_with_its_log_tail(tmp_path):

@@ -17,7 +17,7 @@ SCHEMA_VERSION = 1
 KINDS: dict[str, tuple[str, ...]] = {
     "run_start": ("config",),
     "phase": ("phase", "progress"),
-    "attempt_start": ("batch_size", "grad_accum", "world_size", "effective_batch", "resume_step"),
+    "attempt_start": ("batch_size", "grad_accum", "world_size", "effective_batch", "resume_step", "warm"),
     "rank_start": ("rank", "pid", "host", "gpu_uuid"),
     "data": ("rows", "skipped", "eval_rows", "target_samples", "chat_format", "batches"),
     "model": ("trainable_params", "total_params", "lora"),

@@ -9,6 +9,7 @@ file, torchrun's c10d rendezvous) in the same way, its output prefixed with the 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -132,13 +133,69 @@ class Attempt:
 
 
 def start_attempt(run: RunDir, attempt: int, world: int, gpus: list[int] | None,
-                  module: str = "sftui.trainer") -> Attempt:
+                  module: str = "sftui.trainer", standby: "Standby | None" = None) -> Attempt:
     """Start ``world`` ranks of ``python -m MODULE RUN_DIR`` in one new process group (the
-    trainer; or the memory probe, which must see the same world)."""
+    trainer; or the memory probe, which must see the same world). ``standby``: the trainer's
+    ranks started ahead for this attempt, which then only need the port (else they are let go
+    and the ranks start cold)."""
     port = free_loopback_port()
+    if standby is not None:
+        if standby.serves(attempt, world, gpus):
+            return standby.become(run, port)
+        standby.dismiss()
     argv = [sys.executable, "-m", module, str(run.path)]
     return _spawn(run, attempt, [(argv, rank_env(rank, world, port, attempt, gpus), f"[rank {rank}] ")
                                  for rank in range(world)])
+
+
+@dataclass
+class Standby:
+    """The trainer's ranks of attempt ``attempt``, started before it (``sftui.trainer.standby``):
+    each has imported what a rank imports and waits on stdin for the rendezvous port. An OOM
+    restart or a batch switch then skips Python's start and the imports."""
+
+    attempt: int
+    world: int
+    gpus: list[int] | None
+    procs: list[subprocess.Popen]
+
+    def serves(self, attempt: int, world: int, gpus: list[int] | None) -> bool:
+        """Whether these processes are ready to be ``attempt`` with this world and these GPUs."""
+        return (attempt, world, gpus) == (self.attempt, self.world, self.gpus) and \
+            all(p.poll() is None for p in self.procs)
+
+    def become(self, run: RunDir, port: int) -> Attempt:
+        """The attempt: each waiting rank gets the port, and its output goes to the attempt's log."""
+        order = (json.dumps({"port": port}) + "\n").encode()
+        for p in self.procs:
+            assert p.stdin is not None
+            try:
+                p.stdin.write(order)
+                p.stdin.close()
+            except BrokenPipeError:  # it died just now: the attempt sees a rank that failed at once
+                pass
+        return _attach(run, self.attempt, self.procs, [f"[rank {r}] " for r in range(self.world)])
+
+    def dismiss(self) -> None:
+        """Not needed after all: killed (they have written nothing and hold no GPU memory)."""
+        for p in self.procs:
+            p.kill()
+            p.wait()
+            for pipe in (p.stdin, p.stdout):
+                if pipe is not None:
+                    try:
+                        pipe.close()
+                    except BrokenPipeError:
+                        pass
+
+
+def start_standby(run: RunDir, attempt: int, world: int, gpus: list[int] | None) -> Standby:
+    """Ranks for attempt ``attempt`` of this run, started now and waiting (see ``Standby``); they
+    get the attempt's environment, the rendezvous port excepted, and a process group of their own."""
+    argv = [sys.executable, "-m", "sftui.trainer.standby", str(run.path)]
+    procs = _popen_group([(argv, rank_env(rank, world, 0, attempt, gpus)) for rank in range(world)],
+                         stdin=subprocess.PIPE)
+    return Standby(attempt, world, gpus, procs)
 
 
 # --- several machines: one `accelerate launch` per machine and attempt ---
@@ -198,31 +255,33 @@ def start_launcher(run: RunDir, attempt: int, cfg: RunConfig, node: int, rdzv_id
 def _spawn(run: RunDir, attempt: int, specs: list[tuple[list[str], dict[str, str], str]], node: int = 0) -> Attempt:
     """Start each (argv, env, output prefix) in one new process group; their output goes,
     prefixed, to the attempt's log on this machine."""
-    log_path = run.attempt_log(attempt, node)
-    log = open(log_path, "ab", buffering=0)
-    lock = threading.Lock()
+    procs = _popen_group([(argv, env) for argv, env, _ in specs], stdin=subprocess.DEVNULL)
+    return _attach(run, attempt, procs, [prefix for _, _, prefix in specs], node)
+
+
+def _popen_group(specs: list[tuple[list[str], dict[str, str]]], stdin: int) -> list[subprocess.Popen]:
+    """Each (argv, env) started in one new process group, output piped (both streams together)."""
     procs: list[subprocess.Popen] = []
-    copiers: list[threading.Thread] = []
     try:
-        for argv, env, prefix in specs:
-            proc = subprocess.Popen(
-                argv,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                close_fds=True,
-                **_group_kwargs(procs[0].pid if procs else 0),
-            )
-            procs.append(proc)
-            t = threading.Thread(target=_copy_prefixed, args=(proc.stdout, log, lock, prefix), daemon=True)
-            t.start()
-            copiers.append(t)
+        for argv, env in specs:
+            procs.append(subprocess.Popen(argv, env=env, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          close_fds=True, **_group_kwargs(procs[0].pid if procs else 0)))
     except BaseException:
         for p in procs:
             p.kill()
         raise
-    return Attempt(attempt, procs, log_path, _copiers=copiers)
+    return procs
+
+
+def _attach(run: RunDir, attempt: int, procs: list[subprocess.Popen], prefixes: list[str], node: int = 0) -> Attempt:
+    """The attempt of these processes, each one's output copied with its prefix to the attempt's log."""
+    log = open(run.attempt_log(attempt, node), "ab", buffering=0)
+    lock = threading.Lock()
+    copiers = [threading.Thread(target=_copy_prefixed, args=(p.stdout, log, lock, prefix), daemon=True)
+               for p, prefix in zip(procs, prefixes)]
+    for t in copiers:
+        t.start()
+    return Attempt(attempt, procs, run.attempt_log(attempt, node), _copiers=copiers)
 
 
 def _group_kwargs(pgid: int) -> dict:

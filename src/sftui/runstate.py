@@ -57,7 +57,8 @@ def describe_event(e: dict[str, Any]) -> str | None:
     if k == "attempt_start":
         resume = g("resume_step")
         return (f"attempt {g('attempt')} at batch {rung_text(g('batch_size'), g('world_size'), g('grad_accum'))}, "
-                + (f"resuming after step {resume}" if resume is not None else "from scratch"))
+                + (f"resuming after step {resume}" if resume is not None else "from scratch")
+                + (" (its ranks were started ahead)" if g("warm") else ""))
     if k == "rank_start":
         gpu = g("gpu_uuid")
         return f"rank {g('rank')} started (pid {g('pid')} on {g('host')}" + (f", {gpu})" if gpu else ", CPU)")

@@ -28,7 +28,7 @@ from sftui import config as cfgmod
 from sftui import events as ev
 from sftui.control import ControlServer
 from sftui.runfile import RunFile
-from sftui.launch import Attempt, allocator_conf, rendezvous_id, start_attempt, start_launcher
+from sftui.launch import Attempt, Standby, allocator_conf, rendezvous_id, start_attempt, start_launcher, start_standby
 from sftui.rundir import (
     EventLog,
     EventTails,
@@ -142,6 +142,7 @@ class Supervisor:
         self._force = False
         self._pending_switch: int | None = None
         self._attempt: Attempt | None = None
+        self._standby: Standby | None = None  # the next attempt's ranks, started ahead (launch.Standby)
         self._watch: AttemptWatch | None = None
         self._last_error: str | None = None
         self._last_tui_ping = 0.0
@@ -207,6 +208,8 @@ class Supervisor:
         finally:
             if server is not None:
                 server.close()
+            if self._standby is not None:
+                self._standby.dismiss()
         self._save(status=status, exit_code=code, reason=reason, pending_decision=None, supervisor_pid=None)
         end = self.emit("run_end", status=status, reason=reason, exit_code=code)
         self._notify(end)
@@ -261,8 +264,10 @@ class Supervisor:
         self._set_rung(self.state.batch_size)
         self._save(attempt=n, status="running")
         resume = checkpoint_step(self.run)
+        warm = self._standby is not None and self._standby.serves(n, self.cfg.world_size, self._gpus())
         self.emit("attempt_start", attempt=n, batch_size=self.state.batch_size, grad_accum=self.state.grad_accum,
-                  world_size=self.cfg.world_size, effective_batch=self.state.effective_batch, resume_step=resume)
+                  world_size=self.cfg.world_size, effective_batch=self.state.effective_batch, resume_step=resume,
+                  warm=warm)
         watch = AttemptWatch()
         with self._lock:
             self._watch = watch
@@ -275,6 +280,8 @@ class Supervisor:
         while attempt.running():
             codes = attempt.poll()
             self._pump(watch)  # after poll: a rank's last events are in the file before it exits
+            if watch.trained and self._standby is None and self._wants_standby():
+                self._standby = start_standby(self.run, n + 1, self.cfg.world_size, self._gpus())
             now = time.monotonic()
             if now >= next_telemetry:
                 self._write_telemetry()
@@ -344,11 +351,21 @@ class Supervisor:
         """This machine's processes of attempt ``n``: every rank, or (multi-node) machine 0's
         ``accelerate launch``, which waits for the other machines' at the rendezvous."""
         if self.cfg.num_machines == 1:
-            return start_attempt(self.run, n, self.cfg.world_size, None if self.cfg.cpu else self.cfg.gpus)
+            standby, self._standby = self._standby, None
+            return start_attempt(self.run, n, self.cfg.world_size, self._gpus(), standby=standby)
         self.emit("log", attempt=n, level="info",
                   message=f"waiting for {self.cfg.num_machines} machines at {self.cfg.main_process_ip}:"
                   f"{self.cfg.main_process_port}; on machine R: sftui node {self.run.path} --machine-rank R")
         return start_launcher(self.run, n, self.cfg, 0, rendezvous_id(self.state.created, n))
+
+    def _gpus(self) -> list[int] | None:
+        return None if self.cfg.cpu else self.cfg.gpus
+
+    def _wants_standby(self) -> bool:
+        """Whether the next attempt's ranks are started ahead, once this one has trained a step
+        (so that their imports do not slow its start): on one machine (several start through
+        ``accelerate launch``), unless ``SFTUI_STANDBY=0``."""
+        return self.cfg.num_machines == 1 and os.environ.get("SFTUI_STANDBY", "1") != "0"
 
     def _await_other_machines(self, watch: AttemptWatch) -> None:
         """Machine 0's launcher has exited; the other machines' last events (an OOM, their ranks'
