@@ -214,9 +214,9 @@ def standby_processes(run_dir: Path, world: int, timeout: float = 60) -> list[ps
 
 
 def test_a_switch_starts_the_next_attempt_from_the_ranks_started_ahead(tmp_path):
-    """Once an attempt has trained a step, the next attempt's ranks are started and import ahead;
+    """Once an attempt's ranks are up, the next attempt's ranks are started and import ahead;
     a switch (like an OOM restart) hands them the rendezvous port and they are its ranks: the same
-    processes, their output in attempt-2.log, every sample still trained once."""
+    processes, and every sample still trained once (their output: test_launch_env)."""
     data = write_rows(tmp_path / "d.jsonl", 480)
     run_dir = detach(tmp_path, "--data", str(data), "--batch", "8", "--num-processes", "2")
     ahead = sorted(p.pid for p in standby_processes(run_dir, 2))

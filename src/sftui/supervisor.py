@@ -83,6 +83,7 @@ class AttemptWatch:
     last_step: int | None = None
     last_progress: float = field(default_factory=time.monotonic)
     trained: bool = False
+    ranks_up: bool = False  # a rank_start: the ranks have imported and met at the rendezvous
     worker_exits: dict[int, str] = field(default_factory=dict)
     ooms: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # the ranks' error messages (a full disk, a bad checkpoint)
@@ -94,6 +95,8 @@ class AttemptWatch:
         if kind == "step":
             self.last_step = e.get("step", self.last_step)
             self.trained = True
+        elif kind == "rank_start":
+            self.ranks_up = True
         elif kind == "worker_exit":
             self.worker_exits[int(e.get("rank", 0))] = str(e.get("reason"))
             # Step events come every --log-every steps: a rank's exit says where it really was.
@@ -280,7 +283,7 @@ class Supervisor:
         while attempt.running():
             codes = attempt.poll()
             self._pump(watch)  # after poll: a rank's last events are in the file before it exits
-            if watch.trained and self._standby is None and self._wants_standby():
+            if watch.ranks_up and self._standby is None and self._wants_standby():
                 self._standby = start_standby(self.run, n + 1, self.cfg.world_size, self._gpus())
             now = time.monotonic()
             if now >= next_telemetry:
@@ -362,9 +365,10 @@ class Supervisor:
         return None if self.cfg.cpu else self.cfg.gpus
 
     def _wants_standby(self) -> bool:
-        """Whether the next attempt's ranks are started ahead, once this one has trained a step
-        (so that their imports do not slow its start): on one machine (several start through
-        ``accelerate launch``), unless ``SFTUI_STANDBY=0``."""
+        """Whether the next attempt's ranks are started ahead, once this one's are up (after their
+        own imports, which these would slow on a machine of few cores; in time for an OOM at the
+        first step): on one machine (several start through ``accelerate launch``), unless
+        ``SFTUI_STANDBY=0``."""
         return self.cfg.num_machines == 1 and os.environ.get("SFTUI_STANDBY", "1") != "0"
 
     def _await_other_machines(self, watch: AttemptWatch) -> None:

@@ -3,7 +3,7 @@
 Between a rank's ``oom`` event and the next attempt's first step, most of the time went to
 starting Python and importing torch, accelerate and transformers: 5.2 of 8.4 s for ``tiny`` on a
 CPU, about 6 s of 24.5 s on two H200s (docs/BENCHMARKS.md). So the supervisor starts the next
-attempt's ranks this way while the current attempt trains (``launch.start_standby``): each
+attempt's ranks this way while the current one loads and trains (``launch.start_standby``): each
 imports what a rank of this run will import and then waits, using no CPU, for one line on stdin,
 ``{"port": MASTER_PORT}``, sent when its attempt starts (``launch.start_attempt``). From there
 on it is that attempt's rank exactly as ``python -m sftui.trainer RUN_DIR`` would be: it was
