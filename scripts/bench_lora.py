@@ -15,7 +15,11 @@
 5. oom: `sftui run --lora` at the smallest batch past the recommendation that the forecast puts past
    the whole card, with `--on-oom auto` and the probe's ladder below it: a real CUDA OOM, the restart
    at the next rung; seconds from the OOM to the first step of the next attempt, and
-   the steps lost.
+   the steps lost; with scripts/recovery.py's other figures (as bench_throughput and
+   bench_multi_gpu): `warm` (the next attempt's ranks were started ahead, `trainer/standby.py`),
+   seconds to its `attempt_start` and to its ranks' `rank_start` (what the standby saves), the
+   teardown, how long after the first attempt's `rank_start` the OOM came, a timeline. No cold
+   run here (bench_throughput and bench_multi_gpu compare SFTUI_STANDBY=0).
 6. compiled (not by default): `sftui run --lora --compile` at the recommended rung.
 
 Each stage runs in its own process (the GPU is free between them). Writes OUT/bench_lora.json
@@ -34,6 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_causal import GIB, ROOT, SEED, SMOKE, Bench, build_tokenizer, hf_worker, say, write_rows  # noqa: E402
+from recovery import NoRecovery, recovery_figures, recovery_line  # noqa: E402
 
 from sftui import rundir  # noqa: E402
 
@@ -69,22 +74,17 @@ def build_worker(args: argparse.Namespace) -> int:
 
 def oom_recovery(bench: LoraBench, above: int) -> dict[str, Any]:
     """Past the recommendation (``above``) with --on-oom auto: when the OOM came, how long until
-    the next attempt's first step, and how many completed steps were lost."""
+    the next attempt's first step, and how many completed steps were lost (scripts/recovery.py's
+    figures: also warm, oom -> the next attempt's rank_start, teardown, a timeline)."""
     # The CPU has no memory to run out of: --smoke injects the OOM (a real torch.OutOfMemoryError).
     inject = ["--inject-oom-at-step", "2"] if bench.args.smoke else []
     res = bench.run("oom", above, "--ladder", bench.args.probe_ladder, "--on-oom", "auto", *bench.lora_flags(),
                     *inject, steps=bench.args.oom_steps)
-    evs = rundir.read_all(bench.out / "run-oom" / "events.jsonl")
-    oom = next((e for e in evs if e["kind"] == "oom"), None)
-    if oom is None:
+    try:
+        fig = recovery_figures(rundir.read_all(bench.out / "run-oom" / "events.jsonl"))
+        res.update(fig, next_batch=fig["batch_to"])
+    except NoRecovery:
         res["recovery"] = f"no OOM at batch {above}"
-    else:
-        start = next((e for e in evs if e["kind"] == "attempt_start" and e["attempt"] == oom["attempt"] + 1), {})
-        first = next((e for e in evs if e["kind"] == "step" and e["attempt"] == oom["attempt"] + 1), None)
-        resumed = start.get("resume_step") or 0
-        res.update(oom_step=oom["step"], next_batch=start.get("batch_size"), resume_step=resumed,
-                   steps_lost=oom["step"] - 1 - resumed,
-                   recovery_s=round(first["t"] - oom["t"], 1) if first else None)
     bench.save()
     say(f"oom: {res}")
     return res
@@ -119,8 +119,7 @@ def summary(report: dict[str, Any]) -> str:
             line += f"  forecast error {value['forecast_error']:+.1%}"
         if "recovery" in value or "recovery_s" in value:
             line += (f"  {value['recovery']}" if "recovery" in value else
-                     f"  OOM at step {value['oom_step']} -> batch {value['next_batch']}: first step after "
-                     f"{value['recovery_s']} s, {value['steps_lost']} steps lost")
+                     f"  OOM at step {value['oom_step']} -> batch {value['next_batch']}: {recovery_line(value)}")
         rows.append(line)
     hf, ours = report.get("hf", {}).get("samples_per_s"), (report.get("recommended") or {}).get("samples_per_s")
     if hf and ours:

@@ -13,11 +13,16 @@ weights, a byte-level BPE with a ChatML template) on bench_causal's rows.
    --steps steps (default 120); rates after --warmup steps from the runs' own `step` events (as
    bench_causal.Bench.run computes them). Reports samples/s on N / (N x samples/s on 1) (goal >= 0.9) and
    each rank's peak allocated and reserved from `rank_stats`.
-2. recovery: the Qwen shape on N GPUs, `--inject-oom-at-step 5 --inject-oom-rank N-1 --on-oom auto
-   --ladder B,3B/4,B/2`, eager and with --compile: seconds from the `oom` event to the next attempt's
-   first `step` (goal <= 20 s), teardown (oom -> attempt_end), steps lost (oom step - 1 - resume_step), and
+2. recovery: the Qwen shape on N GPUs, `--inject-oom-at-step S --inject-oom-rank N-1 --on-oom auto
+   --ladder B,3B/4,B/2` (S = --inject-at, default 5), one run per --recovery-modes entry (default eager,
+   eager-cold, compiled): `-cold` is the same run with SFTUI_STANDBY=0 in the supervisor's environment, so
+   that the next attempt's ranks are not started ahead. Figures (scripts/recovery.py, as in
+   bench_throughput and bench_lora): seconds from the `oom` event to the next attempt's first `step` (goal
+   <= 20 s), to its ranks' `rank_start` (what the ranks started ahead save) and to its `attempt_start`;
+   `warm` (attempt_start's: its ranks were started ahead); teardown (oom -> attempt_end); steps lost (oom
+   step - 1 - resume_step); how long after attempt 1's rank_start the oom came (the standby's head start);
    the next attempt's attempt_start / rank_start / data / model / phase times after the oom, so that the
-   time can be attributed.
+   time can be attributed; and `MODE-saved_s`, cold minus warm recovery.
 3. combined: the Qwen shape with its chat template, --lora, --packing, --record-samples on N GPUs, one
    epoch: (a) an injected OOM (--on-oom auto) on rank --combined-oom-rank (default the last, N-1; a
    resume clears the injection, so the run may later resume on one GPU), (b) `sftui set-batch RUN_DIR B/2` while it
@@ -52,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_causal import GIB, SEED, Bench, build_model_dir, say, write_rows  # noqa: E402
 from gpu_oom import check_once  # noqa: E402
+from recovery import NoRecovery, recovery_figures  # noqa: E402
 
 from sftui import rundir  # noqa: E402
 
@@ -104,8 +110,10 @@ class MultiBench(Bench):
         return rundir.read_all(path) if path.exists() else []
 
     def train(self, name: str, model: str, max_len: int, batch: int, n: int, *extra: str, data: Path | None = None,
-              steps: int | None = None, detach: bool = False, timeout: float = 1800) -> tuple[int, Path]:
-        """`sftui run` (headless and waited for, or --detach) into OUT/run-NAME; its exit code and directory."""
+              steps: int | None = None, detach: bool = False, timeout: float = 1800,
+              env: dict[str, str] | None = None) -> tuple[int, Path]:
+        """`sftui run` (headless and waited for, or --detach) into OUT/run-NAME, ``env`` added to the
+        supervisor's environment; its exit code and directory."""
         run_dir = self.out / f"run-{name}"
         shutil.rmtree(run_dir, ignore_errors=True)
         ladder = () if "--ladder" in extra else ("--ladder", str(batch))
@@ -114,7 +122,7 @@ class MultiBench(Bench):
                              "--model", model, "--data", str(data or self.args.data), "--max-len", str(max_len),
                              "--batch", str(batch), *ladder, *length, "--seed", str(SEED),
                              "--checkpoint-every", "0", "--keep-checkpoints", "1", *self.devices(n), *extra,
-                             log=name, timeout=timeout)
+                             log=name, timeout=timeout, env=env)
         return code, run_dir
 
     def wait_for(self, run_dir: Path, what: str, pred: Callable[[Events], bool], timeout: float = 900,
@@ -170,48 +178,33 @@ def ladder(b: int) -> str:
     return ",".join(str(x) for x in sorted({b, max(1, b * 3 // 4), max(1, b // 2)}, reverse=True))
 
 
-def recovery_figures(evs: Events) -> dict[str, Any]:
-    """From an injected OOM to the next attempt's first step."""
-    oom = of(evs, "oom")[0]
-    attempt = oom.get("attempt", 1)
-    nxt = attempt + 1
-    start = next(e for e in of(evs, "attempt_start") if e.get("attempt") == nxt)
-    end = next(e for e in of(evs, "attempt_end") if e.get("attempt") == attempt)
-    first = next(e for e in of(evs, "step") if e.get("attempt") == nxt)
-    saved = [e for e in of(evs, "checkpoint") if e.get("reason") == "oom"]
-    t0 = oom["t"]
-
-    def rel(e: dict[str, Any]) -> float:
-        return round(e["t"] - t0, 2)
-
-    timeline = [{"s": rel(e), "kind": e["kind"], **{k: e[k] for k in ("rank", "phase", "progress") if k in e}}
-                for e in evs if e.get("attempt") == nxt and e["t"] <= first["t"]
-                and e["kind"] in ("attempt_start", "rank_start", "phase", "data", "model", "step")]
-    return {"oom_step": oom["step"], "oom_rank": oom["rank"], "injected": oom.get("injected"),
-            "batch_from": oom["batch_size"], "batch_to": start["batch_size"], "resume_step": start["resume_step"],
-            "steps_lost": oom["step"] - 1 - (start["resume_step"] or 0),
-            "emergency_checkpoint_s": saved[0]["seconds"] if saved else None,
-            "teardown_s": rel(end), "attempt_end_outcome": end["outcome"],
-            "recovery_s": rel(first), "recovery_goal_met": rel(first) <= 20,
-            "first_step_after": first["step"], "timeline": timeline}
-
-
 def recovery(bench: MultiBench) -> dict[str, Any]:
+    """Each mode of --recovery-modes: `eager` / `compiled` (--compile), and with `-cold` the same
+    run with SFTUI_STANDBY=0 in the supervisor's environment (no ranks started ahead)."""
     args, n = bench.args, bench.n
     b = args.batch_qwen
-    result: dict[str, Any] = {"batch": b, "ladder": ladder(b)}
-    for mode in (("eager",) if args.smoke else ("eager", "compiled")):
-        extra = ["--compile"] if mode == "compiled" else []
+    result: dict[str, Any] = {"batch": b, "ladder": ladder(b), "inject_at": args.inject_at}
+    for mode in args.recovery_modes:
+        extra = ["--compile"] if mode.startswith("compiled") else []
+        env = {"SFTUI_STANDBY": "0"} if mode.endswith("-cold") else None
         code, run_dir = bench.train(f"recovery-{mode}", str(args.model_dir), args.max_len, b, n,
-                                    "--inject-oom-at-step", "5", "--inject-oom-rank", str(n - 1), "--on-oom", "auto",
-                                    "--ladder", ladder(b), "--log-every", "1", *extra, steps=args.recovery_steps)
-        evs = bench.events(run_dir)
+                                    "--inject-oom-at-step", str(args.inject_at), "--inject-oom-rank", str(n - 1),
+                                    "--on-oom", "auto", "--ladder", ladder(b), "--log-every", "1", *extra,
+                                    steps=max(args.recovery_steps, args.inject_at + 5), env=env)
         try:
-            row = {"exit": code, **recovery_figures(evs)}
-        except (IndexError, StopIteration, KeyError) as e:
-            row = {"exit": code, "failed": f"no recovery in the events: {e!r}"}
+            row = {"exit": code, "standby": "off" if env else "on", **recovery_figures(bench.events(run_dir))}
+            if row["missing"]:
+                row["failed"] = f"no recovery in the events: no {', '.join(row['missing'])} after the oom"
+        except NoRecovery as e:
+            row = {"exit": code, "standby": "off" if env else "on", "failed": f"no recovery in the events: {e}"}
         result[mode] = row
         bench.stage("recovery", result)
+    for mode in args.recovery_modes:  # warm against cold, side by side
+        warm, cold = result.get(mode), result.get(f"{mode}-cold")
+        if not mode.endswith("-cold") and warm and cold and warm.get("recovery_s") is not None \
+                and cold.get("recovery_s") is not None:
+            result[f"{mode}-saved_s"] = round(cold["recovery_s"] - warm["recovery_s"], 2)
+    bench.stage("recovery", result)
     return result
 
 
@@ -359,10 +352,10 @@ def telemetry(bench: MultiBench) -> dict[str, Any]:
 
 
 def summary(report: dict[str, Any], n: int) -> str:
-    lines = [f"{'stage':<10} {'what':<58} {'figure':>26}"]
+    lines = [f"{'stage':<10} {'what':<80} {'figure':>26}"]
 
     def add(stage: str, what: str, figure: Any) -> None:
-        lines.append(f"{stage:<10} {what[:58]:<58} {str(figure):>26}")
+        lines.append(f"{stage:<10} {what[:80]:<80} {str(figure):>26}")
 
     for label, row in (report.get("scaling") or {}).items():
         for w in (1, n):
@@ -373,10 +366,15 @@ def summary(report: dict[str, Any], n: int) -> str:
         add("scaling", f"{label}: efficiency on {n} (goal >= 0.9)", row.get("efficiency"))
     for mode, row in (report.get("recovery") or {}).items():
         if isinstance(row, dict) and "recovery_s" in row:
-            add("recovery", f"{mode}: oom->first step s (goal <= 20); teardown s; lost",
-                f"{row['recovery_s']}; {row['teardown_s']}; {row['steps_lost']}")
+            w = {True: "warm", False: "cold"}.get(row.get("warm"), "warm n/a")
+            add("recovery", f"{mode} ({w}): oom->1st step s (goal <= 20); ->ranks up s; teardown s; lost",
+                f"{row['recovery_s']}; {row.get('oom_to_rank_start_s')}; {row['teardown_s']}; {row['steps_lost']}")
+            add("recovery", f"{mode}: the oom came s after attempt {row.get('oom_attempt')}'s rank_start",
+                row.get("oom_after_rank_start_s"))
         elif isinstance(row, dict):
             add("recovery", mode, row.get("failed", "-"))
+        elif mode.endswith("-saved_s"):
+            add("recovery", f"{mode[:-8]}: cold - warm recovery s (the ranks started ahead)", row)
     comb = report.get("combined") or {}
     for c in comb.get("checks", []):
         add("combined", c["check"], "pass" if c["ok"] else "FAIL")
@@ -406,6 +404,16 @@ def main() -> int:
     p.add_argument("--combined-oom-rank", type=int, default=None,
                    help="the combined run's injected-OOM rank (default: the last)")
     p.add_argument("--recovery-steps", type=int, default=30)
+    p.add_argument("--recovery-modes", default=None,
+                   help="the recovery stage's runs, in order, of eager, eager-cold, compiled, compiled-cold; "
+                        "-cold: SFTUI_STANDBY=0, no ranks started ahead (default eager,eager-cold,compiled; "
+                        "--smoke: eager,eager-cold)")
+    p.add_argument("--inject-at", type=int, default=5,
+                   help="the recovery stage's injected OOM step (default 5; the combined stage's stays 5). The "
+                        "ranks started ahead begin at attempt 1's rank_start and need some seconds of imports: "
+                        "an earlier OOM waits for the rest of them (still warm). At the Qwen shape's batch 128 per "
+                        "GPU, rank_start -> step 5 (tokenizing, the model, five steps) should outlast them (about "
+                        "6 s on an H200 image); the report's oom_after_rank_start_s says how long it was")
     p.add_argument("--telemetry-samples", type=int, default=5)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--smoke", action="store_true")
@@ -427,6 +435,10 @@ def main() -> int:
     if not args.smoke and shutil.which("nvidia-smi"):
         args.cards = subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.total", "--format=csv,noheader"],
                                     capture_output=True, text=True).stdout.strip().splitlines()
+    modes = args.recovery_modes or ("eager,eager-cold" if args.smoke else "eager,eager-cold,compiled")
+    args.recovery_modes = [m for m in modes.split(",") if m]
+    if not set(args.recovery_modes) <= {"eager", "eager-cold", "compiled", "compiled-cold"} or args.inject_at < 1:
+        p.error(f"--recovery-modes: of eager, eager-cold, compiled, compiled-cold (got {modes}); --inject-at >= 1")
     args.gpus = [g for g in args.gpus.split(",") if g]
     args.gpu = args.gpus[0] if args.gpus else "0"
     if len(args.gpus) < 2:

@@ -15,7 +15,15 @@ b. sftui: the real command line, `sftui run --headless`, eager (default padding)
 c. Supervisor overhead: the same eager run started as a bare rank (launch.start_attempt on a
    copy of the supervised run's run.json), without the supervisor tailing and sampling.
 d. OOM recovery (OOM event -> the first step of attempt 2), compile off and on, from
-   `--inject-oom-at-step`.
+   `--inject-oom-at-step` (step --inject-at, default 40, 5 with --smoke: see its help), each also with
+   SFTUI_STANDBY=0 in the supervisor's environment (`oom-eager-cold`, `oom-compiled-cold`,
+   `oom-layers-cold`: the next attempt's ranks are not started ahead), so that one run shows warm
+   against cold. Figures from scripts/recovery.py (as bench_multi_gpu and bench_lora): recovery_s,
+   oom_to_attempt_start_s, oom_to_rank_start_s (what the ranks started ahead save), teardown_s,
+   warm (attempt 2's attempt_start), oom_after_rank_start_s (the standby's head start), a timeline
+   of attempt 2's events; and `standby_saved_s`, cold minus warm recovery per pair. The compiled
+   runs share one compile cache, and the worker marks the batch dimension dynamic, so warm and
+   cold attempt 2s should load the same graphs (compile_logs shows what each did).
 
 Timed window: steps W+1..W+K of each run (W = --warmup). Stages run in order of importance and
 a stage is skipped when it would end past --budget-s. Writes OUT/bench_throughput.json after
@@ -40,6 +48,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from recovery import NoRecovery, recovery_figures, recovery_line  # noqa: E402
 
 from sftui import launch, rundir  # noqa: E402
 from sftui.config import is_seq2seq  # noqa: E402
@@ -52,7 +63,13 @@ ALPHABET = ("的一是不了人我在有他这中大来上国个到说们为子�
             "心多天而能好都然没日于起还发成事只作当想看文无开手十用主行方又如前所本见经头面公同三已老从动两长知民样")
 # Rough seconds per stage on an H100/H200 (imports, model build, checkpoint at the end included):
 # a stage is started only when it fits the budget.
-COST = {"eager": 35, "compiled_cold": 190, "compiled": 50, "direct": 30, "oom": 50, "oom_compiled": 90}
+# The oom stages: warm and cold alike (the cold recovery is some 6 s longer); "oom" with the default
+# --inject-at 40 (some 40 eager steps at batch 16, ~0.2 s each, before the OOM).
+COST = {"eager": 35, "compiled_cold": 190, "compiled": 50, "direct": 30, "oom": 60, "oom_compiled": 90}
+# The OOM-recovery stages, in order of importance: name -> (--compile, more flags, SFTUI_STANDBY=0).
+OOM_STAGES = {"oom-eager": (False, (), False), "oom-eager-cold": (False, (), True),
+              "oom-compiled": (True, (), False), "oom-compiled-cold": (True, (), True),
+              "oom-layers": (True, ("--compile-layers",), False), "oom-layers-cold": (True, ("--compile-layers",), True)}
 STARTED = time.monotonic()
 
 
@@ -221,15 +238,16 @@ class Bench:
                 "--batch", str(batch), "--ladder", ladder, "--max-steps", str(steps), "--log-every",
                 str(self.args.log_every), "--checkpoint-every", "0", "--keep-checkpoints", "1", *self.device]
 
-    def sftui(self, name: str, extra: list[str]) -> tuple[Path, int, float]:
+    def sftui(self, name: str, extra: list[str], env: dict[str, str] | None = None) -> tuple[Path, int, float]:
+        """`sftui run --headless` into OUT/run-NAME, ``env`` added to the supervisor's environment."""
         run_dir = self.out / f"run-{name}"
         shutil.rmtree(run_dir, ignore_errors=True)
         args = ["run", "--headless", "--run-dir", str(run_dir), *extra]
-        say("$ " + shlex.join(["sftui", *args]))
+        say("$ " + "".join(f"{k}={v} " for k, v in (env or {}).items()) + shlex.join(["sftui", *args]))
         t0 = time.monotonic()
         try:
-            r = subprocess.run([sys.executable, "-m", "sftui", *args], cwd=ROOT, env=self.env, capture_output=True,
-                               text=True, timeout=self.timeout())
+            r = subprocess.run([sys.executable, "-m", "sftui", *args], cwd=ROOT, env={**self.env, **(env or {})},
+                               capture_output=True, text=True, timeout=self.timeout())
             code, text = r.returncode, r.stdout + r.stderr
         except subprocess.TimeoutExpired as e:
             code, text = 124, f"{e.stdout or ''}{e.stderr or ''}\ntimed out"
@@ -269,25 +287,27 @@ class Bench:
         self.save()
         say(f"bare rank: exit {res['exit']}, {res.get('samples_per_s')} samples/s")
 
-    def oom_recovery(self, name: str, compile_: bool, more: tuple[str, ...] = ()) -> None:
-        at = 3
-        extra = self.flags(16 if not self.args.smoke else 8, "16,12" if not self.args.smoke else "8,6", 2 * at)
+    def oom_recovery(self, name: str, compile_: bool, more: tuple[str, ...] = (), cold: bool = False) -> None:
+        """An injected OOM at --inject-at, --on-oom auto one rung down, three steps after it; ``cold``:
+        SFTUI_STANDBY=0 in the supervisor's environment (the next attempt's ranks start from nothing).
+        Figures: scripts/recovery.py."""
+        at = self.args.inject_at
+        extra = self.flags(16 if not self.args.smoke else 8, "16,12" if not self.args.smoke else "8,6", at + 3)
         extra += ["--on-oom", "auto", "--inject-oom-at-step", str(at), *more] + (["--compile"] if compile_ else [])
-        run_dir, code, seconds = self.sftui(name, extra)
-        evs = rundir.read_all(run_dir / "events.jsonl")
+        run_dir, code, seconds = self.sftui(name, extra, {"SFTUI_STANDBY": "0"} if cold else None)
+        evs = rundir.read_all(run_dir / "events.jsonl") if (run_dir / "events.jsonl").exists() else []
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         shutil.rmtree(run_dir / "final", ignore_errors=True)
-        oom = next((e for e in evs if e["kind"] == "oom"), None)
-        step2 = next((e for e in evs if e["kind"] == "step" and e.get("attempt") == 2), None)
-        start2 = next((e for e in evs if e["kind"] == "attempt_start" and e.get("attempt") == 2), None)
-        res = {"exit": code, "compile": compile_, "flags": list(more), "wall_s": round(seconds, 1),
-               "recovery_s": round(step2["t"] - oom["t"], 1) if oom and step2 else None,
-               "oom_to_attempt_start_s": round(start2["t"] - oom["t"], 1) if oom and start2 else None,
-               "emergency_checkpoint": oom and oom.get("emergency_checkpoint"),
-               "compile_logs": [e["message"] for e in evs if e["kind"] == "log" and "torch.compile" in e["message"]]}
+        res: dict[str, Any] = {"exit": code, "compile": compile_, "flags": list(more), "standby": "off" if cold else "on",
+                               "inject_at": at, "wall_s": round(seconds, 1)}
+        try:
+            res.update(recovery_figures(evs))
+        except NoRecovery as e:
+            res.update(recovery_s=None, oom_to_attempt_start_s=None, warm=None, failed=str(e))
+        res["compile_logs"] = [e["message"] for e in evs if e["kind"] == "log" and "torch.compile" in e["message"]]
         self.report.setdefault("oom_recovery", {})[name] = res
         self.save()
-        say(f"OOM recovery ({'compile' if compile_ else 'eager'}): {res['recovery_s']} s (exit {code})")
+        say(f"OOM recovery {name}: {recovery_line(res)} (exit {code})")
 
 
 def summarize(run_dir: Path, warmup: int) -> dict[str, Any]:
@@ -381,8 +401,15 @@ def markdown(report: dict[str, Any]) -> str:
                       f"`sftui run --headless`, {over['bare']} as a bare rank: {over['overhead_pct']:+.2f} %."]
     for name, r in report.get("oom_recovery", {}).items():
         how = ("on, " + " ".join(r["flags"])) if r.get("flags") else ("on" if r["compile"] else "off")
-        lines.append(f"- OOM recovery, compile {how}: {g(r['recovery_s'])} s from the "
-                     f"`oom` event to the first step of attempt 2 ({g(r['oom_to_attempt_start_s'])} s to its start).")
+        warm = {True: "warm: its ranks started ahead", False: "cold: its ranks started after the OOM"}.get(
+            r.get("warm"), "warm: not in the events")
+        lines.append(f"- OOM recovery ({name}), compile {how}, standby {r.get('standby', 'on')}, OOM injected at step "
+                     f"{r.get('inject_at', 3)}, {g(r.get('oom_after_rank_start_s'))} s after attempt 1's rank_start: "
+                     f"{g(r['recovery_s'])} s from the `oom` event to the first step of attempt 2 (attempt 2 {warm}; "
+                     f"{g(r.get('oom_to_attempt_start_s'))} s to its start, {g(r.get('oom_to_rank_start_s'))} s to its "
+                     f"ranks' rank_start, teardown {g(r.get('teardown_s'))} s).")
+    for name, saved in report.get("standby_saved_s", {}).items():
+        lines.append(f"- Ranks started ahead, {name} against {name}-cold: {saved:+.1f} s of recovery saved.")
     for b, chk in report.get("loss_check", {}).items():
         lines.append(f"- Loss, compiled vs eager at batch {b}: largest relative gap {chk['max_rel_gap'] * 100:.2f} % "
                      f"over steps {chk['steps']} ({'ok' if chk['ok'] else 'TOO LARGE'}).")
@@ -402,8 +429,19 @@ def main() -> int:
     p.add_argument("--budget-s", type=float, default=330.0, help="start no stage that would end after this")
     p.add_argument("--gpu", default="0")
     p.add_argument("--stages", default="hf,speed,oom",
-                   help="which parts run: hf (a), speed (b, c), oom (d: oom-eager, oom-compiled, oom-layers); "
-                        "default all")
+                   help="which parts run: hf (a), speed (b, c), oom (d: oom-eager, oom-eager-cold, oom-compiled, "
+                        "oom-compiled-cold, oom-layers, oom-layers-cold; the compiled ones with --compile; -cold: "
+                        "SFTUI_STANDBY=0, no ranks started ahead); default all")
+    p.add_argument("--inject-at", type=int, default=None,
+                   help="the oom stages' injected OOM step (default 40; 5 with --smoke, where a step of the "
+                        "tiny model takes seconds on a loaded CPU). The next attempt's ranks are started "
+                        "ahead at attempt 1's rank_start and need some seconds of imports (~6 s on an H200 "
+                        "image); an OOM before they are done waits for the rest (the attempt is still warm). A "
+                        "real OOM usually comes minutes in, so the default puts the OOM some 10 s after "
+                        "rank_start eagerly (40 steps of ~0.2 s at batch 16); compiled, the first step's compile "
+                        "alone outlasts the imports. 3 is the earlier protocol (docs/BENCHMARKS.md's 20.7 / "
+                        "33.3 s) and the standby's worst case; oom_after_rank_start_s in the report says how "
+                        "much head start the standby had")
     p.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
@@ -419,11 +457,15 @@ def main() -> int:
         return hf_worker(args)
     if args.compile and args.smoke:
         p.error("--compile needs a GPU (the worker ignores it on the CPU)")
+    args.inject_at = args.inject_at if args.inject_at is not None else (5 if args.smoke else 40)
+    if args.inject_at < 1:
+        p.error("--inject-at: a step >= 1")
     args.out.mkdir(parents=True, exist_ok=True)
     args.batches = [int(b) if b != "auto" else largest_rung(args.gpu)
                     for b in (args.batches or ("8" if args.smoke else "8,16,auto")).split(",")]
     args.data = args.out / "data.jsonl"
-    write_data(args.data, (args.warmup + args.steps) * max(args.batches) + 64)
+    # enough rows for the timed window, and for the oom runs (batch 16, --inject-at + 3 steps) in one epoch
+    write_data(args.data, max((args.warmup + args.steps) * max(args.batches), (args.inject_at + 3) * 16) + 64)
     bench = Bench(args)
     rep = bench.report
     rep.update(batches=args.batches, real_share=round(padding_share(args.data, args.model == "chatlm-mini"), 4), card=card_name(args.smoke))
@@ -456,13 +498,16 @@ def main() -> int:
             rep.setdefault("loss_check", {})[str(b)] = chk
     bench.save()
     if "oom" in stages:
-        stages |= {"oom-eager", "oom-compiled", "oom-layers"}
-    if "oom-eager" in stages and bench.fits("oom-eager", COST["oom"]):
-        bench.oom_recovery("oom-eager", False)
-    if "oom-compiled" in stages and args.compile and bench.fits("oom-compiled", COST["oom_compiled"]):
-        bench.oom_recovery("oom-compiled", True)
-    if "oom-layers" in stages and args.compile and bench.fits("oom-layers", COST["oom_compiled"]):
-        bench.oom_recovery("oom-layers", True, ("--compile-layers",))
+        stages |= set(OOM_STAGES)
+    for name, (compile_, more, cold) in OOM_STAGES.items():
+        if name in stages and (args.compile or not compile_) \
+                and bench.fits(name, COST["oom_compiled" if compile_ else "oom"]):
+            bench.oom_recovery(name, compile_, more, cold)
+    oom = rep.get("oom_recovery", {})
+    for name in OOM_STAGES:  # warm against cold, side by side
+        warm, cold_ = oom.get(name), oom.get(f"{name}-cold")
+        if warm and cold_ and warm.get("recovery_s") is not None and cold_.get("recovery_s") is not None:
+            rep.setdefault("standby_saved_s", {})[name] = round(cold_["recovery_s"] - warm["recovery_s"], 2)
 
     text = markdown(rep)
     (args.out / "bench_throughput.md").write_text(text)
