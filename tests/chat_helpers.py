@@ -87,3 +87,18 @@ def build_blind_tokenizer(directory: Path) -> Path:
                                   pad_token="<pad>")
     tok.save_pretrained(directory)
     return directory
+
+
+def t5_dir(directory: Path) -> Path:
+    """A small T5 (encoder-decoder) directory beside a BPE tokenizer without a chat template."""
+    import torch
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    build_tokenizer(directory, None)
+    tok = AutoTokenizer.from_pretrained(directory)
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      decoder_start_token_id=tok.pad_token_id)
+    T5ForConditionalGeneration(config).save_pretrained(directory)
+    return directory

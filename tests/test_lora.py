@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from chat_helpers import build_model_dir, build_tokenizer
+from chat_helpers import build_model_dir, t5_dir
 from conftest import run_sftui
 from sftui import events as ev
 from sftui import rundir
@@ -24,20 +24,6 @@ from trainer_helpers import (assert_each_sample_once, events, log_tail, next_att
 
 ROWS = 192
 LR = {"tiny": 3e-3, "qwen2": 3e-2, "t5": 3e-2}  # adapters start at zero: a rate that moves them in a few steps
-
-
-def t5_dir(directory: Path) -> Path:
-    """A small T5 (encoder-decoder) directory beside a BPE tokenizer without a chat template."""
-    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
-
-    build_tokenizer(directory, None)
-    tok = AutoTokenizer.from_pretrained(directory)
-    torch.manual_seed(0)
-    config = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                      decoder_start_token_id=tok.pad_token_id)
-    T5ForConditionalGeneration(config).save_pretrained(directory)
-    return directory
 
 
 def model_for(kind: str, tmp_path: Path) -> str:

@@ -77,7 +77,7 @@ class RunConfig:
     compile: bool = False
     pad_to_max_len: bool | None = None  # None: on with --compile on a GPU (see trainer/loop.pad_width)
     group_by_length: bool = False
-    packing: bool | None = None  # causal LMs: a micro-batch's samples end to end in one row, no padding; None: batching.packs decides
+    packing: bool | None = None  # a micro-batch's samples end to end, no padding (T5: in rows of max_len); None: batching.packs decides
     compile_layers: bool = False
     mem_fraction: list[float] | None = None
     inject_oom_at_step: int | None = None
@@ -277,9 +277,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("group_by_length", _bool, "sort each chunk of 8,192 samples of an epoch's order by length, longest "
            "first: batches of similar rows, less padding (a gain for eager runs; --compile pads to --max-len)",
            is_flag=True),
-    Option("packing", _bool, "causal LMs: lay each micro-batch's samples end to end in one row (padding-free; "
-           "no token attends across samples) instead of padding them (default: on for a causal LM on a GPU where "
-           "torch has its variable-length attention kernel, measured faster there; off elsewhere)",
+    Option("packing", _bool, "lay each micro-batch's samples end to end instead of padding them, no token "
+           "attending across samples: a causal LM's in one row (padding-free), an encoder-decoder's (T5) in rows of "
+           "--max-len (default: on for a causal LM on a GPU where torch has its variable-length attention kernel, "
+           "measured faster there; off elsewhere, and for T5 until measured)",
            is_flag=True, negatable=True),
     Option("mem_fraction", _fractions, "cap each rank's CUDA memory (one value, or one per rank)", "F[,F...]"),
     Option("inject_oom_at_step", _int(), "raise a real torch.OutOfMemoryError in step N of the first attempt", "N"),
@@ -409,8 +410,7 @@ def is_seq2seq(model: str) -> bool:
 
 
 def check_paths(cfg: RunConfig) -> None:
-    """The inputs that exist on disk: data files and a model directory (no rows read here), and
-    what the model's kind allows (``--packing`` is for causal LMs)."""
+    """The inputs that exist on disk: data files and a model directory (no rows read here)."""
     for name in ("data", "eval_data"):
         value = getattr(cfg, name)
         if value is None or (name == "data" and value == "demo"):
@@ -429,9 +429,6 @@ def check_paths(cfg: RunConfig) -> None:
             raise ConfigError(f"--model: {cfg.model}: not a preset ({', '.join(PRESETS)}) nor a directory")
         if not (p / "config.json").is_file():
             raise ConfigError(f"--model: {cfg.model}: no config.json (expected a save_pretrained directory)")
-    if cfg.packing and is_seq2seq(cfg.model):
-        raise ConfigError(f"--packing: for causal LMs only; {cfg.model} is an encoder-decoder model "
-                          "(its rows are two sequences)")
 
 
 # --- ladder math --------------------------------------------------------------------------------

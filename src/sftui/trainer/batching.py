@@ -1,5 +1,6 @@
 """A step's micro-batch of sample ids → the tensors the model takes: padded rows (``data.collate``,
-one row per sample) or, for a causal LM, the samples packed end to end in one row.
+one row per sample) or, for a causal LM, the samples packed end to end in one row (``Packing``);
+for an encoder-decoder model, in rows of ``--max-len`` (``RowPacking``).
 
 Packed, no FLOP and no byte goes to padding: a micro-batch of rows of 40 to 500 tokens padded to
 the longest (or to ``--max-len`` with ``--compile``) spends about half its positions on padding.
@@ -81,7 +82,7 @@ class Packing:
         import torch
 
         if data.seq2seq:
-            raise ValueError("packing is for causal LMs: an encoder-decoder row is two sequences")
+            raise ValueError("one-row packing is for causal LMs: an encoder-decoder row is two sequences (RowPacking)")
         starts, ends = data.offsets[indices], data.offsets[indices + 1]
         lengths = (ends - starts).astype(np.int64)
         tokens = int(lengths.sum())
@@ -108,6 +109,93 @@ class Packing:
             "cu_seqlens": torch.from_numpy(bounds.astype(np.int32)),
             # Bucketed (compiled): the bound every document keeps, one value, so one graph.
             "max_seqlen": self.max_len if self.buckets else int(documents.max()),
+        }
+
+
+@dataclass(frozen=True)
+class RowPacking:
+    """An encoder-decoder micro-batch packed into rows of ``--max-len`` (T5: ``--packing``).
+
+    One long row, as for a causal LM, would need T5's relative position bias for every pair of
+    its positions: a (heads, T, T) tensor that grows with the square of the micro-batch. So the
+    samples go, first fit in their order, into rows of ``max_len`` columns on both sides; at
+    least half of every row but the last is filled, and there are never more rows than samples
+    nor wider ones than padding gives, so the memory probe's worst case (batch × max-len) stays
+    the worst case. Within a row the bias needs nothing new: it depends only on the distance
+    between two positions, which is a sample's own wherever the sample sits. The masks keep each
+    sample to itself: ``attention_mask`` (encoder, rows × 1 × L × L), ``decoder_attention_mask``
+    (causal too) and ``cross_attention_mask`` (a decoder position sees its own sample's encoder
+    positions), booleans, True where attention goes, handed to transformers as its 4-D masks. The
+    padding at a row's end is a document of its own on each side (it attends to itself, never
+    to a sample, and trains nothing). ``decoder_input_ids`` are each sample's labels shifted
+    right behind ``decoder_start``, as ``loop.token_loss_sum`` builds them for padded rows.
+
+    ``width`` (``--compile``: ``max_len``) fixes the columns; else they are the fullest row's,
+    rounded up to a ``multiple``.
+    """
+
+    pad_id: int
+    decoder_start: int
+    max_len: int
+    width: int | None = None
+    multiple: int = 1
+
+    def rows(self, data: Tokenized, indices: np.ndarray) -> list[list[int]]:
+        """Which of ``indices`` (positions in it) each row holds: first fit, both sides bounded by ``max_len``."""
+        enc = data.offsets[indices + 1] - data.offsets[indices]
+        dec = data.label_offsets[indices + 1] - data.label_offsets[indices]
+        rows: list[list[int]] = []
+        room: list[tuple[int, int]] = []
+        for k, (e, d) in enumerate(zip(enc.tolist(), dec.tolist())):
+            r = next((r for r, (re, rd) in enumerate(room) if e <= re and d <= rd), None)
+            if r is None:
+                rows.append([])
+                room.append((self.max_len, self.max_len))
+                r = len(rows) - 1
+            rows[r].append(k)
+            room[r] = (room[r][0] - e, room[r][1] - d)
+        return rows
+
+    def __call__(self, data: Tokenized, indices: np.ndarray, weight: bool = True) -> dict[str, Any]:
+        """The packed micro-batch of the samples ``indices``; ``weight`` False: nothing is trained
+        (the zero-weight pass of a short last step, as ``data.collate``)."""
+        import torch
+
+        if not data.seq2seq:
+            raise ValueError("row packing is for encoder-decoder rows; a causal LM's are packed by Packing")
+        rows = self.rows(data, indices)
+        sides = ((data.ids, data.offsets), (data.labels, data.label_offsets))
+        fills = [[sum(int(off[indices[k] + 1] - off[indices[k]]) for k in row) for row in rows] for _, off in sides]
+        width = [self.width or -(-max(f) // self.multiple) * self.multiple for f in fills]
+        enc_ids = np.full((len(rows), width[0]), self.pad_id, np.int64)
+        dec_ids = np.full((len(rows), width[1]), self.pad_id, np.int64)
+        labels = np.full((len(rows), width[1]), -100, np.int64)
+        enc_doc = np.full((len(rows), width[0]), -1, np.int64)
+        dec_doc = np.full((len(rows), width[1]), -1, np.int64)
+        for r, row in enumerate(rows):
+            at_e = at_d = 0
+            for k in row:
+                i = indices[k]
+                src = data.ids[data.offsets[i]:data.offsets[i + 1]]
+                tgt = data.labels[data.label_offsets[i]:data.label_offsets[i + 1]]
+                enc_ids[r, at_e:at_e + len(src)] = src
+                enc_doc[r, at_e:at_e + len(src)] = k
+                dec_ids[r, at_d] = self.decoder_start
+                dec_ids[r, at_d + 1:at_d + len(tgt)] = tgt[:-1]
+                if weight:
+                    labels[r, at_d:at_d + len(tgt)] = tgt
+                dec_doc[r, at_d:at_d + len(tgt)] = k
+                at_e, at_d = at_e + len(src), at_d + len(tgt)
+        causal = np.tril(np.ones((width[1], width[1]), bool))
+        cross = dec_doc[:, :, None] == enc_doc[:, None, :]
+        cross |= ~cross.any(-1, keepdims=True)  # a padding position with no encoder padding to see: let it see all
+        return {
+            "input_ids": torch.from_numpy(enc_ids),
+            "attention_mask": torch.from_numpy(enc_doc[:, None, :, None] == enc_doc[:, None, None, :]),
+            "decoder_input_ids": torch.from_numpy(dec_ids),
+            "decoder_attention_mask": torch.from_numpy((dec_doc[:, :, None] == dec_doc[:, None, :]) & causal)[:, None],
+            "cross_attention_mask": torch.from_numpy(cross)[:, None],
+            "labels": torch.from_numpy(labels),
         }
 
 

@@ -93,8 +93,6 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
     phase("validating")
     tok, train_data, eval_data, fmt = prepare_data(run, cfg, spec.data_fingerprint, me, phase, spec.chat_format)
     seq2seq = train_data.seq2seq
-    if cfg.packing and seq2seq:  # the CLI refuses it; a run.json written otherwise is refused here
-        raise ConfigError(f"--packing: for causal LMs only; {cfg.model} is an encoder-decoder model")
     cfg = replace(cfg, packing=batching.packs(cfg.packing, seq2seq, device))  # its default decided here
     target = spec.sample_budget if spec.sample_budget else cfg.epochs * train_data.n
     plan = sample_plan(cfg, train_data, target)
@@ -114,8 +112,11 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
         trainable, total = adapters.parameter_counts(net)
         log.emit("model", trainable_params=trainable, total_params=total, lora=spec.lora)
         if cfg.packing:
-            log.emit("log", level="info", message="packed batches: each micro-batch's samples end to end in one row, "
-                                                  f"no padding; {net.config._attn_implementation} attention")
+            log.emit("log", level="info", message=(
+                f"packed batches: each micro-batch's samples end to end in rows of {cfg.max_len} tokens (--max-len), "
+                "each sample masked to itself" if seq2seq else
+                "packed batches: each micro-batch's samples end to end in one row, no padding")
+                + f"; {net.config._attn_implementation} attention")
     step, seen = 0, 0
     if resume is not None:
         start, _ = checkpoint.load(resume, net, opt)
@@ -141,8 +142,8 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
     per_step = batch * me.world * accum
     steps = plan.steps(seen, per_step)
     total_steps = step + len(steps)
-    width = None if cfg.packing else pad_width(cfg, cuda)
-    packing = packed_layout(cfg, tok.pad_token_id, cuda) if cfg.packing else None
+    width = None if cfg.packing and not seq2seq else pad_width(cfg, cuda)  # packed rows of a T5: max_len when compiled
+    packing = packed_layout(cfg, tok.pad_token_id, cuda, decoder_start) if cfg.packing else None
     loader = DataLoader(
         data.StepBatches(train_data, plan, steps, me.rank, batch, accum, tok.pad_token_id, width,
                          PAD_MULTIPLE if cuda else 1, packing),
@@ -320,10 +321,16 @@ def sample_plan(cfg: RunConfig, train_data: data.Tokenized, target: int) -> data
                      data.length_key(train_data, cfg.max_len) if cfg.group_by_length else None)
 
 
-def packed_layout(cfg: RunConfig, pad_id: int, cuda: bool) -> batching.Packing:
-    """How a packed run lays out its micro-batches: token buckets under ``--compile`` on a GPU,
-    else widths rounded up to PAD_MULTIPLE there. Shared with the memory probe."""
-    return batching.Packing(pad_id, cfg.max_len, buckets=cfg.compile and cuda, multiple=PAD_MULTIPLE if cuda else 1)
+def packed_layout(cfg: RunConfig, pad_id: int, cuda: bool,
+                  decoder_start: int | None = None) -> batching.Packing | batching.RowPacking:
+    """How a packed run lays out its micro-batches: a causal LM's in one row, in token buckets
+    under ``--compile`` on a GPU, else widths rounded up to PAD_MULTIPLE there (shared with the
+    memory probe); an encoder-decoder model's (``decoder_start`` given) in rows of ``--max-len``,
+    as many columns as padding would have (``pad_width``)."""
+    multiple = PAD_MULTIPLE if cuda else 1
+    if decoder_start is not None:
+        return batching.RowPacking(pad_id, decoder_start, cfg.max_len, pad_width(cfg, cuda), multiple)
+    return batching.Packing(pad_id, cfg.max_len, buckets=cfg.compile and cuda, multiple=multiple)
 
 
 def pad_width(cfg: RunConfig, cuda: bool) -> int | None:
@@ -341,7 +348,7 @@ def new_model(cfg: RunConfig, tok: Any, device: torch.device, lr: float) -> tupl
     optimizer over the adapters alone. With ``--packing`` the attention packed rows take
     (batching.packed_attention). Shared with the memory probe."""
     net = models.build_model(cfg.model, tok, cfg.seed, cfg.max_len, device, adapters.base_dtype(cfg, device))
-    attention = batching.packed_attention(device) if cfg.packing else None
+    attention = batching.packed_attention(device) if cfg.packing and not is_seq2seq(cfg.model) else None
     if attention is not None:
         net.set_attn_implementation(attention)
     models.fused_attention_bias(net)
@@ -421,25 +428,33 @@ def token_loss_sum(model: Any, batch: dict[str, Any], decoder_start: int | None,
     ``decoder_start`` is None for a causal LM (labels are the inputs, shifted by one) and the
     decoder's start token for an encoder-decoder model (labels feed the decoder, shifted right).
     A packed micro-batch (batching.Packing: ``position_ids``) goes in without an attention mask:
-    a mask would keep transformers from finding the samples where the positions restart.
+    a mask would keep transformers from finding the samples where the positions restart. Packed
+    encoder-decoder rows (batching.RowPacking) bring their decoder inputs and their three masks.
     """
     labels = batch["labels"]
     packed = "position_ids" in batch
+    rows = "cross_attention_mask" in batch
     inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "labels": labels}
     if packed:
         inputs["position_ids"] = batch["position_ids"]
     else:
         inputs["attention_mask"] = batch["attention_mask"]
-    if decoder_start is not None:
+    if rows:
+        for name in ("decoder_input_ids", "decoder_attention_mask", "cross_attention_mask"):
+            inputs[name] = batch[name]
+    elif decoder_start is not None:
         decoder_input_ids = torch.cat([torch.full_like(labels[:, :1], decoder_start), labels[:, :-1]], dim=1)
         inputs["decoder_input_ids"] = decoder_input_ids.masked_fill(decoder_input_ids == -100, decoder_start)
-    # The batch varies (ladder rungs, a short last step): a compiled model takes it as a symbol
-    # rather than recompiling for each size. So does the width when batches are not padded to one:
-    # unmarked, the first new width costs a second whole compile (torch's automatic dynamic).
-    # A packed row is one row (dimension 0 is 1) of a varying width: its token bucket.
-    # A no-op for a model that is not compiled.
+    # The batch varies (ladder rungs, a short last step, the rows packed samples need): a compiled
+    # model takes it as a symbol rather than recompiling for each size. So does the width when
+    # batches are not padded to one: unmarked, the first new width costs a second whole compile
+    # (torch's automatic dynamic). A packed row is one row (dimension 0 is 1) of a varying width:
+    # its token bucket. Packed rows' masks are (rows, 1, width, width). A no-op when not compiled.
     for tensor in inputs.values():
-        torch._dynamo.maybe_mark_dynamic(tensor, 1 if packed else [0, 1] if widths_vary else 0)
+        if tensor.dim() == 4:
+            torch._dynamo.maybe_mark_dynamic(tensor, [0, 2, 3] if widths_vary else 0)
+        else:
+            torch._dynamo.maybe_mark_dynamic(tensor, 1 if packed else [0, 1] if widths_vary else 0)
     for name in ("trained", "cu_seqlens"):  # the trained positions (loss.trained_positions); the samples' bounds
         if name in batch:
             inputs[name] = batch[name]

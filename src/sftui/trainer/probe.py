@@ -3,11 +3,11 @@ started by ``sftui probe`` / ``--batch auto`` through the supervisor's own launc
 gradient buckets and NCCL's buffers are there, as in training).
 
 Each trial runs a few optimizer steps at one per-GPU batch size on a batch of the longest rows
-of the data, padded to the widest row: the worst case training can meet. Packed (``--packing``,
-its default on a GPU), the worst case is the run's own: its sample plan's heaviest micro-batch at
-that batch (data.heaviest_micro_batch), packed as training packs it, since a packed row's width is
-its samples' tokens, and batch × the widest row would overstate it about twofold on rows of
-varied length. It measures peak *reserved* memory (what decides
+of the data, padded to the widest row: the worst case training can meet. A causal LM packed
+(``--packing``, its default on a GPU), the worst case is the run's own: its sample plan's heaviest
+micro-batch at that batch (data.heaviest_micro_batch), packed as training packs it, since a packed
+row's width is its samples' tokens, and batch × the widest row would overstate it about twofold on
+rows of varied length. An encoder-decoder model's packed rows are bounded by the padded worst case. It measures peak *reserved* memory (what decides
 an OOM) from a cleared allocator. forecast.next_trial picks the trials: the smallest rung, then
 what the forecast recommends until that rung has been measured. The device, the model, the
 optimizer and the step are the trainer's own (loop.setup_device, loop.new_model,
@@ -84,6 +84,10 @@ def probe(out: Path) -> int:
 
     tok, train_data, _, _ = loop.prepare_data(RunDir(Path(spec["work_dir"])), cfg, spec["data_fingerprint"], me, phase)
     cfg = replace(cfg, packing=batching.packs(cfg.packing, train_data.seq2seq, device))  # as the run decides it
+    # A causal LM's packed row is as wide as its samples' tokens: its worst case is the plan's own.
+    # An encoder-decoder's packed rows (batching.RowPacking) are never more than its samples nor
+    # wider than padding: batch × the longest rows bounds them.
+    one_row = cfg.packing and not train_data.seq2seq
     say("loading the model")
     lr = cfg.lr if cfg.lr is not None else default_lr(cfg.model)
     net, opt = loop.new_model(cfg, tok, device, lr)
@@ -118,9 +122,9 @@ def probe(out: Path) -> int:
         if not batch:
             break
         say(f"batch {batch}: {int(spec['steps'])} optimizer steps on "
-            + (f"the heaviest {batch} samples the run packs together" if cfg.packing else f"the {batch} longest rows"))
+            + (f"the heaviest {batch} samples the run packs together" if one_row else f"the {batch} longest rows"))
         width = loop.pad_width(cfg, True)
-        micro = (_worst_case_batch(train_data, batch, tok.pad_token_id, width) if not cfg.packing else
+        micro = (_worst_case_batch(train_data, batch, tok.pad_token_id, width) if not one_row else
                  _worst_case_packed(train_data, batch, batch * me.world * cfg.grad_accum, tok.pad_token_id, cfg))
         peak, per_s, oom = _trial(accelerator, model, optimizer, micro, batch, me.world, decoder_start,
                                   int(spec["steps"]), memory, widths_vary=width is None)
