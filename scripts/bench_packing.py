@@ -109,7 +109,7 @@ def run_variant(args: argparse.Namespace, variant: str, compiled: bool, tok: Any
     packed = variant != "padded"
     attn = batching.VARLEN if variant == "packed-varlen" else ATTENTION[variant]
     if attn == batching.VARLEN:
-        batching.register_varlen()
+        batching.register_varlen(device)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     gc.collect()

@@ -5,6 +5,7 @@ samples; a step packs exactly its sample ids; the --compile bucket rule."""
 
 from __future__ import annotations
 
+import inspect
 import random
 from dataclasses import replace
 from itertools import pairwise
@@ -137,8 +138,22 @@ def varlen_with_gqa(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_siz
 
 
 def varlen_without_gqa(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
-    """torch 2.10's signature: as many key/value heads as query heads."""
+    """torch 2.10's signature, refusing fewer key/value heads than query heads."""
     assert q.shape[1] == k.shape[1] == v.shape[1]
+    return per_document(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size)
+
+
+def varlen_native_gqa(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+    """torch 2.11's signature (no ``enable_gqa``) over a kernel that takes fewer key/value heads as
+    they are, as FlashAttention's does."""
+    return per_document(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size, enable_gqa=k.shape[1] < q.shape[1])
+
+
+def varlen_wrong_gqa(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+    """A kernel that takes fewer key/value heads and pairs them with the wrong query heads (tiled,
+    not grouped): the trial at registration must catch it and keep the repeat."""
+    if k.shape[1] < q.shape[1]:
+        k, v = (t.repeat(1, q.shape[1] // t.shape[1], 1) for t in (k, v))
     return per_document(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size)
 
 
@@ -149,21 +164,35 @@ def with_kernel(monkeypatch: pytest.MonkeyPatch, kernel: Any) -> None:
 
     monkeypatch.setattr(torch.nn.attention.varlen, "varlen_attn", kernel)
     monkeypatch.setitem(AttentionInterface._global_mapping, batching.VARLEN, None)  # gone again after the test
-    batching.register_varlen()
+    batching.register_varlen("cpu")
 
 
-@pytest.mark.parametrize("kernel", [varlen_with_gqa, varlen_without_gqa], ids=["gqa", "no-gqa"])
-def test_varlen_attention_through_the_model(setup, monkeypatch: pytest.MonkeyPatch, kernel: Any) -> None:
+@pytest.mark.parametrize("kernel, native", [(varlen_with_gqa, True), (varlen_without_gqa, False),
+                                            (varlen_native_gqa, True), (varlen_wrong_gqa, False)],
+                         ids=["gqa-flag", "no-gqa", "native-gqa", "wrong-gqa"])
+def test_varlen_attention_through_the_model(setup, monkeypatch: pytest.MonkeyPatch, kernel: Any, native: bool) -> None:
     """``VARLEN`` glue: the boundaries travel from the model's forward to the attention, the
-    layout and the key heads (GQA) are right. torch's varlen kernel runs on CUDA only: a CPU
-    reference in its signature stands in for it here."""
-    with_kernel(monkeypatch, kernel)
+    layout and the key heads (GQA) are right: handed over as they are where the kernel takes
+    them (its ``enable_gqa``, or found at registration), repeated where it does not. torch's
+    varlen kernel runs on CUDA only: a CPU reference in its signature stands in for it here."""
+    heads: list[int] = []
+
+    def watched(q, k, v, *args, **kwargs):
+        heads.append(k.shape[1])
+        return kernel(q, k, v, *args, **kwargs)
+
+    watched.__signature__ = inspect.signature(kernel)
+    with_kernel(monkeypatch, watched)
     model_dir, tok, cache = setup
     net = load(model_dir, batching.VARLEN)
     assert net.config.num_key_value_heads < net.config.num_attention_heads
+    assert batching.takes_fewer_kv_heads(kernel, "cpu") is (native and kernel is not varlen_with_gqa)
+    heads.clear()
     ids = np.array([3, 0, 7, 11, 5])
     micro = batching.Packing(tok.pad_token_id, MAX_LEN, buckets=True)(cache, ids)
     compare(net, cache, ids, tok.pad_token_id, load(model_dir, "sdpa"), **batching.varlen_kwargs(micro))
+    want = net.config.num_key_value_heads if native else net.config.num_attention_heads
+    assert heads and set(heads) == {want}, heads
 
 
 def test_varlen_attention_under_autocast(setup, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -177,6 +206,7 @@ def test_varlen_attention_under_autocast(setup, monkeypatch: pytest.MonkeyPatch)
         return varlen_without_gqa(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size)
 
     with_kernel(monkeypatch, bf16_only)
+    dtypes.clear()  # the trial at registration (float32 on the CPU)
     model_dir, tok, cache = setup
     micro = batching.Packing(tok.pad_token_id, MAX_LEN)(cache, np.array([3, 0, 7]))
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):

@@ -206,13 +206,14 @@ BOUNDED = (VARLEN, "flash_attention_2")  # attentions that take a packed row's b
 
 
 def varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: Any, *, kernel: Callable[..., torch.Tensor], gqa: bool,
+                     attention_mask: Any, *, kernel: Callable[..., torch.Tensor], gqa: bool, gqa_flag: bool,
                      scaling: float | None = None, dropout: float = 0.0, cu_seq_lens_q: torch.Tensor | None = None,
                      max_length_q: int | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """A transformers attention function over a packed row: ``kernel`` is torch's
     ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention's variable-length kernel, no
     ``flash_attn`` package), each document causal and alone: no mask is built and no position
-    attends across documents. ``gqa``: the kernel takes fewer key/value heads as they are.
+    attends across documents. ``gqa``: the kernel takes fewer key/value heads as they are (else
+    they are repeated to the query's count), told so by ``enable_gqa=True`` with ``gqa_flag``.
     ``cu_seq_lens_q`` / ``max_length_q`` are transformers' names for the packed micro-batch's
     ``cu_seqlens`` / ``max_seqlen``, handed to the model's forward as keyword arguments."""
     import torch
@@ -229,15 +230,16 @@ def varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     if not gqa:
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     out = kernel(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling,
-                 window_size=(-1, 0), **({"enable_gqa": True} if gqa else {}))  # (-1, 0): causal
+                 window_size=(-1, 0), **({"enable_gqa": True} if gqa_flag else {}))  # (-1, 0): causal
     return out[None], None
 
 
-def register_varlen() -> None:
+def register_varlen(device: Any) -> None:
     """Makes ``attn_implementation=VARLEN`` (``model.set_attn_implementation(VARLEN)``) mean
     ``varlen_attention`` over this torch's ``varlen_attn``, its signature read here, once, not
-    in the traced forward. No mask is built for it (transformers skips mask creation for a name
-    it has no mask builder for)."""
+    in the traced forward; where it has no ``enable_gqa``, whether it takes fewer key/value
+    heads all the same is tried on ``device`` (``takes_fewer_kv_heads``). No mask is built for
+    it (transformers skips mask creation for a name it has no mask builder for)."""
     import torch
     from torch.nn.attention.varlen import varlen_attn
     from transformers import AttentionInterface
@@ -246,7 +248,35 @@ def register_varlen() -> None:
     if "window_size" not in params:  # torch 2.9's first form: is_causal, no scale
         raise ValueError(f"{VARLEN} attention needs torch.nn.attention.varlen of torch 2.10 or later "
                          f"(torch {torch.__version__} here)")
-    AttentionInterface.register(VARLEN, partial(varlen_attention, kernel=varlen_attn, gqa="enable_gqa" in params))
+    flag = "enable_gqa" in params
+    AttentionInterface.register(VARLEN, partial(varlen_attention, kernel=varlen_attn, gqa_flag=flag,
+                                                gqa=flag or takes_fewer_kv_heads(varlen_attn, device)))
+
+
+def takes_fewer_kv_heads(kernel: Callable[..., Any], device: Any) -> bool:
+    """Whether a varlen kernel without ``enable_gqa`` (torch 2.10 and 2.11) takes fewer key/value
+    heads than query heads and gives, forward and backward, what repeating them gives.
+    FlashAttention's varlen kernel does so natively (each key head serves a group of query
+    heads), and torch's Python wrapper of 2.11 passes them on unchecked; the repeat costs two
+    copies of the keys and values per layer and the sum of their gradients. Tried once, on a
+    few tokens: a kernel that refuses them or computes something else keeps the repeat."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    results = []
+    try:
+        q, k, v = (torch.randn(8, heads, 64, generator=gen).to(device, dtype) for heads in (4, 2, 2))
+        cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=device)
+        for repeat in (1, 2):
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            qq, kk, vv = leaves[0], *(t.repeat_interleave(repeat, dim=1) for t in leaves[1:])
+            out = kernel(qq, kk, vv, cu, cu, 5, 5, window_size=(-1, 0))
+            out.float().square().sum().backward()
+            results.append([out, *(t.grad for t in leaves)])
+    except Exception:  # noqa: BLE001 - a refusal is the answer
+        return False
+    return all(torch.allclose(a.float(), b.float(), rtol=0.02, atol=0.02) for a, b in zip(*results))
 
 
 def varlen_kwargs(micro: dict[str, Any]) -> dict[str, Any]:
@@ -276,7 +306,7 @@ def packed_attention(device: torch.device) -> str | None:
     if device.type != "cuda":
         return None
     try:
-        register_varlen()
+        register_varlen(device)
     except (ImportError, ValueError):
         return None
     return VARLEN
