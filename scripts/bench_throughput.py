@@ -1,19 +1,32 @@
-"""Worker throughput against the HF Seq2SeqTrainer, MFU, supervisor overhead and OOM recovery.
+"""Worker throughput against the HF Seq2SeqTrainer, MFU, packed against padded, supervisor overhead and OOM recovery.
 
     PYTHONPATH=src python3 scripts/bench_throughput.py --out OUT_DIR [--compile] [--batches 8,16,auto]
-        [--warmup 5] [--steps 30] [--budget-s 330] [--gpu 0]
-    .venv/bin/python scripts/bench_throughput.py --smoke --out OUT_DIR   # CPU, tiny model: the script works
+        [--packing both|off|only] [--warmup 5] [--steps 30] [--budget-s 330] [--gpu 0]
+    .venv/bin/python scripts/bench_throughput.py --smoke --out OUT_DIR   # CPU, a tiny T5: the script works
 
-One GPU, one model (chatlm-mini; `tiny` with --smoke), one synthetic data file (prompt 16–256
-and response 8–256 characters = tokens: a character tokenizer), max-len 256, bf16:
+One GPU, one model (chatlm-mini; with --smoke a tiny T5 written to OUT/smoke-t5, or the `tiny`
+causal preset with --smoke-model tiny), one synthetic data file (prompt 16–256 and response 8–256
+characters = tokens: a character tokenizer), max-len 256, bf16:
 
 a. HF: `Seq2SeqTrainer` (fused AdamW, clip 1.0, no eval, saving or logging) at each batch, in
    one child process; the same tokenized rows (sftui's own tokenizer and cache), the same model.
-b. sftui: the real command line, `sftui run --headless`, eager (default padding) and with
-   --compile (static shapes); rates from the `step` events after the warm-up steps, peak memory
-   from `rank_stats`. MFU for both sides by sftui's own definition (flops.mfu).
+b. sftui: the real command line, `sftui run --headless`, eager (`eager-B`) and with --compile
+   (`compiled-B`, static shapes), both padded (`--no-packing`); rates from the `step` events after
+   the warm-up steps, peak memory from `rank_stats`. MFU for both sides by sftui's own definition
+   (flops.mfu: real tokens only, so packed and padded count the same work). With --packing both
+   (the default) or only, the same runs with `--packing` (`eager-B-packed`, `compiled-B-packed`: a
+   T5 micro-batch in rows of --max-len, first fit, 4-D masks keeping each sample to itself; issue
+   17), each right after its padded twin, with the same figures. `batches` in each run's result is
+   its `data` event's ("padded" / "packed": what the worker did, not what was asked). JSON
+   `packing.vs_padded` (and the markdown's packing table): per batch and mode, packed ÷ padded
+   samples/s, MFU and peak reserved, and the largest relative gap between the two runs' per-step
+   losses over their common logged steps (same seed, rows and plan, so the steps align: packing
+   changes the layout, not the samples; the compiled-vs-eager gap of the same batch is beside it
+   as the bf16 noise reference); `packing.vs_hf`: each sftui variant ÷ HF at each batch HF ran,
+   issue 17's packed compiled ÷ HF at batch 16 among them; `packing.best_mfu`: the best rung.
 c. Supervisor overhead: the same eager run started as a bare rank (launch.start_attempt on a
-   copy of the supervised run's run.json), without the supervisor tailing and sampling.
+   copy of the supervised run's run.json), without the supervisor tailing and sampling (the
+   padded eager run; the packed one with --packing only).
 d. OOM recovery (OOM event -> the first step of attempt 2), compile off and on, from
    `--inject-oom-at-step` (step --inject-at, default 40, 5 with --smoke: see its help), each also with
    SFTUI_STANDBY=0 in the supervisor's environment (`oom-eager-cold`, `oom-compiled-cold`,
@@ -23,11 +36,14 @@ d. OOM recovery (OOM event -> the first step of attempt 2), compile off and on, 
    warm (attempt 2's attempt_start), oom_after_rank_start_s (the standby's head start), a timeline
    of attempt 2's events; and `standby_saved_s`, cold minus warm recovery per pair. The compiled
    runs share one compile cache, and the worker marks the batch dimension dynamic, so warm and
-   cold attempt 2s should load the same graphs (compile_logs shows what each did).
+   cold attempt 2s should load the same graphs (compile_logs shows what each did). These runs take
+   the worker's default layout (padded for a T5).
 
-Timed window: steps W+1..W+K of each run (W = --warmup). Stages run in order of importance and
-a stage is skipped when it would end past --budget-s. Writes OUT/bench_throughput.json after
-every stage and OUT/bench_throughput.md (a section for docs/BENCHMARKS.md) at the end.
+Timed window: steps W+1..W+K of each run (W = --warmup). Stages run in order of importance (the
+speed runs batch by batch, the issue's batch 16 first: compiled padded, compiled packed, eager
+padded, eager packed) and a stage is skipped when it would end past --budget-s. Writes
+OUT/bench_throughput.json after every stage and OUT/bench_throughput.md (a section for
+docs/BENCHMARKS.md) at the end.
 """
 
 from __future__ import annotations
@@ -65,7 +81,14 @@ ALPHABET = ("的一是不了人我在有他这中大来上国个到说们为子�
 # a stage is started only when it fits the budget.
 # The oom stages: warm and cold alike (the cold recovery is some 6 s longer); "oom" with the default
 # --inject-at 40 (some 40 eager steps at batch 16, ~0.2 s each, before the OOM).
-COST = {"eager": 35, "compiled_cold": 190, "compiled": 50, "direct": 30, "oom": 60, "oom_compiled": 90}
+# Packed runs (--packing), not yet measured on a GPU: as their padded twins; the first compiled packed
+# run compiles graphs of its own (4-D masks, the row count dynamic), so it is "cold" as well.
+COST = {"eager": 35, "compiled_cold": 190, "compiled": 50, "direct": 30, "oom": 60, "oom_compiled": 90,
+        "eager_packed": 35, "compiled_packed_cold": 190, "compiled_packed": 50}
+# --packing: which layouts the speed runs take (False: padded, True: packed), in the order they run.
+LAYOUTS = {"off": (False,), "both": (False, True), "only": (True,)}
+# A loss gap above this (relative, any common step) is more than bf16 noise: the report says TOO LARGE.
+LOSS_TOLERANCE = 0.03
 # The OOM-recovery stages, in order of importance: name -> (--compile, more flags, SFTUI_STANDBY=0).
 OOM_STAGES = {"oom-eager": (False, (), False), "oom-eager-cold": (False, (), True),
               "oom-compiled": (True, (), False), "oom-compiled-cold": (True, (), True),
@@ -104,8 +127,11 @@ def hf_worker(args: argparse.Namespace) -> int:
     work = args.out / "hf"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    models.build_char_tokenizer(char_counts(str(args.data), False), work / "tokenizer", models.max_vocab(args.model))
-    tok = models.load_tokenizer(work / "tokenizer", preset=True)
+    if models.is_preset(args.model):
+        models.build_char_tokenizer(char_counts(str(args.data), False), work / "tokenizer", models.max_vocab(args.model))
+        tok = models.load_tokenizer(work / "tokenizer", preset=True)
+    else:  # a local directory (--smoke's T5) brings its own tokenizer, as sftui reads it
+        tok = models.load_tokenizer(args.model)
     seq2seq = is_seq2seq(args.model)
     rows = data.tokenize_to_cache(str(args.data), tok, MAX_LEN, seq2seq, False, work / "cache", lambda f: None)
 
@@ -254,15 +280,22 @@ class Bench:
         (self.out / f"{name}.log").write_text(text if isinstance(text, str) else text.decode(errors="replace"))
         return run_dir, code, time.monotonic() - t0
 
-    def throughput(self, name: str, batch: int, compile_: bool, more: tuple[str, ...] = ()) -> dict[str, Any]:
+    def throughput(self, name: str, batch: int, compile_: bool, more: tuple[str, ...] = (),
+                   packed: bool = False) -> dict[str, Any]:
+        """A speed run: ``packed`` adds --packing, else --no-packing (padded, whatever the model's
+        default); ``batches`` in the result is what the run's `data` event says it did."""
         extra = self.flags(batch, str(batch), self.args.warmup + self.args.steps) + ["--on-oom", "stop", *more]
-        run_dir, code, seconds = self.sftui(name, extra + (["--compile"] if compile_ else []))
-        res = {"batch": batch, "compile": compile_, "flags": list(more), "exit": code, "wall_s": round(seconds, 1),
-               **summarize(run_dir, self.args.warmup)}
+        extra += ["--packing" if packed else "--no-packing"] + (["--compile"] if compile_ else [])
+        run_dir, code, seconds = self.sftui(name, extra)
+        res = {"batch": batch, "compile": compile_, "packing": packed, "flags": list(more), "exit": code,
+               "wall_s": round(seconds, 1), **summarize(run_dir, self.args.warmup)}
         self.report["sftui"][name] = res
         self.save()
-        say(f"sftui {name}: exit {code}, {res.get('samples_per_s')} samples/s, mfu {res.get('mfu')}, "
-            f"peak {(res.get('peak_reserved') or 0) / GIB:.2f} GiB, {seconds:.0f} s wall")
+        say(f"sftui {name}: exit {code}, {res.get('batches')} batches, {res.get('samples_per_s')} samples/s, "
+            f"mfu {res.get('mfu')}, peak {(res.get('peak_reserved') or 0) / GIB:.2f} GiB, {seconds:.0f} s wall")
+        if res.get("batches") != ("packed" if packed else "padded"):
+            say(f"WARNING {name}: asked for {'packed' if packed else 'padded'} batches, the data event says "
+                f"{res.get('batches')!r}")
         return res
 
     def direct(self, name: str, supervised: str) -> None:
@@ -327,7 +360,9 @@ def summarize(run_dir: Path, warmup: int) -> dict[str, Any]:
         shutil.rmtree(run_dir / heavy, ignore_errors=True)
     stats = [e for e in evs if e["kind"] == "rank_stats"]
     end = next((e for e in reversed(evs) if e["kind"] == "run_end"), None)
+    data_ev = next((e for e in evs if e["kind"] == "data"), None)
     out: dict[str, Any] = {
+        "batches": data_ev and data_ev.get("batches"),  # "padded" / "packed": what the worker decided
         "loss": {e["step"]: e["loss"] for e in steps},
         "peak_reserved": max((e.get("mem_reserved_bytes") or 0 for e in stats), default=None),
         "peak_allocated": max((e.get("mem_peak_bytes") or 0 for e in stats), default=None),
@@ -342,14 +377,59 @@ def summarize(run_dir: Path, warmup: int) -> dict[str, Any]:
     return out
 
 
-def loss_check(eager: dict[str, Any], fast: dict[str, Any], warmup: int) -> dict[str, Any] | None:
-    """The largest relative gap between the two runs' logged losses at the same steps (same data,
-    same order, same batch): bf16 and dropout noise only, or something is wrong."""
-    common = [s for s in eager.get("loss", {}) if s in fast.get("loss", {}) and s > warmup]
+def loss_check(ref: dict[str, Any], other: dict[str, Any], after: int = 0) -> dict[str, Any] | None:
+    """The largest relative gap between two runs' logged losses at the same steps after step
+    ``after`` (same data, same order, same batch): bf16 and dropout noise only (chatlm-mini trains
+    with T5's dropout 0.1, and two layouts or two compilers draw other masks), or something is
+    wrong. ``worst_step``: where it is."""
+    common = sorted(s for s in ref.get("loss", {}) if s in other.get("loss", {}) and s > after)
     if not common:
         return None
-    gap = max(abs(fast["loss"][s] - eager["loss"][s]) / abs(eager["loss"][s]) for s in common)
-    return {"steps": common, "max_rel_gap": round(gap, 4), "ok": gap <= 0.03}
+    gaps = {s: abs(other["loss"][s] - ref["loss"][s]) / abs(ref["loss"][s]) for s in common}
+    worst = max(common, key=gaps.__getitem__)
+    return {"steps": common, "max_rel_gap": float(f"{gaps[worst]:.3g}"), "worst_step": worst,
+            "ok": gaps[worst] <= LOSS_TOLERANCE}
+
+
+def variant(mode: str, batch: int, packed: bool) -> str:
+    """A speed run's name: eager-16, compiled-192-packed."""
+    return f"{mode}-{batch}" + ("-packed" if packed else "")
+
+
+def packing_summary(rep: dict[str, Any], layouts: tuple[bool, ...]) -> dict[str, Any]:
+    """Packed against padded, per batch and mode (samples/s, MFU and peak reserved as packed ÷
+    padded; the largest loss gap over the common logged steps, also stored in the packed run's
+    result as ``loss_vs_padded``), every variant ÷ HF at each batch HF ran (issue 17: packed
+    compiled at 16 ≥ 8×) and the best MFU of the speed runs (issue 17: ≥ 25 %)."""
+    runs, hf = rep["sftui"], rep["hf"]
+
+    def ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
+        return round(a[key] / b[key], 3) if a.get(key) and b.get(key) else None
+
+    vs_padded: dict[str, Any] = {}
+    vs_hf: dict[str, Any] = {}
+    for b in rep["batches"]:
+        for mode in ("compiled", "eager"):
+            pad, pk = runs.get(variant(mode, b, False)), runs.get(variant(mode, b, True))
+            if not pk:
+                continue
+            entry: dict[str, Any] = {"batch": b, "mode": mode, "batches": pk.get("batches"),
+                                     "padded_batches": pad.get("batches") if pad else None}
+            if pad:
+                entry.update(samples_per_s=ratio(pk, pad, "samples_per_s"), mfu=ratio(pk, pad, "mfu"),
+                             peak_reserved=ratio(pk, pad, "peak_reserved"))
+                if chk := loss_check(pad, pk):
+                    entry["loss"] = pk["loss_vs_padded"] = chk
+            vs_padded[variant(mode, b, False)] = entry
+        if (h := hf.get(str(b), {}).get("samples_per_s")):
+            vs_hf[str(b)] = {name: round(runs[name]["samples_per_s"] / h, 2)
+                             for name in (variant(m, b, packed) for m in ("compiled", "eager") for packed in (False, True))
+                             if runs.get(name, {}).get("samples_per_s")}
+    speed = {name: r for name, r in runs.items()
+             if r.get("mfu") and name.split("-")[0] in ("compiled", "eager") and r.get("exit") == 0}
+    best = max(speed, key=lambda n: speed[n]["mfu"], default=None)
+    return {"layouts": ["packed" if x else "padded" for x in layouts], "vs_padded": vs_padded, "vs_hf": vs_hf,
+            "best_mfu": {"run": best, "mfu": speed[best]["mfu"]} if best else None}
 
 
 def padding_share(path: Path, seq2seq: bool) -> float:
@@ -395,10 +475,12 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"- sftui eager with `--group-by-length` at batch {r['batch']}: {g(r['samples_per_s'])} "
                          f"samples/s, MFU {g(r.get('mfu'), 0.01, '{:.1f} %')}, peak "
                          f"{g(r.get('peak_reserved'), GIB, '{:.2f}')} GiB{ratio}.")
+    lines += packing_markdown(report, g)
     over = report.get("overhead")
     if over:
-        lines += ["", f"- Supervisor overhead (batch {over['batch']}, eager): {over['supervised']} samples/s under "
-                      f"`sftui run --headless`, {over['bare']} as a bare rank: {over['overhead_pct']:+.2f} %."]
+        lines += ["", f"- Supervisor overhead (batch {over['batch']}, {over.get('run', 'eager')}): {over['supervised']} "
+                      f"samples/s under `sftui run --headless`, {over['bare']} as a bare rank: "
+                      f"{over['overhead_pct']:+.2f} %."]
     for name, r in report.get("oom_recovery", {}).items():
         how = ("on, " + " ".join(r["flags"])) if r.get("flags") else ("on" if r["compile"] else "off")
         warm = {True: "warm: its ranks started ahead", False: "cold: its ranks started after the OOM"}.get(
@@ -411,18 +493,71 @@ def markdown(report: dict[str, Any]) -> str:
     for name, saved in report.get("standby_saved_s", {}).items():
         lines.append(f"- Ranks started ahead, {name} against {name}-cold: {saved:+.1f} s of recovery saved.")
     for b, chk in report.get("loss_check", {}).items():
-        lines.append(f"- Loss, compiled vs eager at batch {b}: largest relative gap {chk['max_rel_gap'] * 100:.2f} % "
-                     f"over steps {chk['steps']} ({'ok' if chk['ok'] else 'TOO LARGE'}).")
+        batch, _, packed = b.partition("-")
+        lines.append(f"- Loss, compiled vs eager{' (packed)' if packed else ''} at batch {batch}: largest relative gap "
+                     f"{chk['max_rel_gap'] * 100:.3g} % over steps {chk['steps']} ({'ok' if chk['ok'] else 'TOO LARGE'}).")
     if report["skipped"]:
         lines.append(f"- Skipped for time: {', '.join(report['skipped'])}.")
     return "\n".join(lines) + "\n"
+
+
+def packing_markdown(report: dict[str, Any], g: Any) -> list[str]:
+    """The packing table (packed beside padded, per batch and mode) and issue 17's two figures."""
+    pk = report.get("packing")
+    if not pk:
+        return []
+    runs, pct = report["sftui"], (lambda x: g(x, 0.01, "{:.1f} %"))
+    how = ("an encoder-decoder's micro-batch in rows of --max-len, first fit, masks keeping each sample to itself"
+           if report.get("seq2seq") else "a causal LM's micro-batch in one row, each sample attending to itself")
+    lines = ["", f"Packed (`--packing`: {how}) against padded (`--no-packing`), same seed, rows and steps; the loss "
+                 "gap is the largest "
+                 "relative difference of the two runs' logged per-step losses (bf16 and dropout noise: compare the "
+                 "compiled-vs-eager gap below).", "",
+             "| batch | mode | data event | samples/s padded → packed | packed/padded | MFU padded → packed | "
+             "peak GiB padded → packed | packed/HF | loss gap (steps) |", "|" + "---|" * 9]
+    for b in report["batches"]:
+        for mode in ("compiled", "eager"):
+            pad, pkd = runs.get(variant(mode, b, False), {}), runs.get(variant(mode, b, True))
+            if pkd is None:
+                continue
+            cmp_ = pk["vs_padded"].get(variant(mode, b, False), {})
+            chk = cmp_.get("loss")
+            gap = (f"{chk['max_rel_gap'] * 100:.3g} % ({len(chk['steps'])}){'' if chk['ok'] else ' TOO LARGE'}"
+                   if chk else "n/a")
+            seen = pkd.get("batches") if pkd.get("batches") == "packed" else f"**{pkd.get('batches')}** (not packed)"
+            hf = pk["vs_hf"].get(str(b), {}).get(variant(mode, b, True))
+            lines.append(f"| {b} | {mode} | {seen} | {g(pad.get('samples_per_s'))} → {g(pkd.get('samples_per_s'))} "
+                         f"| {g(cmp_.get('samples_per_s'), fmt='{:.2f}×')} | {pct(pad.get('mfu'))} → {pct(pkd.get('mfu'))} "
+                         f"| {g(pad.get('peak_reserved'), GIB, '{:.2f}')} → {g(pkd.get('peak_reserved'), GIB, '{:.2f}')} "
+                         f"| {g(hf, fmt='{:.2f}×')} | {gap} |")
+    best, mid = pk.get("best_mfu"), 16 if 16 in report["batches"] else report["batches"][0]
+    at_mid = pk["vs_hf"].get(str(mid), {})
+    if best or at_mid:
+        lines.append("")
+    if best:
+        lines.append(f"- Issue 17: best MFU {pct(best['mfu'])} ({best['run']}; target ≥ 25 %).")
+    if at_mid:
+        lines.append(f"- Issue 17: at batch {mid}, over HF: " + ", ".join(f"{name} {r:.2f}×" for name, r in at_mid.items())
+                     + " (target: packed compiled ≥ 8×).")
+    return lines
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, a few steps: the script works (no claims)")
+    p.add_argument("--smoke-model", choices=("t5", "tiny"), default="t5",
+                   help="--smoke's model: t5 (default): a ~0.1M-parameter T5 without dropout written to "
+                        "OUT/smoke-t5 with the data's character tokenizer, the encoder-decoder path "
+                        "(chatlm-mini's, rows of --max-len when packed) and a strict packed-vs-padded loss check; "
+                        "tiny: the causal preset (one packed row per micro-batch)")
     p.add_argument("--compile", action="store_true", help="also the compiled sftui worker (GPU)")
+    p.add_argument("--packing", choices=tuple(LAYOUTS), default="both",
+                   help="the layouts of the speed runs (b): both (default): each batch and mode padded "
+                        "(--no-packing: eager-B, compiled-B) and then packed (--packing: eager-B-packed, "
+                        "compiled-B-packed; a T5 in rows of --max-len), with packed ÷ padded samples/s, MFU, "
+                        "peak and the largest per-step loss gap in the report; off: padded only (as before "
+                        "packing); only: packed only (no grouped run, the bare rank from the packed run)")
     p.add_argument("--batches", default=None, help="comma-separated; 'auto' = the largest rung for the card")
     p.add_argument("--warmup", type=int, default=None, help="steps before the timed window (default 5)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 30)")
@@ -446,7 +581,10 @@ def main() -> int:
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    args.model = args.model or ("tiny" if args.smoke else "chatlm-mini")
+    if not args.smoke:
+        args.model = args.model or "chatlm-mini"
+    elif args.smoke_model == "tiny":
+        args.model = args.model or "tiny"  # else --smoke's T5, written below (beside the data it needs)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.smoke else 5)
     args.steps = args.steps if args.steps is not None else (2 if args.smoke else 30)
     args.log_every = 2 if args.smoke else 5
@@ -466,9 +604,13 @@ def main() -> int:
     args.data = args.out / "data.jsonl"
     # enough rows for the timed window, and for the oom runs (batch 16, --inject-at + 3 steps) in one epoch
     write_data(args.data, max((args.warmup + args.steps) * max(args.batches), (args.inject_at + 3) * 16) + 64)
+    if args.model is None:
+        args.model = str(smoke_t5(args.out / "smoke-t5", args.data))
     bench = Bench(args)
     rep = bench.report
-    rep.update(batches=args.batches, real_share=round(padding_share(args.data, args.model == "chatlm-mini"), 4), card=card_name(args.smoke))
+    seq2seq = is_seq2seq(args.model)
+    rep.update(batches=args.batches, packing_mode=args.packing, seq2seq=seq2seq,
+               real_share=round(padding_share(args.data, seq2seq), 4), card=card_name(args.smoke))
     bench.save()
     say(f"{args.model} on {rep['card']}, batches {args.batches}, real tokens {rep['real_share'] * 100:.0f} % of padded")
 
@@ -477,25 +619,38 @@ def main() -> int:
     if "hf" in stages:
         bench.hf(args.batches)
     order = [mid] + [b for b in args.batches if b != mid] if "speed" in stages else []
-    cold = True
+    layouts = LAYOUTS[args.packing]
+    cold = dict.fromkeys(layouts, True)  # per layout: the next compiled run compiles its graphs from nothing
     for b in order:
-        if args.compile and bench.fits(f"compiled-{b}", COST["compiled_cold" if cold else "compiled"]):
-            bench.throughput(f"compiled-{b}", b, True)
-            cold = False
-        if bench.fits(f"eager-{b}", COST["eager"]):
-            bench.throughput(f"eager-{b}", b, False)
-        if b == max(args.batches) and bench.fits(f"grouped-{b}", COST["eager"]):
+        for packed in layouts if args.compile else ():
+            key = "compiled_packed" if packed else "compiled"
+            if bench.fits(variant("compiled", b, packed), COST[key + "_cold" if cold[packed] else key]):
+                bench.throughput(variant("compiled", b, packed), b, True, packed=packed)
+                cold[packed] = False
+        for packed in layouts:
+            if bench.fits(variant("eager", b, packed), COST["eager_packed" if packed else "eager"]):
+                bench.throughput(variant("eager", b, packed), b, False, packed=packed)
+        if False in layouts and b == max(args.batches) and bench.fits(f"grouped-{b}", COST["eager"]):
             bench.throughput(f"grouped-{b}", b, False, ("--group-by-length",))
-        if b == mid and bench.fits(f"bare-{b}", COST["direct"]):
-            bench.direct(f"bare-{b}", f"eager-{b}")
-            sup, bare = rep["sftui"][f"eager-{b}"].get("samples_per_s"), rep["sftui"][f"bare-{b}"].get("samples_per_s")
+        supervised = variant("eager", b, False not in layouts)  # the padded eager run; packed with --packing only
+        bare_name = variant("bare", b, False not in layouts)
+        if b == mid and supervised in rep["sftui"] and bench.fits(bare_name, COST["direct"]):
+            bench.direct(bare_name, supervised)
+            sup, bare = rep["sftui"][supervised].get("samples_per_s"), rep["sftui"][bare_name].get("samples_per_s")
             if sup and bare:
-                rep["overhead"] = {"batch": b, "supervised": sup, "bare": bare,
+                rep["overhead"] = {"batch": b, "run": supervised, "supervised": sup, "bare": bare,
                                    "overhead_pct": round((bare - sup) / bare * 100, 2)}
     for b in args.batches:
-        e, c = rep["sftui"].get(f"eager-{b}"), rep["sftui"].get(f"compiled-{b}")
-        if e and c and (chk := loss_check(e, c, args.warmup)):
-            rep.setdefault("loss_check", {})[str(b)] = chk
+        for packed in layouts:
+            e, c = rep["sftui"].get(variant("eager", b, packed)), rep["sftui"].get(variant("compiled", b, packed))
+            if e and c and (chk := loss_check(e, c, args.warmup)):
+                rep.setdefault("loss_check", {})[variant("", b, packed).lstrip("-")] = chk
+    if order and True in layouts:
+        rep["packing"] = packing_summary(rep, layouts)
+        for name, cmp_ in rep["packing"]["vs_padded"].items():
+            say(f"{name}-packed ({cmp_['batches']} batches) ÷ {name} ({cmp_['padded_batches']}): "
+                f"{cmp_.get('samples_per_s')}× samples/s, {cmp_.get('mfu')}× MFU, largest loss gap "
+                f"{(cmp_.get('loss') or {}).get('max_rel_gap')}")
     bench.save()
     if "oom" in stages:
         stages |= set(OOM_STAGES)
@@ -515,6 +670,30 @@ def main() -> int:
     print(text, flush=True)
     say("done")
     return 0
+
+
+def smoke_t5(directory: Path, data: Path) -> Path:
+    """--smoke's encoder-decoder model: chatlm-mini's T5 layout (relu feed-forward, tied
+    embeddings) shrunk to ~0.1M parameters, random seeded weights, with the data's character
+    tokenizer beside it (a local model directory brings its own). No dropout (chatlm-mini has
+    T5's 0.1): two layouts draw other dropout masks, and the smoke's loss check is meant to be
+    strict (float32 on the CPU: rounding only)."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from sftui.rows import char_counts
+    from sftui.trainer import model as models
+
+    shutil.rmtree(directory, ignore_errors=True)
+    models.build_char_tokenizer(char_counts(str(data), False), directory)
+    tok = models.load_tokenizer(directory)
+    torch.manual_seed(SEED)
+    config = T5Config(vocab_size=len(tok), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                      num_heads=4, feed_forward_proj="relu", dropout_rate=0.0, tie_word_embeddings=True,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      decoder_start_token_id=tok.pad_token_id)
+    T5ForConditionalGeneration(config).save_pretrained(directory)
+    return directory
 
 
 def card_name(smoke: bool) -> str:
