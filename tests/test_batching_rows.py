@@ -61,7 +61,8 @@ def test_the_layout_and_the_masks(setup) -> None:
     pack = packer(tok)
     micro = pack(cache, IDS)
     padded = data.collate(cache, IDS, tok.pad_token_id)
-    enc_mask, dec_mask, cross = (micro[k][:, 0] for k in ("attention_mask", "decoder_attention_mask",
+    masks = batching.row_masks(micro["encoder_sample"], micro["decoder_sample"])
+    enc_mask, dec_mask, cross = (masks[k][:, 0] for k in ("attention_mask", "decoder_attention_mask",
                                                          "cross_attention_mask"))
     for r, row in enumerate(pack.rows(cache, IDS)):
         at_e = at_d = 0
@@ -83,12 +84,18 @@ def test_the_layout_and_the_masks(setup) -> None:
         assert not dec_mask[r, at_d:, :at_d].any() and not dec_mask[r, :at_d, at_d:].any()
         assert enc_mask[r].diagonal().all() and dec_mask[r].diagonal().all()
     assert micro["input_ids"].shape[1] <= MAX_LEN and micro["labels"].shape[1] <= MAX_LEN
+    assert micro["encoder_sample"].dtype == micro["decoder_sample"].dtype == torch.int32
     assert packer(tok, MAX_LEN)(cache, IDS)["input_ids"].shape[1] == MAX_LEN  # compiled: one width
     assert (pack(cache, IDS, weight=False)["labels"] == -100).all()
+    # compiled (one width), a lone row gets a padding row beside it: no dimension of size 1
+    lone = packer(tok, MAX_LEN)(cache, IDS[:1])
+    assert lone["input_ids"].shape[0] == 2 and (lone["encoder_sample"][1] == -1).all()
+    assert (lone["labels"][1] == -100).all() and pack(cache, IDS[:1])["input_ids"].shape[0] == 1
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
-def test_packed_rows_give_the_padded_loss_and_gradients(setup, checkpointing: bool) -> None:
+def test_packed_rows_give_the_padded_loss_and_gradients(setup, checkpointing: bool,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     model_dir, tok, cache = setup
     net = models.build_model(str(model_dir), tok, 0, MAX_LEN, "cpu", torch.float32).train()
     if checkpointing:
@@ -106,11 +113,17 @@ def test_packed_rows_give_the_padded_loss_and_gradients(setup, checkpointing: bo
         assert (a - b).abs().max() <= 1e-5 * a.abs().max(), ((a - b).abs().max(), a.abs().max())
     # each mask matters: opened to every position of its row (the decoder's still causal), the loss moves
     micro = packer(tok)(cache, IDS)
+    real = batching.row_masks
     with torch.no_grad():
         for name in ("attention_mask", "decoder_attention_mask", "cross_attention_mask"):
-            opened = torch.ones_like(micro[name])
-            opened = opened.tril() if name == "decoder_attention_mask" else opened
-            leaked = loop.token_loss_sum(form, {**micro, name: opened}, start)
+            def opened(enc: torch.Tensor, dec: torch.Tensor, name: str = name) -> dict[str, torch.Tensor]:
+                masks = real(enc, dec)
+                whole = torch.ones_like(masks[name])
+                return {**masks, name: whole.tril() if name == "decoder_attention_mask" else whole}
+
+            with monkeypatch.context() as patch:
+                patch.setattr(batching, "row_masks", opened)
+                leaked = loop.token_loss_sum(form, micro, start)
             assert not torch.allclose(leaked, packed, rtol=1e-3), name
 
 
@@ -127,10 +140,30 @@ def test_compiled_rows_share_one_graph_across_row_counts(setup) -> None:
     graphs = CompileCounter()
     compiled = torch.compile(loss.TrainingModel(net), backend=graphs)
     counts, first = set(), None
-    for n in (6, 12, 30, 20):
+    for n in (6, 12, 30, 1, 20):  # 1: one sample, one row and its padding row
         micro = packer(tok, MAX_LEN)(cache, np.arange(n))
         counts.add(micro["input_ids"].shape[0])
         loop.token_loss_sum(compiled, micro, net.config.decoder_start_token_id).backward()
         first = first or graphs.frame_count
     assert len(counts) >= 3, counts
     assert graphs.frame_count == first, (first, graphs.frame_count)
+
+
+def test_packed_rows_are_refused_for_an_attention_that_would_misread_their_masks(setup, monkeypatch) -> None:
+    """transformers hands 4-D masks over as they are: T5's eager attention would add the booleans
+    instead of masking. A model that loads with any attention but sdpa is refused, one line."""
+    from sftui.config import ConfigError, RunConfig
+
+    model_dir, tok, _ = setup
+    build = models.build_model
+
+    def eager(*args: Any, **kwargs: Any) -> Any:
+        net = build(*args, **kwargs)
+        net.set_attn_implementation("eager")
+        return net
+
+    cfg = RunConfig(model=str(model_dir), max_len=MAX_LEN, cpu=True, packing=True)
+    loop.new_model(cfg, tok, torch.device("cpu"), 1e-3)  # sdpa, as it loads
+    monkeypatch.setattr(models, "build_model", eager)
+    with pytest.raises(ConfigError, match="loads with eager attention; packed encoder-decoder rows need sdpa"):
+        loop.new_model(cfg, tok, torch.device("cpu"), 1e-3)

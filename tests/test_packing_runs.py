@@ -108,6 +108,43 @@ def test_a_packed_t5_run_trains_the_padded_runs_loss_curve(tmp_path: Path) -> No
     assert f"{ROWS_LINE} 32 tokens (--max-len), each sample masked to itself; sdpa attention" in packed_log
 
 
+def bart_dir(directory: Path) -> Path:
+    """A small BART (an encoder-decoder with absolute position embeddings) beside t5_dir's tokenizer."""
+    from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration
+
+    t5_dir(directory)
+    tok = AutoTokenizer.from_pretrained(directory)
+    for name in ("config.json", "model.safetensors"):
+        (directory / name).unlink()
+    config = BartConfig(vocab_size=len(tok), d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
+                        decoder_start_token_id=tok.pad_token_id, forced_eos_token_id=None)
+    BartForConditionalGeneration(config).save_pretrained(directory)
+    return directory
+
+
+def test_packing_an_encoder_decoder_with_absolute_positions_is_refused(tmp_path: Path) -> None:
+    """Packed rows put a sample at any offset of its row: right for T5's relative bias, wrong for
+    BART's absolute position embeddings. The CLI refuses before anything is written (exit 2, one
+    line); a run.json asking for it anyway is bad input for the rank."""
+    model = bart_dir(tmp_path / "bart")
+    run_dir = tmp_path / "run"
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(16))
+    result = run_sftui("run", "--headless", "--cpu", "--model", str(model), "--data", str(data), "--packing",
+                       "--run-dir", str(run_dir), cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"sftui: --packing: {model} is an encoder-decoder model with absolute positions (bart); packed rows are "
+        "for causal LMs and encoder-decoders with relative ones (t5, mt5, umt5)"], result.stderr
+    assert not run_dir.exists() and not (tmp_path / "runs").exists()
+
+    run = rundir.create(tmp_path / "written")
+    write_run_json(run, RunConfig(model=str(model), data=str(data), batch=4, max_len=32, cpu=True, packing=True))
+    assert run_attempt(run, 1, 1) == [ev.WORKER_BAD_INPUT], log_tail(run, 1)
+    assert "absolute positions (bart)" in log_tail(run, 1)
+
+
 def test_packing_by_default_where_packed_rows_take_the_varlen_kernel() -> None:
     """--packing's default: a causal LM on a GPU whose torch has varlen_attn (registering it needs
     no GPU), never an encoder-decoder model, never the CPU; an explicit choice always wins."""

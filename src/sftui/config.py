@@ -278,8 +278,8 @@ OPTIONS: tuple[Option, ...] = (
            "first: batches of similar rows, less padding (a gain for eager runs; --compile pads to --max-len)",
            is_flag=True),
     Option("packing", _bool, "lay each micro-batch's samples end to end instead of padding them, no token "
-           "attending across samples: a causal LM's in one row (padding-free), an encoder-decoder's (T5) in rows of "
-           "--max-len (default: on for a causal LM on a GPU where torch has its variable-length attention kernel, "
+           "attending across samples: a causal LM's in one row (padding-free), a T5-family encoder-decoder's in rows "
+           "of --max-len (default: on for a causal LM on a GPU where torch has its variable-length attention kernel, "
            "measured faster there; off elsewhere, and for T5 until measured)",
            is_flag=True, negatable=True),
     Option("mem_fraction", _fractions, "cap each rank's CUDA memory (one value, or one per rank)", "F[,F...]"),
@@ -401,16 +401,38 @@ def validate(cfg: RunConfig, given: Any = ()) -> None:
 
 def is_seq2seq(model: str) -> bool:
     """Encoder-decoder (labels on the decoder side) or causal LM, read from the config only."""
-    if model == "chatlm-mini":
-        return True
-    if model == "tiny":
-        return False
+    if model in PRESETS:
+        return model == "chatlm-mini"
+    return bool(_model_config(model).get("is_encoder_decoder", False))
+
+
+# Encoder-decoder families whose attention knows positions only as a learned bias of their distance:
+# a sample packed anywhere in a row (trainer/batching.RowPacking) sees what it sees alone. BART,
+# Marian, Pegasus and the like add absolute position embeddings: packed, their samples would start
+# at the wrong positions.
+RELATIVE_POSITION_SEQ2SEQ = ("t5", "mt5", "umt5")
+
+
+def packing_refusal(model: str) -> str | None:
+    """Why ``--packing`` cannot apply to ``model`` (None: it can): an encoder-decoder model packs
+    only where its positions are relative (RELATIVE_POSITION_SEQ2SEQ)."""
+    if not is_seq2seq(model) or model == "chatlm-mini":
+        return None
+    kind = _model_config(model).get("model_type")
+    if kind in RELATIVE_POSITION_SEQ2SEQ:
+        return None
+    return (f"--packing: {model} is an encoder-decoder model with absolute positions ({kind}); packed rows "
+            f"are for causal LMs and encoder-decoders with relative ones ({', '.join(RELATIVE_POSITION_SEQ2SEQ)})")
+
+
+def _model_config(model: str) -> dict[str, Any]:
     with open(Path(model) / "config.json") as f:
-        return bool(json.load(f).get("is_encoder_decoder", False))
+        return json.load(f)
 
 
 def check_paths(cfg: RunConfig) -> None:
-    """The inputs that exist on disk: data files and a model directory (no rows read here)."""
+    """The inputs that exist on disk: data files and a model directory (no rows read here), and
+    whether the model's kind allows ``--packing`` (``packing_refusal``)."""
     for name in ("data", "eval_data"):
         value = getattr(cfg, name)
         if value is None or (name == "data" and value == "demo"):
@@ -429,6 +451,9 @@ def check_paths(cfg: RunConfig) -> None:
             raise ConfigError(f"--model: {cfg.model}: not a preset ({', '.join(PRESETS)}) nor a directory")
         if not (p / "config.json").is_file():
             raise ConfigError(f"--model: {cfg.model}: no config.json (expected a save_pretrained directory)")
+    refusal = packing_refusal(cfg.model) if cfg.packing else None
+    if refusal:
+        raise ConfigError(refusal)
 
 
 # --- ladder math --------------------------------------------------------------------------------

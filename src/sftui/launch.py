@@ -180,7 +180,11 @@ class Standby:
         """Not needed after all: killed (they have written nothing and hold no GPU memory)."""
         for p in self.procs:
             p.kill()
-            p.wait()
+        for p in self.procs:
+            try:
+                p.wait(timeout=TERM_GRACE_S)
+            except subprocess.TimeoutExpired:  # stuck in the kernel (an import over NFS): not waited for
+                pass
             for pipe in (p.stdin, p.stdout):
                 if pipe is not None:
                     try:
@@ -269,6 +273,7 @@ def _popen_group(specs: list[tuple[list[str], dict[str, str]]], stdin: int) -> l
     except BaseException:
         for p in procs:
             p.kill()
+            p.wait()
         raise
     return procs
 

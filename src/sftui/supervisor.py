@@ -146,6 +146,7 @@ class Supervisor:
         self._pending_switch: int | None = None
         self._attempt: Attempt | None = None
         self._standby: Standby | None = None  # the next attempt's ranks, started ahead (launch.Standby)
+        self._standby_failed = False  # starting them failed once: not tried again in this run
         self._watch: AttemptWatch | None = None
         self._last_error: str | None = None
         self._last_tui_ping = 0.0
@@ -284,7 +285,7 @@ class Supervisor:
             codes = attempt.poll()
             self._pump(watch)  # after poll: a rank's last events are in the file before it exits
             if watch.ranks_up and self._standby is None and self._wants_standby():
-                self._standby = start_standby(self.run, n + 1, self.cfg.world_size, self._gpus())
+                self._start_standby(n + 1)
             now = time.monotonic()
             if now >= next_telemetry:
                 self._write_telemetry()
@@ -361,6 +362,16 @@ class Supervisor:
                   f"{self.cfg.main_process_port}; on machine R: sftui node {self.run.path} --machine-rank R")
         return start_launcher(self.run, n, self.cfg, 0, rendezvous_id(self.state.created, n))
 
+    def _start_standby(self, n: int) -> None:
+        """The ranks of attempt ``n`` started ahead; a failure to start them (no memory to fork, a
+        process limit) costs this run its head start, never the attempt that is training."""
+        try:
+            self._standby = start_standby(self.run, n, self.cfg.world_size, self._gpus())
+        except (OSError, subprocess.SubprocessError) as e:
+            self._standby_failed = True
+            self.emit("log", level="warning", message=f"could not start the next attempt's ranks ahead ({e}); "
+                                                      "a restart will start them then")
+
     def _gpus(self) -> list[int] | None:
         return None if self.cfg.cpu else self.cfg.gpus
 
@@ -368,8 +379,9 @@ class Supervisor:
         """Whether the next attempt's ranks are started ahead, once this one's are up (after their
         own imports, which these would slow on a machine of few cores; in time for an OOM at the
         first step): on one machine (several start through ``accelerate launch``), unless
-        ``SFTUI_STANDBY=0``."""
-        return self.cfg.num_machines == 1 and os.environ.get("SFTUI_STANDBY", "1") != "0"
+        ``SFTUI_STANDBY=0``, starting them failed before, or the run is stopping."""
+        return (self.cfg.num_machines == 1 and os.environ.get("SFTUI_STANDBY", "1") != "0"
+                and not self._standby_failed and not self._stop_reason)
 
     def _await_other_machines(self, watch: AttemptWatch) -> None:
         """Machine 0's launcher has exited; the other machines' last events (an OOM, their ranks'

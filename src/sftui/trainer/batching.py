@@ -114,24 +114,24 @@ class Packing:
 
 @dataclass(frozen=True)
 class RowPacking:
-    """An encoder-decoder micro-batch packed into rows of ``--max-len`` (T5: ``--packing``).
+    """An encoder-decoder micro-batch (the T5 family: ``config.RELATIVE_POSITION_SEQ2SEQ``) packed
+    into rows of ``--max-len`` (``--packing``).
 
     One long row, as for a causal LM, would need T5's relative position bias for every pair of
     its positions: a (heads, T, T) tensor that grows with the square of the micro-batch. So the
-    samples go, first fit in their order, into rows of ``max_len`` columns on both sides; at
-    least half of every row but the last is filled, and there are never more rows than samples
-    nor wider ones than padding gives, so the memory probe's worst case (batch × max-len) stays
-    the worst case. Within a row the bias needs nothing new: it depends only on the distance
-    between two positions, which is a sample's own wherever the sample sits. The masks keep each
-    sample to itself: ``attention_mask`` (encoder, rows × 1 × L × L), ``decoder_attention_mask``
-    (causal too) and ``cross_attention_mask`` (a decoder position sees its own sample's encoder
-    positions), booleans, True where attention goes, handed to transformers as its 4-D masks. The
-    padding at a row's end is a document of its own on each side (it attends to itself, never
-    to a sample, and trains nothing). ``decoder_input_ids`` are each sample's labels shifted
-    right behind ``decoder_start``, as ``loop.token_loss_sum`` builds them for padded rows.
+    samples go, first fit in their order, into rows of ``max_len`` columns on both sides: never
+    more rows than samples, nor wider than ``--max-len`` (rounded up to ``multiple``). Within a
+    row the bias needs nothing new: it depends only on the distance between two positions, which
+    is a sample's own wherever the sample sits. ``encoder_sample`` and ``decoder_sample`` (rows ×
+    width, int32) say which sample of the micro-batch each position holds (-1: the padding at a
+    row's end); ``row_masks`` turns them into the attention masks on the device, so that no
+    rows × width² tensor crosses from the host. ``decoder_input_ids`` are each sample's labels
+    shifted right behind ``decoder_start``, as ``loop.token_loss_sum`` builds them for padded rows.
 
-    ``width`` (``--compile``: ``max_len``) fixes the columns; else they are the fullest row's,
-    rounded up to a ``multiple``.
+    ``width`` (``--compile``: ``max_len``) fixes the columns, and then there are at least two rows
+    (a padding row beside a lone one): dynamo specialises a dimension of size 1, and a micro-batch
+    of one row would compile a second graph. Else the columns are the fullest row's, rounded up
+    to a ``multiple``.
     """
 
     pad_id: int
@@ -164,14 +164,15 @@ class RowPacking:
         if not data.seq2seq:
             raise ValueError("row packing is for encoder-decoder rows; a causal LM's are packed by Packing")
         rows = self.rows(data, indices)
+        count = max(len(rows), 2) if self.width else len(rows)
         sides = ((data.ids, data.offsets), (data.labels, data.label_offsets))
         fills = [[sum(int(off[indices[k] + 1] - off[indices[k]]) for k in row) for row in rows] for _, off in sides]
         width = [self.width or -(-max(f) // self.multiple) * self.multiple for f in fills]
-        enc_ids = np.full((len(rows), width[0]), self.pad_id, np.int64)
-        dec_ids = np.full((len(rows), width[1]), self.pad_id, np.int64)
-        labels = np.full((len(rows), width[1]), -100, np.int64)
-        enc_doc = np.full((len(rows), width[0]), -1, np.int64)
-        dec_doc = np.full((len(rows), width[1]), -1, np.int64)
+        enc_ids = np.full((count, width[0]), self.pad_id, np.int64)
+        dec_ids = np.full((count, width[1]), self.pad_id, np.int64)
+        labels = np.full((count, width[1]), -100, np.int64)
+        enc_sample = np.full((count, width[0]), -1, np.int32)
+        dec_sample = np.full((count, width[1]), -1, np.int32)
         for r, row in enumerate(rows):
             at_e = at_d = 0
             for k in row:
@@ -179,24 +180,34 @@ class RowPacking:
                 src = data.ids[data.offsets[i]:data.offsets[i + 1]]
                 tgt = data.labels[data.label_offsets[i]:data.label_offsets[i + 1]]
                 enc_ids[r, at_e:at_e + len(src)] = src
-                enc_doc[r, at_e:at_e + len(src)] = k
+                enc_sample[r, at_e:at_e + len(src)] = k
                 dec_ids[r, at_d] = self.decoder_start
                 dec_ids[r, at_d + 1:at_d + len(tgt)] = tgt[:-1]
                 if weight:
                     labels[r, at_d:at_d + len(tgt)] = tgt
-                dec_doc[r, at_d:at_d + len(tgt)] = k
+                dec_sample[r, at_d:at_d + len(tgt)] = k
                 at_e, at_d = at_e + len(src), at_d + len(tgt)
-        causal = np.tril(np.ones((width[1], width[1]), bool))
-        cross = dec_doc[:, :, None] == enc_doc[:, None, :]
-        cross |= ~cross.any(-1, keepdims=True)  # a padding position with no encoder padding to see: let it see all
-        return {
-            "input_ids": torch.from_numpy(enc_ids),
-            "attention_mask": torch.from_numpy(enc_doc[:, None, :, None] == enc_doc[:, None, None, :]),
-            "decoder_input_ids": torch.from_numpy(dec_ids),
-            "decoder_attention_mask": torch.from_numpy((dec_doc[:, :, None] == dec_doc[:, None, :]) & causal)[:, None],
-            "cross_attention_mask": torch.from_numpy(cross)[:, None],
-            "labels": torch.from_numpy(labels),
-        }
+        return {"input_ids": torch.from_numpy(enc_ids), "decoder_input_ids": torch.from_numpy(dec_ids),
+                "labels": torch.from_numpy(labels), "encoder_sample": torch.from_numpy(enc_sample),
+                "decoder_sample": torch.from_numpy(dec_sample)}
+
+
+def row_masks(encoder_sample: torch.Tensor, decoder_sample: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The attention masks of packed encoder-decoder rows (``RowPacking``), as transformers takes
+    4-D boolean masks (rows × 1 × query × key, True where attention goes) for sdpa: the encoder's
+    within a sample, the decoder's within a sample and causal, the cross-attention's from a decoder
+    position to its own sample's encoder positions. The padding at a row's end is a sample of its
+    own on each side; a decoder padding position in a row without encoder padding sees every
+    encoder position (a row of nothing to attend would be NaN), and nothing it computes is trained
+    or seen by a sample."""
+    import torch
+
+    enc, dec = encoder_sample[:, None, :, None], decoder_sample[:, None, :, None]
+    causal = torch.ones(dec.shape[2], dec.shape[2], dtype=torch.bool, device=dec.device).tril()
+    cross = dec == encoder_sample[:, None, None, :]
+    return {"attention_mask": enc == encoder_sample[:, None, None, :],
+            "decoder_attention_mask": (dec == decoder_sample[:, None, None, :]) & causal,
+            "cross_attention_mask": cross | ~cross.any(-1, keepdim=True)}
 
 
 # --- a variable-length attention for transformers' models: torch's own FlashAttention varlen ---------
@@ -274,9 +285,12 @@ def takes_fewer_kv_heads(kernel: Callable[..., Any], device: Any) -> bool:
             out = kernel(qq, kk, vv, cu, cu, 5, 5, window_size=(-1, 0))
             out.float().square().sum().backward()
             results.append([out, *(t.grad for t in leaves)])
+        same = all(torch.allclose(a.float(), b.float(), rtol=0.02, atol=0.02) for a, b in zip(*results))
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)  # a kernel fault surfaces here, not later in training
     except Exception:  # noqa: BLE001 - a refusal is the answer
         return False
-    return all(torch.allclose(a.float(), b.float(), rtol=0.02, atol=0.02) for a, b in zip(*results))
+    return same
 
 
 def varlen_kwargs(micro: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from sftui import chat, rows
 from sftui import events as ev
-from sftui.config import ConfigError, RunConfig, default_lr, is_seq2seq
+from sftui.config import ConfigError, RunConfig, default_lr, is_seq2seq, packing_refusal
 from sftui.rundir import EventLog, RunDir, read_json, write_json_atomic
 from sftui.runfile import RunFile, base_fingerprint
 from sftui.trainer import adapters, batching, checkpoint, data, flops, model as models, rendezvous
@@ -93,6 +93,9 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
     phase("validating")
     tok, train_data, eval_data, fmt = prepare_data(run, cfg, spec.data_fingerprint, me, phase, spec.chat_format)
     seq2seq = train_data.seq2seq
+    refusal = packing_refusal(cfg.model) if cfg.packing else None
+    if refusal:  # the CLI refuses it; a run.json written otherwise is refused here
+        raise ConfigError(refusal)
     cfg = replace(cfg, packing=batching.packs(cfg.packing, seq2seq, device))  # its default decided here
     target = spec.sample_budget if spec.sample_budget else cfg.epochs * train_data.n
     plan = sample_plan(cfg, train_data, target)
@@ -348,9 +351,15 @@ def new_model(cfg: RunConfig, tok: Any, device: torch.device, lr: float) -> tupl
     optimizer over the adapters alone. With ``--packing`` the attention packed rows take
     (batching.packed_attention). Shared with the memory probe."""
     net = models.build_model(cfg.model, tok, cfg.seed, cfg.max_len, device, adapters.base_dtype(cfg, device))
-    attention = batching.packed_attention(device) if cfg.packing and not is_seq2seq(cfg.model) else None
+    seq2seq = is_seq2seq(cfg.model)
+    attention = batching.packed_attention(device) if cfg.packing and not seq2seq else None
     if attention is not None:
         net.set_attn_implementation(attention)
+    if cfg.packing and seq2seq and net.config._attn_implementation != "sdpa":
+        # transformers hands 4-D masks to the attention as they are: sdpa takes them as booleans
+        # (batching.row_masks), eager would add them, flex wants a block mask.
+        raise ConfigError(f"--packing: {cfg.model} loads with {net.config._attn_implementation} attention; "
+                          "packed encoder-decoder rows need sdpa")
     models.fused_attention_bias(net)
     if cfg.gradient_checkpointing:
         net.config.use_cache = False
@@ -429,32 +438,30 @@ def token_loss_sum(model: Any, batch: dict[str, Any], decoder_start: int | None,
     decoder's start token for an encoder-decoder model (labels feed the decoder, shifted right).
     A packed micro-batch (batching.Packing: ``position_ids``) goes in without an attention mask:
     a mask would keep transformers from finding the samples where the positions restart. Packed
-    encoder-decoder rows (batching.RowPacking) bring their decoder inputs and their three masks.
+    encoder-decoder rows (batching.RowPacking) bring their decoder inputs and which sample each
+    position holds (the model's training form makes the masks of it).
     """
     labels = batch["labels"]
     packed = "position_ids" in batch
-    rows = "cross_attention_mask" in batch
+    rows = "decoder_sample" in batch
     inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "labels": labels}
     if packed:
         inputs["position_ids"] = batch["position_ids"]
+    elif rows:
+        for name in ("decoder_input_ids", "encoder_sample", "decoder_sample"):
+            inputs[name] = batch[name]
     else:
         inputs["attention_mask"] = batch["attention_mask"]
-    if rows:
-        for name in ("decoder_input_ids", "decoder_attention_mask", "cross_attention_mask"):
-            inputs[name] = batch[name]
-    elif decoder_start is not None:
+    if decoder_start is not None and not rows:
         decoder_input_ids = torch.cat([torch.full_like(labels[:, :1], decoder_start), labels[:, :-1]], dim=1)
         inputs["decoder_input_ids"] = decoder_input_ids.masked_fill(decoder_input_ids == -100, decoder_start)
     # The batch varies (ladder rungs, a short last step, the rows packed samples need): a compiled
     # model takes it as a symbol rather than recompiling for each size. So does the width when
     # batches are not padded to one: unmarked, the first new width costs a second whole compile
     # (torch's automatic dynamic). A packed row is one row (dimension 0 is 1) of a varying width:
-    # its token bucket. Packed rows' masks are (rows, 1, width, width). A no-op when not compiled.
+    # its token bucket. A no-op when not compiled.
     for tensor in inputs.values():
-        if tensor.dim() == 4:
-            torch._dynamo.maybe_mark_dynamic(tensor, [0, 2, 3] if widths_vary else 0)
-        else:
-            torch._dynamo.maybe_mark_dynamic(tensor, 1 if packed else [0, 1] if widths_vary else 0)
+        torch._dynamo.maybe_mark_dynamic(tensor, 1 if packed else [0, 1] if widths_vary else 0)
     for name in ("trained", "cu_seqlens"):  # the trained positions (loss.trained_positions); the samples' bounds
         if name in batch:
             inputs[name] = batch[name]

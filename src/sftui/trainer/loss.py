@@ -163,8 +163,8 @@ class TrainingModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, decoder_input_ids: torch.Tensor | None = None,
                 trained: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                max_seqlen: int | None = None, decoder_attention_mask: torch.Tensor | None = None,
-                cross_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                max_seqlen: int | None = None, encoder_sample: torch.Tensor | None = None,
+                decoder_sample: torch.Tensor | None = None) -> torch.Tensor:
         from sftui.trainer import batching
 
         inputs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
@@ -173,13 +173,14 @@ class TrainingModel(nn.Module):
                 inputs[name] = value
         if cu_seqlens is not None and self.net.config._attn_implementation in batching.BOUNDED:
             inputs.update(batching.varlen_kwargs({"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}))
-        if cross_attention_mask is not None:
+        if encoder_sample is not None and decoder_sample is not None:
             # Packed encoder-decoder rows (batching.RowPacking): the model's forward hands one mask
             # to the encoder and the cross-attention alike, so the encoder runs first, alone; the
             # forward then passes its ``attention_mask`` to the cross-attention only.
-            encoded = self.net.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
-            inputs = {"encoder_outputs": encoded, "attention_mask": cross_attention_mask,
-                      "decoder_attention_mask": decoder_attention_mask, "use_cache": False}
+            masks = batching.row_masks(encoder_sample, decoder_sample)
+            encoded = self.net.get_encoder()(input_ids=input_ids, attention_mask=masks["attention_mask"])
+            inputs = {"encoder_outputs": encoded, "attention_mask": masks["cross_attention_mask"],
+                      "decoder_attention_mask": masks["decoder_attention_mask"], "use_cache": False}
         if self.head is None:
             extra = {} if decoder_input_ids is None else {"decoder_input_ids": decoder_input_ids}
             logits = self.net(**inputs, **extra).logits

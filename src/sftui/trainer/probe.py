@@ -7,7 +7,7 @@ of the data, padded to the widest row: the worst case training can meet. A causa
 (``--packing``, its default on a GPU), the worst case is the run's own: its sample plan's heaviest
 micro-batch at that batch (data.heaviest_micro_batch), packed as training packs it, since a packed
 row's width is its samples' tokens, and batch × the widest row would overstate it about twofold on
-rows of varied length. An encoder-decoder model's packed rows are bounded by the padded worst case. It measures peak *reserved* memory (what decides
+rows of varied length. An encoder-decoder model's packed rows are bounded by batch rows of --max-len. It measures peak *reserved* memory (what decides
 an OOM) from a cleared allocator. forecast.next_trial picks the trials: the smallest rung, then
 what the forecast recommends until that rung has been measured. The device, the model, the
 optimizer and the step are the trainer's own (loop.setup_device, loop.new_model,
@@ -86,8 +86,10 @@ def probe(out: Path) -> int:
     cfg = replace(cfg, packing=batching.packs(cfg.packing, train_data.seq2seq, device))  # as the run decides it
     # A causal LM's packed row is as wide as its samples' tokens: its worst case is the plan's own.
     # An encoder-decoder's packed rows (batching.RowPacking) are never more than its samples nor
-    # wider than padding: batch × the longest rows bounds them.
+    # wider than --max-len (rounded up as widths are): batch rows that wide bound them, though
+    # padding alone would stop at the longest row of the data.
     one_row = cfg.packing and not train_data.seq2seq
+    rows_width = -(-cfg.max_len // loop.PAD_MULTIPLE) * loop.PAD_MULTIPLE if cfg.packing and train_data.seq2seq else None
     say("loading the model")
     lr = cfg.lr if cfg.lr is not None else default_lr(cfg.model)
     net, opt = loop.new_model(cfg, tok, device, lr)
@@ -123,7 +125,7 @@ def probe(out: Path) -> int:
             break
         say(f"batch {batch}: {int(spec['steps'])} optimizer steps on "
             + (f"the heaviest {batch} samples the run packs together" if one_row else f"the {batch} longest rows"))
-        width = loop.pad_width(cfg, True)
+        width = rows_width or loop.pad_width(cfg, True)
         micro = (_worst_case_batch(train_data, batch, tok.pad_token_id, width) if not one_row else
                  _worst_case_packed(train_data, batch, batch * me.world * cfg.grad_accum, tok.pad_token_id, cfg))
         peak, per_s, oom = _trial(accelerator, model, optimizer, micro, batch, me.world, decoder_start,

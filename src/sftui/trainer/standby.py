@@ -52,6 +52,7 @@ def main() -> None:
     if len(sys.argv) != 2:
         print("usage: python -m sftui.trainer.standby RUN_DIR", file=sys.stderr)
         sys.exit(2)
+    os.umask(0o077)  # as the rank sets it, before the imports create anything (inductor's cache directory)
     try:
         warm(Path(sys.argv[1]))
     except Exception:  # noqa: BLE001 - see warm
