@@ -207,7 +207,9 @@ def test_tui_hangup_leaves_training_running(tmp_path):
         pane.type(f"{SFTUI} run --cpu --max-steps 5000 --log-every 1 --checkpoint-every 0 --run-dir {run_dir}")
         pane.wait(r"│ step [1-9]\d*/\d+", 90)
         procs = {p.pid: p for p in processes_of(run_dir)}
-        tui = [p for p in procs.values() if "_supervise" not in p.cmdline() and "sftui.trainer" not in p.cmdline()]
+        # not the supervisor, a rank, or the next attempt's ranks started ahead (sftui.trainer.standby)
+        tui = [p for p in procs.values() if not any(a in ("_supervise", "sftui.trainer", "sftui.trainer.standby")
+                                                    for a in p.cmdline())]
         assert len(tui) == 1, [p.cmdline() for p in procs.values()]
         supervisor = psutil.Process(rundir.read_json(run_dir / "run.json")["supervisor_pid"])
         pane.close()  # the terminal hangs up: SIGHUP to the TUI's session

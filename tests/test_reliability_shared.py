@@ -180,7 +180,7 @@ def rendezvous_port(run_dir: Path) -> int | None:
             env = p.environ()
         except psutil.Error:
             continue
-        if env.get("RANK") == "0" and env.get("MASTER_PORT"):
+        if env.get("RANK") == "0" and env.get("MASTER_PORT") not in (None, "0"):  # "0": ranks started ahead, waiting
             assert env["MASTER_ADDR"] == "127.0.0.1"
             return int(env["MASTER_PORT"])
     return None
