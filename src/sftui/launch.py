@@ -144,8 +144,13 @@ def start_attempt(run: RunDir, attempt: int, world: int, gpus: list[int] | None,
             return standby.become(run, port)
         standby.dismiss()
     argv = [sys.executable, "-m", module, str(run.path)]
-    return _spawn(run, attempt, [(argv, rank_env(rank, world, port, attempt, gpus), f"[rank {rank}] ")
+    return _spawn(run, attempt, [(argv, rank_env(rank, world, port, attempt, gpus), rank_prefix(rank))
                                  for rank in range(world)])
+
+
+def rank_prefix(rank: int) -> str:
+    """What precedes each line of a rank's output in attempt-N.log."""
+    return f"[rank {rank}] "
 
 
 @dataclass
@@ -174,7 +179,7 @@ class Standby:
                 p.stdin.close()
             except BrokenPipeError:  # it died just now: the attempt sees a rank that failed at once
                 pass
-        return _attach(run, self.attempt, self.procs, [f"[rank {r}] " for r in range(self.world)])
+        return _attach(run, self.attempt, self.procs, [rank_prefix(r) for r in range(self.world)])
 
     def dismiss(self) -> None:
         """Not needed after all: killed (they have written nothing and hold no GPU memory)."""

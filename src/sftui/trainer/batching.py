@@ -142,8 +142,9 @@ class RowPacking:
 
     def rows(self, data: Tokenized, indices: np.ndarray) -> list[list[int]]:
         """Which of ``indices`` (positions in it) each row holds: first fit, both sides bounded by ``max_len``."""
-        enc = data.offsets[indices + 1] - data.offsets[indices]
-        dec = data.label_offsets[indices + 1] - data.label_offsets[indices]
+        return self._first_fit(*_side_lengths(data, indices))
+
+    def _first_fit(self, enc: np.ndarray, dec: np.ndarray) -> list[list[int]]:
         rows: list[list[int]] = []
         room: list[tuple[int, int]] = []
         for k, (e, d) in enumerate(zip(enc.tolist(), dec.tolist())):
@@ -163,11 +164,11 @@ class RowPacking:
 
         if not data.seq2seq:
             raise ValueError("row packing is for encoder-decoder rows; a causal LM's are packed by Packing")
-        rows = self.rows(data, indices)
+        lengths = _side_lengths(data, indices)
+        rows = self._first_fit(*lengths)
         count = max(len(rows), 2) if self.width else len(rows)
-        sides = ((data.ids, data.offsets), (data.labels, data.label_offsets))
-        fills = [[sum(int(off[indices[k] + 1] - off[indices[k]]) for k in row) for row in rows] for _, off in sides]
-        width = [self.width or -(-max(f) // self.multiple) * self.multiple for f in fills]
+        width = [self.width or -(-max(int(side[row].sum()) for row in rows) // self.multiple) * self.multiple
+                 for side in lengths]
         enc_ids = np.full((count, width[0]), self.pad_id, np.int64)
         dec_ids = np.full((count, width[1]), self.pad_id, np.int64)
         labels = np.full((count, width[1]), -100, np.int64)
@@ -190,6 +191,12 @@ class RowPacking:
         return {"input_ids": torch.from_numpy(enc_ids), "decoder_input_ids": torch.from_numpy(dec_ids),
                 "labels": torch.from_numpy(labels), "encoder_sample": torch.from_numpy(enc_sample),
                 "decoder_sample": torch.from_numpy(dec_sample)}
+
+
+def _side_lengths(data: Tokenized, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The encoder-input and label lengths of the samples ``indices``."""
+    return (data.offsets[indices + 1] - data.offsets[indices],
+            data.label_offsets[indices + 1] - data.label_offsets[indices])
 
 
 def row_masks(encoder_sample: torch.Tensor, decoder_sample: torch.Tensor) -> dict[str, torch.Tensor]:

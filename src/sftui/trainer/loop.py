@@ -351,7 +351,7 @@ def new_model(cfg: RunConfig, tok: Any, device: torch.device, lr: float) -> tupl
     optimizer over the adapters alone. With ``--packing`` the attention packed rows take
     (batching.packed_attention). Shared with the memory probe."""
     net = models.build_model(cfg.model, tok, cfg.seed, cfg.max_len, device, adapters.base_dtype(cfg, device))
-    seq2seq = is_seq2seq(cfg.model)
+    seq2seq = net.config.is_encoder_decoder
     attention = batching.packed_attention(device) if cfg.packing and not seq2seq else None
     if attention is not None:
         net.set_attn_implementation(attention)

@@ -92,7 +92,7 @@ def build_model(name: str, tok: "PreTrainedTokenizerBase", seed: int, max_len: i
     weights (initialised right there: 0.8 s for chatlm-mini on a GPU, 4 s on the CPU), or a local
     directory, read straight in ``dtype`` (a frozen bf16 base never exists in float32)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import AutoConfig
 
     dtype = dtype or torch.float32
     torch.manual_seed(seed)
@@ -100,8 +100,14 @@ def build_model(name: str, tok: "PreTrainedTokenizerBase", seed: int, max_len: i
         with torch.device(device):
             return _preset(name, tok, max_len).to(dtype)
     config = AutoConfig.from_pretrained(name, local_files_only=True)
-    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    return auto.from_pretrained(name, local_files_only=True, dtype=dtype).to(device)
+    return auto_class(config).from_pretrained(name, local_files_only=True, dtype=dtype).to(device)
+
+
+def auto_class(config: Any) -> Any:
+    """The transformers Auto class a local directory of this config loads through."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
 
 
 def _preset(name: str, tok: "PreTrainedTokenizerBase", max_len: int) -> "PreTrainedModel":

@@ -41,11 +41,10 @@ def warm(run_path: Path) -> None:
     if model.is_preset(cfg.model):
         from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, T5ForConditionalGeneration  # noqa: F401
         return
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer  # noqa: F401
+    from transformers import AutoConfig, AutoTokenizer  # noqa: F401
 
     config = AutoConfig.from_pretrained(cfg.model, local_files_only=True)
-    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    auto._model_mapping[type(config)]  # imports the model's module (transformers' lazy mapping)
+    model.auto_class(config)._model_mapping[type(config)]  # imports the model's module (transformers' lazy mapping)
 
 
 def main() -> None:
