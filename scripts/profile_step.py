@@ -15,6 +15,11 @@ Each variant is MODE:BATCH. MODE is how the step runs and what it is fed:
     regional-max-static the same with static shapes (torch.compile's default)
     regional-dyn        regional-max, each batch padded to its longest row
     regional-grouped    regional-dyn on the --group-by-length order
+    eager-packed        eager, each micro-batch packed as the worker packs it (--packing: a causal LM's
+                        samples end to end in one row, the varlen attention on a GPU; a T5's rows of
+                        --max-len)
+    compiled-packed     the worker's --compile on packed micro-batches (a causal LM's rows in token
+                        buckets on a GPU)
 
 A MODE may end in ``-stockbias``: T5's relative position bias as transformers makes it (float32,
 heads as the last memory dimension), without ``model.fused_attention_bias`` (its before);
@@ -32,6 +37,10 @@ it (their count and first reasons: a recompile inside the timed window inflates 
 --profile get a torch.profiler pass over a few steps: GPU kernel time by category (matrix
 products, attention, fused Triton kernels, other element-wise work, the optimizer, copies) and
 how much of the wall time the GPU was busy.
+
+``--model DIR`` profiles a local causal LM (bench_causal.py builds a Qwen2.5-0.5B-shaped one) on
+``--data ROWS`` through its own chat template, as the worker renders rows; the default is the
+chatlm-mini preset on the synthetic rows.
 
 The synthetic data is bench_throughput's (prompt 16–256, response 8–256 characters = tokens);
 with the default 3 × 8,192 rows a timed window of 43 steps at batch 192 spans one whole
@@ -60,10 +69,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from bench_throughput import write_data  # noqa: E402  (scripts/ is this script's own directory)
 
-MAX_LEN = 256
 SEED = 42
 MODES = ("eager-max", "eager-dyn", "eager-grouped", "compiled-max", "compiled-grouped", "regional-max",
-         "regional-max-static", "regional-dyn", "regional-grouped")
+         "regional-max-static", "regional-dyn", "regional-grouped", "eager-packed", "compiled-packed")
 # GPU kernel names by what they do, first match wins.
 CATEGORIES = (
     ("attention", r"fmha|flash|attention|efficient|cudnn.*sdpa"),
@@ -83,19 +91,26 @@ def say(text: str) -> None:
 
 
 def prepare(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The tokenizer and the tokenized synthetic rows, through sftui's own cache."""
-    from sftui.config import is_seq2seq
+    """The tokenizer and the tokenized rows (--data, else the synthetic ones), through sftui's own
+    cache: a preset's character tokenizer, or a local model's tokenizer and chat template as the
+    worker resolves them (loop.chat_format)."""
+    from sftui.config import RunConfig, is_seq2seq
     from sftui.rows import char_counts
-    from sftui.trainer import data, model as models
+    from sftui.trainer import data, loop, model as models
 
-    rows = args.out / "data.jsonl"
+    rows = args.data or args.out / "data.jsonl"
     if not rows.exists():
         write_data(rows, args.rows)
-    models.build_char_tokenizer(char_counts(str(rows), False), args.out / "tokenizer", models.max_vocab(args.model))
-    tok = models.load_tokenizer(args.out / "tokenizer", preset=True)
+    preset = models.is_preset(args.model)
+    tok_dir = args.out / "tokenizer" if preset else Path(args.model)
+    if preset:
+        models.build_char_tokenizer(char_counts(str(rows), False), tok_dir, models.max_vocab(args.model))
+    tok = models.load_tokenizer(tok_dir, preset=preset)
+    fmt = loop.chat_format(RunConfig(model=args.model), tok)
     cache = args.out / "cache"
     tokenized = data.Tokenized.open(cache) if cache.exists() else data.tokenize_to_cache(
-        str(rows), tok, MAX_LEN, is_seq2seq(args.model), False, cache, lambda f: None)
+        str(rows), tok, args.max_len, is_seq2seq(args.model), False, cache, lambda f: None,
+        fmt.template if fmt.kind == "template" else None)
     return tok, tokenized
 
 
@@ -121,7 +136,9 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
     cuda = torch.cuda.is_available()
     device = accelerator.device
     grouped, padded = mode.endswith("grouped"), mode.endswith("max") or mode.endswith("max-static")
-    cfg = RunConfig(model=args.model, max_len=MAX_LEN, seed=SEED, batch=batch, ladder=[batch])
+    packed = mode.endswith("packed")
+    cfg = RunConfig(model=args.model, max_len=args.max_len, seed=SEED, batch=batch, ladder=[batch], packing=packed,
+                    compile=mode.startswith("compiled"))
     net, opt = loop.new_model(cfg, tok, device, default_lr(args.model))
     if "-stockbias" in suffixes:
         for module_name, module in net.named_modules():
@@ -140,10 +157,11 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
     model.train()
 
     n_steps = args.warmup + args.steps + (args.profile_steps if profile else 0)
-    plan = data.Plan(tokenized.n, SEED, n_steps * batch, data.length_key(tokenized, MAX_LEN) if grouped else None)
+    plan = data.Plan(tokenized.n, SEED, n_steps * batch, data.length_key(tokenized, args.max_len) if grouped else None)
     steps = plan.steps(0, batch)
+    packing = loop.packed_layout(cfg, tok.pad_token_id, cuda, decoder_start) if packed else None
     loader = DataLoader(data.StepBatches(tokenized, plan, steps, 0, batch, 1, tok.pad_token_id,
-                                         MAX_LEN if padded else None, loop.PAD_MULTIPLE if cuda else 1),
+                                         args.max_len if padded else None, loop.PAD_MULTIPLE if cuda else 1, packing),
                         batch_size=None, num_workers=2, prefetch_factor=4, pin_memory=cuda)
 
     def sync() -> float:
@@ -162,7 +180,8 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    out: dict[str, Any] = {"variant": name, "compiled": compiled, "attn": getattr(net.config, "_attn_implementation", None)}
+    out: dict[str, Any] = {"variant": name, "compiled": compiled, "attn": getattr(net.config, "_attn_implementation", None),
+                           "batches": "packed" if packed else "padded"}
     times: list[float] = []
     real = enc = positions = samples = trained = 0
     prof: Any = None
@@ -311,13 +330,17 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=None, help="steps before the timed window (default 3)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 43)")
     p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--model", default=None, help="a preset or a local causal LM directory (default chatlm-mini; "
+                                                 "tiny with --smoke)")
+    p.add_argument("--data", type=Path, default=None, help="a rows file (default: the synthetic rows)")
+    p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--rows", type=int, default=None, help="synthetic rows (default 3 × 8,192)")
     p.add_argument("--budget-s", type=float, default=420.0, help="start no variant after this many seconds")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile's backend; 'eager' keeps dynamo's guards and recompiles but generates no code, "
                         "so the recompiles of a compiled variant can be counted on the CPU")
     args = p.parse_args()
-    args.model = "tiny" if args.smoke else "chatlm-mini"
+    args.model = args.model or ("tiny" if args.smoke else "chatlm-mini")
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
     args.steps = args.steps if args.steps is not None else (3 if args.smoke else 43)
     args.rows = args.rows or (512 if args.smoke else 3 * 8192)
@@ -341,7 +364,7 @@ def main() -> int:
     accelerator, cuda = loop.setup_device(RunConfig(cpu=args.smoke), loop.Rank(0, 1, 0, 1))
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": shlex.join(sys.argv),
                               "card": torch.cuda.get_device_name() if cuda else "CPU", "torch": torch.__version__,
-                              "model": args.model, "max_len": MAX_LEN, "warmup": args.warmup, "steps": args.steps,
+                              "model": args.model, "max_len": args.max_len, "warmup": args.warmup, "steps": args.steps,
                               "variants": {}, "skipped": []}
     if cuda:
         report["sdpa_kernels"] = sdpa_kernels()
