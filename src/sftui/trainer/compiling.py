@@ -83,10 +83,25 @@ def compile_model(model: Any, layers: bool, run_path: Path, log: EventLog, rank:
 def compile_for_training(model: Any, layers: bool) -> tuple[Any, str]:
     """The model as training (and the memory probe) compile it: layer by layer with ``layers``
     when it has repeated layers, else whole; and what was compiled, in words."""
+    no_size_guards()
     compiled = compile_regions(model) if layers else None
     if compiled:
         return model, compiled
     return torch.compile(model), WHOLE_MODEL  # the batch dimension is marked dynamic by loop.token_loss_sum
+
+
+def no_size_guards() -> None:
+    """Keeps inductor's choice of fusing a norm's two reductions (mix-order reduction) from
+    guarding on a dynamic size. Its strict checks ask whether rows × columns reach 5 Mi elements,
+    which torch 2.11 answers with a guard on the symbol: a packed Qwen2.5-0.5B run under
+    ``--compile`` compiled its whole model a second time (~100 s) when a token bucket crossed
+    ``896 × width < 5242880`` (H200, 2026-12-02; docs/BENCHMARKS.md), and a padded run's batch
+    would recompile crossing the same line between rungs. Non-strict mode skips those checks
+    (torch's own knob "to avoid recompilations"); newer torch decides them without a guard."""
+    import torch._inductor.config as inductor_config
+
+    if hasattr(inductor_config.triton, "mix_order_reduction_non_strict_mode"):
+        inductor_config.triton.mix_order_reduction_non_strict_mode = True
 
 
 WHOLE_MODEL = "the whole model"

@@ -30,7 +30,7 @@ from sftui import events as ev
 from sftui.config import ConfigError, RunConfig, default_lr, is_seq2seq, packing_refusal
 from sftui.rundir import EventLog, RunDir, read_json, write_json_atomic
 from sftui.runfile import RunFile, base_fingerprint
-from sftui.trainer import adapters, batching, checkpoint, data, flops, model as models, rendezvous
+from sftui.trainer import adapters, batching, checkpoint, data, flops, model as models, norms, rendezvous
 from sftui.trainer.loss import TrainingModel, trained_positions
 from sftui.trainer.lifeline import Lifeline
 
@@ -361,6 +361,7 @@ def new_model(cfg: RunConfig, tok: Any, device: torch.device, lr: float) -> tupl
         raise ConfigError(f"--packing: {cfg.model} loads with {net.config._attn_implementation} attention; "
                           "packed encoder-decoder rows need sdpa")
     models.fused_attention_bias(net)
+    norms.fuse_rms_norms(net)
     if cfg.gradient_checkpointing:
         net.config.use_cache = False
         net.gradient_checkpointing_enable()
