@@ -18,7 +18,9 @@
    allocated and reserved from `rank_stats`; packed or padded as sftui decides by default, the
    `padded` stage with --no-packing); `sftui probe` (with the runs' --max-steps: packed, the worst
    case is the plan's heaviest micro-batch) over a ladder that reaches past the default one; a run
-   of --steps steps at the probe's recommended rung, its peak reserved against the forecast.
+   of --steps steps at the probe's recommended rung, its peak reserved against the forecast; with
+   `compiled` and `compiled-recommended`, `--compile` at batch 16 and at that rung. MFU is the
+   worker's own (DESIGN.md's definition), over the same steps as the rates.
 6. ratios: sftui's samples/s at the HF batch (eager, and compiled with the `compiled` stage) over the
    HF Trainer's, padded and each padding-free run's (issue 17's goals at batch 16: ≥ 6× and ≥ 2×).
 
@@ -242,10 +244,13 @@ class Bench:
         samples = steps[-1]["samples_seen"] - steps[0]["samples_seen"] if len(steps) > 1 else 0
         tokens = sum((b["samples_seen"] - a["samples_seen"]) / b["samples_per_s"] * b["tokens_per_s"]
                      for a, b in zip(steps, steps[1:]))
+        flop_s = sum((b["samples_seen"] - a["samples_seen"]) / b["samples_per_s"] * (b.get("mfu") or 0.0)
+                     for a, b in zip(steps, steps[1:]))  # MFU by DESIGN.md, as the worker reports it
         batches = [e["to"] for e in evs if e["kind"] == "batch_change"]
         res = {"batch": batches[-1] if batch == "auto" and batches else batch, "exit": code, "steps": max((e["step"] for e in evs if e["kind"] == "step"), default=0),
                "samples_per_s": round(samples / seconds, 1) if seconds else None,
                "tokens_per_s": round(tokens / seconds) if seconds else None,
+               "mfu": round(flop_s / seconds, 4) if seconds and flop_s else None,
                "peak_allocated": max((e["mem_peak_bytes"] or 0 for e in stats), default=None),
                "peak_reserved": max((e["mem_reserved_bytes"] or 0 for e in stats), default=None),
                "alloc_retries": sum(e.get("alloc_retries") or 0 for e in stats),
@@ -300,7 +305,8 @@ def main() -> int:
                    help="hf-flat: the HF Trainer padding-free (DataCollatorWithFlattening), once per --hf-flat-attn; "
                         "also: padded (eager batch 16 with --no-packing), alternate (eager batch 16 with "
                         "expandable segments on, off, off, on), auto (--batch auto on the default ladder), "
-                        "compiled (--compile at batch 16)")
+                        "compiled (--compile at batch 16), compiled-recommended (--compile at the probe's "
+                        "recommended rung; needs probe)")
     p.add_argument("--alternate-steps", type=int, default=120)
     p.add_argument("--eager-batches", type=lambda s: [int(b) for b in s.split(",")], default=[16],
                    help="the batches of the eager and padded stages (default: 16)")
@@ -340,9 +346,11 @@ def main() -> int:
             bench.run(f"padded-{batch}", batch, "--no-packing")
     if "probe" in stages:
         result = bench.probe()
-        if result and result.get("recommended") and "recommended" in stages:
-            rung = int(result["recommended"])
+        rung = int(result["recommended"]) if result and result.get("recommended") else None
+        if rung and "recommended" in stages:
             bench.against_forecast(result, bench.run(f"eager-{rung}", rung), rung)
+        if rung and "compiled-recommended" in stages:  # compiled takes less memory than the eager probe measured
+            bench.run(f"compiled-{rung}", rung, "--compile")
     if "alternate" in stages:
         alternate(bench, 16 if not args.smoke else 4)
     if "auto" in stages:
