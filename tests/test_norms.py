@@ -69,9 +69,38 @@ def test_converted_norms_train_as_the_models_own(build, seq2seq, expected):
         torch.testing.assert_close(grads_fused[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+class GatedRMSNorm(nn.Module):
+    """Mamba2's gated norm, in short: ``forward(hidden_states, gate=None)``; without a gate, an RMS norm."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        if gate is not None:
+            hidden_states = hidden_states * torch.nn.functional.silu(gate)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        return self.weight * hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+
+
+class EpsOutsideRootRMSNorm(nn.Module):
+    """An RMS norm that adds its epsilon after the root: equal to rms_norm on rows of unit scale."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = 1e-6
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.weight * hidden_states / (hidden_states.pow(2).mean(-1, keepdim=True).sqrt() + self.eps)
+
+
 def test_a_norm_that_computes_something_else_keeps_its_forward():
-    """Gemma's RMS norm scales by 1 + weight: the trial disagrees and the module is left alone;
-    a LayerNorm (two parameters) is not taken for an RMS norm at all."""
+    """Gemma's RMS norm scales by 1 + weight, another puts its epsilon outside the root: the
+    trial disagrees and the module is left alone; a gated norm (a second argument) is not
+    converted, since its gate would be dropped; a LayerNorm (two parameters) is not taken for an
+    RMS norm at all."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(0)
@@ -79,6 +108,12 @@ def test_a_norm_that_computes_something_else_keeps_its_forward():
                                            num_attention_heads=4, num_key_value_heads=2, head_dim=8))
     assert norms.fuse_rms_norms(gemma) == 0
     assert all("forward" not in vars(m) for m in gemma.modules())
+    assert norms.fuse_rms_norms(EpsOutsideRootRMSNorm(8)) == 0
+    gated = GatedRMSNorm(8)
+    assert norms.agrees(gated, gated.variance_epsilon)  # without its gate it is an RMS norm...
+    assert norms.fuse_rms_norms(gated) == 0  # ...but the model calls it with one
+    x, gate = torch.randn(2, 8), torch.randn(2, 8)
+    torch.testing.assert_close(gated(x, gate), GatedRMSNorm(8)(x, gate))
     assert norms.norm_eps(nn.LayerNorm(8)) is None
 
 
@@ -97,3 +132,34 @@ def test_an_input_in_another_dtype_takes_the_norms_own_forward():
     torch.testing.assert_close(got, expected)
     y = torch.randn(4, 8)
     torch.testing.assert_close(norm(y), torch.nn.functional.rms_norm(y, (8,), norm.weight, norm.variance_epsilon))
+
+
+def test_bf16_weights_under_autocast_take_the_norms_own_forward():
+    """A LoRA base's bf16 norm under autocast: CUDA's autocast would run rms_norm in float32 and
+    return float32 where transformers returns bf16, so the norm's own forward runs (the same
+    result, bit for bit)."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    norm = Qwen2RMSNorm(8).to(torch.bfloat16)
+    norm.weight.data = (torch.rand(8) + 0.5).bfloat16()
+    x = torch.randn(4, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = norm(x)
+        assert norms.fuse_rms_norms(norm) == 1
+        got = norm(x)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, expected)
+
+
+def test_the_worker_builds_its_model_with_converted_norms(tmp_path):
+    """loop.new_model (the worker's and the probe's model) converts a local causal LM's norms."""
+    from chat_helpers import build_model_dir
+
+    from sftui.config import RunConfig
+    from sftui.trainer import loop, model as models
+
+    directory = build_model_dir(tmp_path / "qwen", "chatml")
+    net, _ = loop.new_model(RunConfig(model=str(directory)), models.load_tokenizer(directory), torch.device("cpu"), 1e-4)
+    converted = [name for name, module in net.named_modules() if "forward" in vars(module)]
+    assert converted == ["model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm",
+                         "model.layers.1.input_layernorm", "model.layers.1.post_attention_layernorm", "model.norm"]

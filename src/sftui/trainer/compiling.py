@@ -92,12 +92,14 @@ def compile_for_training(model: Any, layers: bool) -> tuple[Any, str]:
 
 def no_size_guards() -> None:
     """Keeps inductor's choice of fusing a norm's two reductions (mix-order reduction) from
-    guarding on a dynamic size. Its strict checks ask whether rows × columns reach 5 Mi elements,
-    which torch 2.11 answers with a guard on the symbol: a packed Qwen2.5-0.5B run under
-    ``--compile`` compiled its whole model a second time (~100 s) when a token bucket crossed
-    ``896 × width < 5242880`` (H200, 2026-12-02; docs/BENCHMARKS.md), and a padded run's batch
-    would recompile crossing the same line between rungs. Non-strict mode skips those checks
-    (torch's own knob "to avoid recompilations"); newer torch decides them without a guard."""
+    guarding on a dynamic size. Its strict checks ask whether rows × columns reach 5 Mi elements
+    (and rows reach 4,096 and twice the columns), which torch 2.11 answers with guards on the
+    symbol: a packed Qwen2.5-0.5B run under ``--compile`` compiled its whole model a second time
+    (~70 s) when a token bucket crossed ``896 × width < 5242880`` (H200, 2026-12-02;
+    docs/BENCHMARKS.md), and a padded run's batch would recompile crossing the same line between
+    rungs. Non-strict mode skips those checks (torch's own knob "to avoid recompilations"), so
+    small shapes take the fused kernel too, which torch finds a little slower there; newer torch
+    decides them without a guard. Process-wide: the process compiles for training alone."""
     import torch._inductor.config as inductor_config
 
     if hasattr(inductor_config.triton, "mix_order_reduction_non_strict_mode"):

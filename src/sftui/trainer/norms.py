@@ -9,13 +9,16 @@ many backward — each its own kernel, for each of the 2 × layers + 1 norms of 
 ``rms_norm`` is one operation, which torch runs as a fused kernel on a GPU (and as those same
 operations on the CPU).
 
-A norm is converted only when its own forward agrees with ``rms_norm`` on a random input and a
-random weight (``agrees``), tried once per class: a norm that computes anything else (Gemma's
-``1 + weight``, a centred LayerNorm) keeps its forward.
+A norm is converted only when its forward takes the hidden states alone and agrees with
+``rms_norm`` on a random input and a random weight (``agrees``), tried once per class: a norm
+that computes anything else (Gemma's ``1 + weight``, a gated norm, a centred LayerNorm) keeps its
+forward. Where ``rms_norm`` would return another dtype than the norm (a bf16 LoRA base under
+autocast), the call goes to the norm's own forward: a full fine-tune (float32 weights) gains.
 """
 
 from __future__ import annotations
 
+import inspect
 from functools import partial
 from typing import Callable
 
@@ -45,9 +48,13 @@ def fuse_rms_norms(model: nn.Module) -> int:
 
 
 def norm_eps(module: nn.Module) -> float | None:
-    """The epsilon of a module that looks like an RMS norm: a leaf named *Norm* whose one
-    parameter is a 1-D ``weight``, with a float epsilon; None for anything else."""
+    """The epsilon of a module that looks like an RMS norm: a leaf named *Norm* whose forward
+    takes the hidden states alone (a gated norm's ``forward(hidden_states, gate=None)`` would be
+    called with its gate), whose one parameter is a 1-D ``weight``, with a float epsilon; None
+    for anything else."""
     if "Norm" not in type(module).__name__ or next(module.children(), None) is not None:
+        return None
+    if len(inspect.signature(type(module).forward).parameters) != 2:  # self, hidden_states
         return None
     params = dict(module.named_parameters(recurse=False))
     if list(params) != ["weight"] or params["weight"].dim() != 1 or list(module.buffers(recurse=False)):
@@ -56,11 +63,14 @@ def norm_eps(module: nn.Module) -> float | None:
 
 
 def agrees(module: nn.Module, eps: float) -> bool:
-    """Whether ``module``'s own forward equals ``rms_norm`` (input and weight random, float32)."""
+    """Whether ``module``'s own forward equals ``rms_norm`` (input and weight random, float32):
+    rows of unit scale, and rows of 1e-3, whose mean square is near epsilon, so that a norm using
+    its epsilon otherwise (outside the root, scaled) disagrees too."""
     weight = module.weight
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(3, weight.shape[0], generator=gen).to(weight.device)
-    w = torch.randn(weight.shape[0], generator=gen).to(weight.device)
+    x = torch.randn(6, weight.shape[0], generator=gen) * torch.tensor([1.0] * 3 + [1e-3] * 3)[:, None]
+    w = torch.randn(weight.shape[0], generator=gen)
+    x, w = x.to(weight.device), w.to(weight.device)
     try:
         with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
             own = torch.func.functional_call(module, {"weight": w}, (x,))
@@ -72,11 +82,14 @@ def agrees(module: nn.Module, eps: float) -> bool:
 
 def _rms_norm(module: nn.Module, eps: float, own: Callable[[torch.Tensor], torch.Tensor],
               hidden_states: torch.Tensor) -> torch.Tensor:
-    """The converted forward. An input whose dtype is not the weight's (Qwen3's query and key
-    norms under autocast: bf16 projections, a float32 weight) takes the norm's own forward:
-    ``rms_norm`` has no fused kernel for it and would return the input's dtype, not the
-    weight's."""
+    """The converted forward, where ``rms_norm`` gives the norm's own result and dtype: float32
+    input and weight (a full fine-tune under autocast, whose parameters are float32), or any one
+    dtype outside autocast. Else the norm's own forward: an input whose dtype is not the weight's
+    (Qwen3's query and key norms under autocast: bf16 projections, a float32 weight), for which
+    ``rms_norm`` has no fused kernel and returns the input's dtype; and bf16 weights under
+    autocast (a LoRA base), which CUDA's autocast would run through ``rms_norm`` in float32."""
     weight = module.weight
-    if hidden_states.dtype != weight.dtype:
+    if hidden_states.dtype != weight.dtype or (
+            weight.dtype != torch.float32 and torch.is_autocast_enabled(hidden_states.device.type)):
         return own(hidden_states)
     return F.rms_norm(hidden_states, (weight.shape[0],), weight, eps)
