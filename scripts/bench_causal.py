@@ -205,12 +205,19 @@ def hf_worker(args: argparse.Namespace) -> int:
 
 
 class Bench:
+    """The stages' runs, into OUT/bench_causal.json. A report already there is added to (its stages
+    stay unless run again, and each invocation's command is kept), so that the stages can be split
+    over GPU calls of 10 minutes into one --out."""
+
     name = "bench_causal"  # OUT/NAME.json
 
     def __init__(self, args: argparse.Namespace):
         self.args, self.out = args, args.out
-        self.report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": shlex.join(sys.argv),
-                                       "max_len": args.max_len, "steps": args.steps, "warmup": args.warmup}
+        path = self.out / f"{self.name}.json"
+        self.report: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        self.report.update(date=time.strftime("%Y-%m-%d %H:%M:%S %z"), max_len=args.max_len, steps=args.steps,
+                           warmup=args.warmup)
+        self.report["commands"] = [*self.report.get("commands", []), shlex.join(sys.argv)]
         self.device = ["--cpu"] if args.smoke else ["--gpus", args.gpu]
         self.env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
 
