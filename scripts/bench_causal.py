@@ -215,9 +215,9 @@ class Bench:
         self.args, self.out = args, args.out
         path = self.out / f"{self.name}.json"
         self.report: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-        self.report.update(date=time.strftime("%Y-%m-%d %H:%M:%S %z"), max_len=args.max_len, steps=args.steps,
-                           warmup=args.warmup)
+        self.report.update(date=time.strftime("%Y-%m-%d %H:%M:%S %z"), max_len=args.max_len)
         self.report["commands"] = [*self.report.get("commands", []), shlex.join(sys.argv)]
+        self.ran: set[str] = set()  # this invocation's runs: a rung the probe recommends may be one already run
         self.device = ["--cpu"] if args.smoke else ["--gpus", args.gpu]
         self.env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
 
@@ -235,6 +235,10 @@ class Bench:
             steps: int | None = None) -> dict[str, Any]:
         """One headless run (a ladder of its batch alone unless ``extra`` gives one); its rates
         after the warm-up and its peaks from ``rank_stats``."""
+        if name in self.ran:
+            say(f"{name}: ran already in this invocation")
+            return self.report[name]
+        self.ran.add(name)
         run_dir = self.out / f"run-{name}"
         shutil.rmtree(run_dir, ignore_errors=True)
         ladder = () if batch == "auto" or "--ladder" in extra else ("--ladder", str(batch))
@@ -255,6 +259,7 @@ class Bench:
                      for a, b in zip(steps, steps[1:]))  # MFU by DESIGN.md, as the worker reports it
         batches = [e["to"] for e in evs if e["kind"] == "batch_change"]
         res = {"batch": batches[-1] if batch == "auto" and batches else batch, "exit": code, "steps": max((e["step"] for e in evs if e["kind"] == "step"), default=0),
+               "warmup": self.args.warmup,
                "samples_per_s": round(samples / seconds, 1) if seconds else None,
                "tokens_per_s": round(tokens / seconds) if seconds else None,
                "mfu": round(flop_s / seconds, 4) if seconds and flop_s else None,
@@ -351,13 +356,14 @@ def main() -> int:
             bench.run(f"eager-{batch}", batch)
         if "padded" in stages:
             bench.run(f"padded-{batch}", batch, "--no-packing")
-    if "probe" in stages:
-        result = bench.probe()
-        rung = int(result["recommended"]) if result and result.get("recommended") else None
-        if rung and "recommended" in stages:
-            bench.against_forecast(result, bench.run(f"eager-{rung}", rung), rung)
-        if rung and "compiled-recommended" in stages:  # compiled takes less memory than the eager probe measured
-            bench.run(f"compiled-{rung}", rung, "--compile")
+    result = bench.probe() if "probe" in stages else bench.report.get("probe")  # or an earlier call's, merged
+    rung = int(result["recommended"]) if result and result.get("recommended") else None
+    if rung is None and {"recommended", "compiled-recommended"} & set(stages):
+        say("skipped recommended, compiled-recommended: no probe recommendation (run the probe stage)")
+    if rung and "recommended" in stages:
+        bench.against_forecast(result, bench.run(f"eager-{rung}", rung), rung)
+    if rung and "compiled-recommended" in stages:  # compiled takes less memory than the eager probe measured
+        bench.run(f"compiled-{rung}", rung, "--compile")
     if "alternate" in stages:
         alternate(bench, 16 if not args.smoke else 4)
     if "auto" in stages:

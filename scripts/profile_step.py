@@ -107,7 +107,7 @@ def prepare(args: argparse.Namespace) -> tuple[Any, Any]:
         models.build_char_tokenizer(char_counts(str(rows), False), tok_dir, models.max_vocab(args.model))
     tok = models.load_tokenizer(tok_dir, preset=preset)
     fmt = loop.chat_format(RunConfig(model=args.model), tok)
-    cache = args.out / "cache"
+    cache = args.out / f"cache-{Path(args.model).name}-{rows.stem}-{args.max_len}"
     tokenized = data.Tokenized.open(cache) if cache.exists() else data.tokenize_to_cache(
         str(rows), tok, args.max_len, is_seq2seq(args.model), False, cache, lambda f: None,
         fmt.template if fmt.kind == "template" else None)
@@ -150,6 +150,7 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
     compiled = None
     if mode.startswith(("regional", "compiled")):
         torch._dynamo.reset()
+        compiling.no_size_guards()  # as compiling.compile_for_training
     if mode.startswith("regional"):
         compiled = compiling.compile_regions(model, dynamic=None if mode.endswith("static") else True)
     elif mode.startswith("compiled"):
@@ -303,6 +304,8 @@ def summarize_profile(prof: Any, wall_s: float, n_steps: int, table_path: Path) 
     kernels: dict[str, float] = {}
     for e in prof.key_averages():
         if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        if e.key.startswith(("Optimizer.", "ProfilerStep")):  # annotations spanning kernels, not kernels
             continue
         us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
         kernels[e.key] = kernels.get(e.key, 0.0) + us

@@ -280,7 +280,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("packing", _bool, "lay each micro-batch's samples end to end instead of padding them, no token "
            "attending across samples: a causal LM's in one row (padding-free), a T5-family encoder-decoder's in rows "
            "of --max-len (default: on for a causal LM on a GPU where torch has its variable-length attention kernel, "
-           "measured faster there; off elsewhere, and for T5, where an H200 ran it slower than padded at batch 16)",
+           "measured faster there; off elsewhere, and for T5: an H200 ran it slower than padded at batch 16)",
            is_flag=True, negatable=True),
     Option("mem_fraction", _fractions, "cap each rank's CUDA memory (one value, or one per rank)", "F[,F...]"),
     Option("inject_oom_at_step", _int(), "raise a real torch.OutOfMemoryError in step N of the first attempt", "N"),

@@ -2,10 +2,9 @@
 training form, as LoRA is (adapters.py); the weights, their names and ``final/`` do not change.
 
 Eager, a small model's step is bound by the host launching kernels, not by the GPU: a profile of
-the Qwen2.5-0.5B shape at batch 16 on an H200 had the GPU busy 70 ms of a step of about 130
+the Qwen2.5-0.5B shape at batch 16 on an H200 ran 66 ms of kernels per step of a loop that took 155
 (docs/BENCHMARKS.md). Transformers' RMS norm is written out as separate tensor operations — a
-power, a mean, an addition, a reciprocal square root and two products forward, about twice as
-many backward — each its own kernel, for each of the 2 × layers + 1 norms of a causal LM.
+power, a mean, an addition, a reciprocal square root and two products forward, more backward — each its own kernel, for each of the 2 × layers + 1 norms of a causal LM.
 ``rms_norm`` is one operation, which torch runs as a fused kernel on a GPU (and as those same
 operations on the CPU).
 
@@ -13,7 +12,8 @@ A norm is converted only when its forward takes the hidden states alone and agre
 ``rms_norm`` on a random input and a random weight (``agrees``), tried once per class: a norm
 that computes anything else (Gemma's ``1 + weight``, a gated norm, a centred LayerNorm) keeps its
 forward. Where ``rms_norm`` would return another dtype than the norm (a bf16 LoRA base under
-autocast), the call goes to the norm's own forward: a full fine-tune (float32 weights) gains.
+autocast), the call goes to the norm's own forward: a full fine-tune's (float32) norms are the
+ones converted.
 """
 
 from __future__ import annotations
