@@ -98,8 +98,8 @@ def no_size_guards() -> None:
     (~70 s) when a token bucket crossed ``896 × width < 5242880`` (H200, 2026-12-02;
     docs/BENCHMARKS.md), and a padded run's batch would recompile crossing the same line between
     rungs. Non-strict mode skips those checks (torch's own knob "to avoid recompilations"), so
-    small shapes take the fused kernel too, which torch finds a little slower there; newer torch
-    decides them without a guard. Process-wide: the process compiles for training alone."""
+    small shapes take the fused kernel too, which torch finds a little slower there (torch 2.13
+    still makes the checks in strict mode). Process-wide: the process compiles for training alone."""
     import torch._inductor.config as inductor_config
 
     if hasattr(inductor_config.triton, "mix_order_reduction_non_strict_mode"):

@@ -4,9 +4,10 @@ training form, as LoRA is (adapters.py); the weights, their names and ``final/``
 Eager, a small model's step is bound by the host launching kernels, not by the GPU: a profile of
 the Qwen2.5-0.5B shape at batch 16 on an H200 ran 66 ms of kernels per step of a loop that took 155
 (docs/BENCHMARKS.md). Transformers' RMS norm is written out as separate tensor operations — a
-power, a mean, an addition, a reciprocal square root and two products forward, more backward — each its own kernel, for each of the 2 × layers + 1 norms of a causal LM.
-``rms_norm`` is one operation, which torch runs as a fused kernel on a GPU (and as those same
-operations on the CPU).
+power, a mean, an addition, a reciprocal square root and two products forward, more backward —
+each its own kernel, for each of the 2 × layers + 1 norms of a causal LM. ``rms_norm`` is one
+operation, which torch runs as a fused kernel on a GPU (and as those same operations on the
+CPU).
 
 A norm is converted only when its forward takes the hidden states alone and agrees with
 ``rms_norm`` on a random input and a random weight (``agrees``), tried once per class: a norm
