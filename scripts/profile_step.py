@@ -45,7 +45,8 @@ chatlm-mini preset on the synthetic rows.
 The synthetic data is bench_throughput's (prompt 16–256, response 8–256 characters = tokens);
 with the default 3 × 8,192 rows a timed window of 43 steps at batch 192 spans one whole
 --group-by-length chunk, so a grouped variant is not timed on its long or its short rows only.
-Writes OUT/profile_step.json after every variant and OUT/profile-*.txt (the profiler tables).
+Writes OUT/profile_step.json after every variant and OUT/profile-*.txt (the profiler tables, by GPU
+time and, in *-host.txt, by the host's own time; with --trace the timeline too).
 """
 
 from __future__ import annotations
@@ -229,7 +230,7 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
         seconds = sync() - t
         prof.__exit__(None, None, None)
         out["profile"] = summarize_profile(prof, seconds, args.profile_steps,
-                                           args.out / f"profile-{mode}{''.join(suffixes)}-{batch}.txt")
+                                           args.out / f"profile-{mode}{''.join(suffixes)}-{batch}.txt", args.trace)
     if cuda:
         out.update(peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
                    peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
@@ -297,8 +298,9 @@ def sdpa_kernels() -> dict[str, Any]:
     return result
 
 
-def summarize_profile(prof: Any, wall_s: float, n_steps: int, table_path: Path) -> dict[str, Any]:
-    """GPU kernel time per category over the profiled steps, and the GPU's busy share of the wall."""
+def summarize_profile(prof: Any, wall_s: float, n_steps: int, table_path: Path, trace: bool) -> dict[str, Any]:
+    """GPU kernel time per category over the profiled steps, and the GPU's busy share of the wall;
+    the tables by GPU and by host time, and with ``trace`` the timeline beside them."""
     import torch
 
     kernels: dict[str, float] = {}
@@ -316,6 +318,11 @@ def summarize_profile(prof: Any, wall_s: float, n_steps: int, table_path: Path) 
     busy = sum(kernels.values()) / 1e6
     sort_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     table_path.write_text(prof.key_averages().table(sort_by=sort_key, row_limit=60, max_name_column_width=90))
+    # The host's side: which operations the step's own thread spends its time issuing (a launch-bound step).
+    host_path = table_path.with_name(table_path.stem + "-host.txt")
+    host_path.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=60, max_name_column_width=90))
+    if trace:  # the timeline (chrome://tracing, Perfetto): where the GPU waits for the host
+        prof.export_chrome_trace(str(table_path.with_suffix(".trace.json.gz")))
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
     return {"steps": n_steps, "wall_ms_per_step": round(wall_s / n_steps * 1000, 1),
             "gpu_busy_ms_per_step": round(busy / n_steps * 1000, 1), "gpu_busy_share": round(busy / wall_s, 3),
@@ -333,6 +340,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=None, help="steps before the timed window (default 3)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 43)")
     p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--trace", action="store_true", help="also write each profile's timeline (OUT/profile-*.trace.json.gz)")
     p.add_argument("--model", default=None, help="a preset or a local causal LM directory (default chatlm-mini; "
                                                  "tiny with --smoke)")
     p.add_argument("--data", type=Path, default=None, help="a rows file (default: the synthetic rows)")
