@@ -19,7 +19,8 @@
    `padded` stage with --no-packing); `sftui probe` (with the runs' --max-steps: packed, the worst
    case is the plan's heaviest micro-batch) over a ladder that reaches past the default one; a run
    of --steps steps at the probe's recommended rung, its peak reserved against the forecast; with
-   `compiled` and `compiled-recommended`, `--compile` at batch 16 and at that rung. MFU is the
+   `compiled` and `compiled-recommended`, `--compile` at batch 16 and at that rung (CUDA graphs, the
+   default on one GPU); `compiled-nographs`, `--compile --compile-mode default` at batch 16. MFU is the
    worker's own (DESIGN.md's definition), over the same steps as the rates.
 6. ratios: sftui's samples/s at the HF batch (eager, and compiled with the `compiled` stage) over the
    HF Trainer's, padded and each padding-free run's (issue 17's goals at batch 16: ≥ 6× and ≥ 2×).
@@ -317,8 +318,8 @@ def main() -> int:
                    help="hf-flat: the HF Trainer padding-free (DataCollatorWithFlattening), once per --hf-flat-attn; "
                         "also: padded (eager batch 16 with --no-packing), alternate (eager batch 16 with "
                         "expandable segments on, off, off, on), auto (--batch auto on the default ladder), "
-                        "compiled (--compile at batch 16), compiled-recommended (--compile at the probe's "
-                        "recommended rung; needs probe)")
+                        "compiled (--compile at batch 16), compiled-nographs (the same without CUDA graphs), "
+                        "compiled-recommended (--compile at the probe's recommended rung; needs probe)")
     p.add_argument("--alternate-steps", type=int, default=120)
     p.add_argument("--eager-batches", type=lambda s: [int(b) for b in s.split(",")], default=[16],
                    help="the batches of the eager and padded stages (default: 16)")
@@ -370,6 +371,8 @@ def main() -> int:
         auto(bench)
     if "compiled" in stages:
         bench.run("compiled-16", 16 if not args.smoke else 4, "--compile")
+    if "compiled-nographs" in stages:  # the same without CUDA graphs: what they are worth, in one run
+        bench.run("compiled-nographs-16", 16 if not args.smoke else 4, "--compile", "--compile-mode", "default")
     bench.report["ratios"] = ratios(bench.report)
     bench.save()
     say(f"ratios: {bench.report['ratios']}")

@@ -24,7 +24,9 @@ Each variant is MODE:BATCH. MODE is how the step runs and what it is fed:
 A MODE may end in ``-stockbias``: T5's relative position bias as transformers makes it (float32,
 heads as the last memory dimension), without ``model.fused_attention_bias`` (its before);
 and in ``-fused``: SDPA's math backend disabled, so every attention must take a fused kernel
-(or the variant fails, and the log's warnings say why each kernel refused).
+(or the variant fails, and the log's warnings say why each kernel refused); and in ``-nographs``: a
+compiled or regional variant in torch.compile's default mode, without the worker's CUDA graphs
+(``--compile-mode default``).
 On a GPU the report also says which fused SDPA kernels accept a T5 self-attention's inputs
 (bf16 query, the bias as a float32 or a bf16 mask needing its gradient, dropout 0.1) and why not.
 
@@ -83,7 +85,7 @@ CATEGORIES = (
     ("copies", r"memcpy|memset|copy|cat|fill|index"),
     ("element-wise", r"elementwise|vectorized|reduce|dropout|where|mul|add"),
 )
-SUFFIXES = ("-stockbias", "-fused")
+SUFFIXES = ("-stockbias", "-fused", "-nographs")
 STARTED = time.monotonic()
 
 
@@ -149,13 +151,14 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
     decoder_start = net.config.decoder_start_token_id if tokenized.seq2seq else None
     model, optimizer = accelerator.prepare(loss.TrainingModel(net), opt)
     compiled = None
+    compile_mode = "default" if "-nographs" in suffixes else compiling.resolve_mode(None, 1, cuda)
     if mode.startswith(("regional", "compiled")):
         torch._dynamo.reset()
         compiling.no_size_guards()  # as compiling.compile_for_training
     if mode.startswith("regional"):
-        compiled = compiling.compile_regions(model, dynamic=None if mode.endswith("static") else True)
+        compiled = compiling.compile_regions(model, dynamic=None if mode.endswith("static") else True, mode=compile_mode)
     elif mode.startswith("compiled"):
-        model, compiled = torch.compile(model), compiling.WHOLE_MODEL
+        model, compiled = compiling.compile_for_training(model, False, compile_mode)
     model.train()
 
     n_steps = args.warmup + args.steps + (args.profile_steps if profile else 0)

@@ -101,7 +101,7 @@ def test_a_recompile_and_the_fall_back_to_eager_become_log_events(tmp_path: Path
     handlers = list(dynamo_log.handlers)
     torch._dynamo.reset()
     try:
-        double, first_step = compiling.compile_model(Double(), False, run.path, rundir.EventLog(run.events, 1), 0,
+        double, first_step = compiling.compile_model(Double(), False, "default", run.path, rundir.EventLog(run.events, 1), 0,
                                                      lambda: None, 60.0)
         with first_step:
             assert double(torch.ones(1)).tolist() == [2.0]

@@ -28,7 +28,7 @@ START_TIMEOUT_S = 15.0
 # The settings the memory probe takes: what shapes the model, the data, the devices and memory, and,
 # packed, the sample plan (its heaviest micro-batch is the packed worst case: epochs, steps, order).
 PROBE_OPTIONS = ("model", "data", "chat_template", "ladder", "max_len", "lr", "weight_decay", "seed", "gpus", "mem_fraction",
-                 "gradient_checkpointing", "compile", "compile_layers", "pad_to_max_len", "skip_bad_rows",
+                 "gradient_checkpointing", "compile", "compile_layers", "compile_mode", "pad_to_max_len", "skip_bad_rows",
                  "hang_timeout", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "packing",
                  "epochs", "max_steps", "grad_accum", "group_by_length")
 

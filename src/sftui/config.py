@@ -28,6 +28,7 @@ PRESETS = ("tiny", "chatlm-mini")
 PATH_OPTIONS = {"model": PRESETS, "data": ("demo",), "eval_data": (), "chat_template": ("auto", "none")}  # option -> its values that are no path
 ON_OOM = ("ask", "auto", "stop")
 REPORT_TO = ("none", "tensorboard")
+COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 # torchrun's and accelerate's default; fixed rather than picked free, because the other machines
 # must know it before the run starts.
 DEFAULT_MAIN_PROCESS_PORT = 29500
@@ -79,6 +80,7 @@ class RunConfig:
     group_by_length: bool = False
     packing: bool | None = None  # a micro-batch's samples end to end, no padding (T5: in rows of max_len); None: batching.packs decides
     compile_layers: bool = False
+    compile_mode: str | None = None  # None: compiling.resolve_mode (CUDA graphs on one GPU)
     mem_fraction: list[float] | None = None
     inject_oom_at_step: int | None = None
     inject_oom_rank: int = 0
@@ -272,6 +274,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("compile", _bool, "torch.compile the model (GPU)", is_flag=True, negatable=True),
     Option("compile_layers", _bool, "with --compile: compile each repeated layer instead of the whole model "
            "(a shorter compile, slower steps at small batches)", is_flag=True),
+    Option("compile_mode", _choice(*COMPILE_MODES), "with --compile: torch.compile's mode; reduce-overhead replays "
+           "each step's kernels as CUDA graphs, without the host launching them one by one (default: reduce-overhead "
+           "on one GPU, default with several)", "|".join(COMPILE_MODES)),
     Option("pad_to_max_len", _bool, "pad every batch to --max-len: the same shapes at every step "
            "(default: on with --compile, where a new shape costs a recompile)", is_flag=True, negatable=True),
     Option("group_by_length", _bool, "sort each chunk of 8,192 samples of an epoch's order by length, longest "
@@ -381,6 +386,8 @@ def validate(cfg: RunConfig, given: Any = ()) -> None:
         raise ConfigError(f"--main-process-port: expected a port from 1 to 65535, got {cfg.main_process_port}")
     if cfg.compile_layers and not cfg.compile:
         raise ConfigError("--compile-layers: only with --compile")
+    if cfg.compile_mode is not None and not cfg.compile:
+        raise ConfigError("--compile-mode: only with --compile")
     if not cfg.lora:
         defaults = RunConfig()
         given_lora = [n for n in LORA_OPTIONS if n in given or getattr(cfg, n) != getattr(defaults, n)]

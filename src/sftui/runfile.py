@@ -28,7 +28,7 @@ RESUME_MUTABLE = frozenset({
     "batch", "ladder", "on_oom", "oom_timeout", "max_oom_restarts", "hang_timeout", "notify", "checkpoint_every",
     "keep_checkpoints", "log_every", "eval_every", "dataloader_workers", "compile", "gpus", "cpu",
     "num_processes", "mem_fraction", "record_samples", "skip_bad_rows", "peak_tflops",
-    "num_machines", "main_process_ip", "main_process_port", "pad_to_max_len", "compile_layers", "merge",
+    "num_machines", "main_process_ip", "main_process_port", "pad_to_max_len", "compile_layers", "compile_mode", "merge",
     "report_to", "packing",
 })
 # Parameter names of embeddings and LM heads, never a LoRA target (trainer/adapters.py agrees).

@@ -65,29 +65,51 @@ class RecompileEvents(logging.Handler):
             self.handleError(record)
 
 
-def compile_model(model: Any, layers: bool, run_path: Path, log: EventLog, rank: int, beat: Callable[[], None],
-                  interval: float) -> tuple[Any, "FirstStep"]:
+CUDA_GRAPHS = "reduce-overhead"
+
+
+def resolve_mode(mode: str | None, world: int, cuda: bool) -> str:
+    """``--compile-mode``, or its default: CUDA graphs (``reduce-overhead``) for one process on
+    a GPU, where a compiled step at small batches still waits on the host launching its kernels
+    (a Qwen2.5-0.5B step at batch 16 kept an H200 busy 45 of 65 ms, 2026-12-02,
+    docs/BENCHMARKS.md); ``default`` under DDP, where CUDA graphs were not measured, and on the
+    CPU, which has none."""
+    return mode or (CUDA_GRAPHS if world == 1 and cuda else "default")
+
+
+def compile_model(model: Any, layers: bool, mode: str, run_path: Path, log: EventLog, rank: int,
+                  beat: Callable[[], None], interval: float) -> tuple[Any, "FirstStep"]:
     """The model compiled as a whole, or with ``layers`` layer by layer (``compile_regions``;
-    still the whole model when it has no repeated layers); the cache under the run and
-    recompiles reported; and the context to run the first step in, where the compile happens."""
+    still the whole model when it has no repeated layers), in torch.compile's ``mode``; the
+    cache under the run and recompiles reported; and the context to run the first step in,
+    where the compile happens."""
     where = cache_dir(run_path)
     events = RecompileEvents(log, rank)
     torch._logging.set_logs(recompiles=True)  # also printed into attempt-N.log
     logging.getLogger("torch._dynamo").addHandler(events)
-    model, compiled = compile_for_training(model, layers)
+    model, compiled = compile_for_training(model, layers, mode)
     if rank == 0:
-        log.emit("log", level="info", message=f"torch.compile: {compiled}; cache in {where}")
+        log.emit("log", level="info", message=f"torch.compile: {compiled}, mode {mode}; cache in {where}")
     return model, FirstStep(Heartbeat(beat, interval), events)
 
 
-def compile_for_training(model: Any, layers: bool) -> tuple[Any, str]:
+def compile_for_training(model: Any, layers: bool, mode: str = "default") -> tuple[Any, str]:
     """The model as training (and the memory probe) compile it: layer by layer with ``layers``
-    when it has repeated layers, else whole; and what was compiled, in words."""
+    when it has repeated layers, else whole, in torch.compile's ``mode``; and what was
+    compiled, in words. Under CUDA graphs each step begins with
+    ``torch.compiler.cudagraph_mark_step_begin`` (``loop.train_step``): the graphs' outputs of
+    the step before are dead by then, so the graphs replay without copying them out."""
     no_size_guards()
-    compiled = compile_regions(model) if layers else None
+    compiled = compile_regions(model, mode=mode) if layers else None
     if compiled:
         return model, compiled
-    return torch.compile(model), WHOLE_MODEL  # the batch dimension is marked dynamic by loop.token_loss_sum
+    # The batch dimension is marked dynamic by loop.token_loss_sum. "default" is passed as no mode:
+    # a backend other than inductor (the CPU tests' "eager") takes no mode at all.
+    return torch.compile(model, **_mode_kwargs(mode)), WHOLE_MODEL
+
+
+def _mode_kwargs(mode: str) -> dict[str, str]:
+    return {} if mode == "default" else {"mode": mode}
 
 
 def no_size_guards() -> None:
@@ -125,9 +147,10 @@ def repeated_layers(model: Any) -> list[torch.nn.Module]:
     return found
 
 
-def compile_regions(model: Any, dynamic: bool | None = True) -> str | None:
+def compile_regions(model: Any, dynamic: bool | None = True, mode: str = "default") -> str | None:
     """Compiles each repeated layer of ``model`` in place (``Module.compile``: parameter names
-    do not change); says what it compiled, or None when there is no repeated layer."""
+    do not change) in torch.compile's ``mode``; says what it compiled, or None when there is no
+    repeated layer."""
     layers = repeated_layers(model)
     if not layers:
         return None
@@ -136,7 +159,7 @@ def compile_regions(model: Any, dynamic: bool | None = True) -> str | None:
     # the default ladder) is taken for the same symbol, specialised, and recompiled later.
     fx_config.use_duck_shape = False
     for layer in layers:
-        layer.compile(dynamic=dynamic)
+        layer.compile(dynamic=dynamic, **_mode_kwargs(mode))
     kinds = ", ".join(sorted({type(layer).__name__ for layer in layers}))
     return f"{len(layers)} layers ({kinds}), {'dynamic' if dynamic else 'static'} shapes"
 

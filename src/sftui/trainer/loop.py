@@ -134,7 +134,8 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
 
         phase("compiling")
         # The compile itself happens in the first step: heartbeats keep it from looking like a hang.
-        model, first_step = compiling.compile_model(model, cfg.compile_layers, run.path, log, me.rank,
+        mode = compiling.resolve_mode(cfg.compile_mode, me.world, cuda)
+        model, first_step = compiling.compile_model(model, cfg.compile_layers, mode, run.path, log, me.rank,
                                                     lambda: phase("compiling"), max(5.0, min(60.0, cfg.hang_timeout / 4)))
     else:
         first_step = nullcontext()
@@ -391,6 +392,8 @@ def train_step(accelerator: Accelerator, model: Any, optimizer: Any, micros: lis
     the memory probe, so that it measures exactly what training allocates. ``widths_vary``:
     the micro-batches are not padded to one width (see ``token_loss_sum``)."""
     device = accelerator.device
+    if device.type == "cuda":  # a new step for CUDA graphs (compiling.CUDA_GRAPHS); nothing without them
+        torch.compiler.cudagraph_mark_step_begin()
     loss = torch.zeros((), device=device)
     for m, micro in enumerate(micros):
         if decoder_start is None:

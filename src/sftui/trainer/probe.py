@@ -99,7 +99,8 @@ def probe(out: Path) -> int:
     if cfg.compile:
         from sftui.trainer import compiling
 
-        model, _ = compiling.compile_for_training(model, cfg.compile_layers)
+        mode = compiling.resolve_mode(cfg.compile_mode, me.world, device.type == "cuda")
+        model, _ = compiling.compile_for_training(model, cfg.compile_layers, mode)
     model.train()
 
     ladder, target = [int(b) for b in spec["ladder"]], float(spec["target"])
