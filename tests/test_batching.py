@@ -256,8 +256,11 @@ def test_packed_layout(setup) -> None:
         assert plain["position_ids"][0, a:a + n].tolist() == list(range(n))
         assert plain["labels"][0, a] == -100
     tokens = int(lengths.sum())
-    bucketed = batching.Packing(tok.pad_token_id, MAX_LEN, buckets=True)(cache, ids)
-    assert bucketed["input_ids"].shape == (1, batching.token_bucket(tokens, MAX_LEN * len(ids)))
+    bucketing = batching.Packing(tok.pad_token_id, MAX_LEN, buckets=True)
+    bucketed = bucketing(cache, ids)
+    assert bucketed["input_ids"].shape == (1, batching.token_bucket(tokens + bucketing.tail_documents(len(ids)),
+                                                                    MAX_LEN * len(ids)))
+    assert len(bucketed["cu_seqlens"]) == len(ids) + bucketing.tail_documents(len(ids)) + 1
     # A row rounded up to 5 × max-len has a tail longer than max-len: it comes in pieces.
     tailed = batching.Packing(tok.pad_token_id, MAX_LEN, multiple=5 * MAX_LEN)(cache, ids)
     width = tailed["input_ids"].shape[1]
@@ -314,6 +317,22 @@ def test_token_bucket(tokens: int, samples: int) -> None:
     assert tokens <= width <= cap
     if width < cap:
         assert width % 64 == 0 and (width <= batching.MIN_BUCKET or width * 4 <= tokens * 5)
+
+
+@given(lengths=st.lists(st.integers(1, 64), min_size=1, max_size=40), max_len=st.sampled_from([8, 64, 512]))
+def test_bucketed_tails_keep_one_document_count(lengths: list[int], max_len: int) -> None:
+    """Under --compile every micro-batch of a sample count has the same number of documents (one
+    cu_seqlens length: one CUDA graph per bucket), each tail document 1 to max-len tokens, the row a
+    bucket no wider than the padded micro-batch; only samples that all but fill it keep fewer."""
+    lengths = [min(n, max_len) for n in lengths]
+    packing = batching.Packing(0, max_len, buckets=True)
+    tokens, samples = sum(lengths), len(lengths)
+    width, tail = packing.layout(tokens, samples)
+    assert width == tokens + int(tail.sum()) <= samples * max_len
+    assert (tail >= 1).all() and (tail <= max_len).all()
+    if tokens + packing.tail_documents(samples) <= samples * max_len:
+        assert len(tail) == packing.tail_documents(samples)
+        assert width == batching.token_bucket(tokens + len(tail), samples * max_len)
 
 
 def test_token_buckets_are_few() -> None:

@@ -198,7 +198,7 @@ def test_the_probes_packed_worst_case_is_the_widest_packed_row_the_run_meets(tmp
     assert eager["input_ids"].shape == (1, -(-heaviest // loop.PAD_MULTIPLE) * loop.PAD_MULTIPLE)
     assert heaviest < 6 * int(lengths.max())
     compiled = probe._worst_case_packed(cache, 6, 6, tok.pad_token_id, replace(cfg, compile=True))
-    assert compiled["input_ids"].shape == (1, batching.token_bucket(heaviest, 6 * 32))
+    assert compiled["input_ids"].shape == (1, batching.Packing(tok.pad_token_id, 32, buckets=True).layout(heaviest, 6)[0])
     packing = batching.Packing(tok.pad_token_id, 32, multiple=loop.PAD_MULTIPLE)
     for seen in (0, 1, 5, 199, 203, at):  # where a resume or a switch may start; at: the heaviest window's
         steps = plan.steps(seen, 6)

@@ -60,7 +60,8 @@ class Packing:
 
     The tail is padding, laid out as documents of its own (position ids from 0, at most
     ``max_len`` each): each attends to itself only and trains nothing, so a real sample never
-    sees it and the loss never counts it.
+    sees it and the loss never counts it. With ``buckets`` the tail is always
+    ``tail_documents`` documents long for a given sample count (see there).
     """
 
     pad_id: int
@@ -68,10 +69,37 @@ class Packing:
     buckets: bool = False
     multiple: int = 1
 
-    def width(self, tokens: int, samples: int) -> int:
+    def tail_documents(self, samples: int) -> int:
+        """Under ``buckets``, the count of documents every tail of a micro-batch of ``samples``
+        samples is laid out in, so that ``cu_seqlens`` keeps one length: CUDA graphs
+        (``compiling.CUDA_GRAPHS``) record a graph per shape, and a tail cut in pieces of
+        ``max_len`` made 4 or 5 piece counts per bucket (a Qwen2.5-0.5B run at batch 16 spent
+        its first 80 steps recording them, H200, 2026-12-02). Enough documents of 1 to
+        ``max_len`` tokens for the longest tail: under ``MIN_BUCKET``, or a quarter of the cap
+        (``token_bucket``), plus these documents' own tokens (``layout``)."""
+        bound = max(MIN_BUCKET, samples * self.max_len // 4)
+        return -(-bound // (self.max_len - 1))
+
+    def layout(self, tokens: int, samples: int) -> tuple[int, np.ndarray]:
+        """The row's width for ``tokens`` tokens of ``samples`` samples, and the lengths of the
+        tail's documents. With ``buckets``, ``tail_documents`` near-equal ones (the bucket is
+        chosen for the tokens and one token per tail document), unless the samples all but fill
+        their cap; else pieces of ``max_len`` and the rest."""
+        cap = samples * self.max_len
         if self.buckets:
-            return token_bucket(tokens, samples * self.max_len)
-        return -(-tokens // self.multiple) * self.multiple
+            documents = self.tail_documents(samples)
+            if tokens + documents <= cap:
+                tail = token_bucket(tokens + documents, cap) - tokens
+                sizes = np.full(documents, tail // documents, np.int64) + (np.arange(documents) < tail % documents)
+                return tokens + tail, sizes
+            width = token_bucket(tokens, cap)
+        else:
+            width = -(-tokens // self.multiple) * self.multiple
+        tail = width - tokens
+        pieces = np.full(-(-tail // self.max_len), self.max_len, np.int64)
+        if tail % self.max_len:
+            pieces[-1] = tail % self.max_len
+        return width, pieces
 
     def __call__(self, data: Tokenized, indices: np.ndarray, weight: bool = True) -> dict[str, Any]:
         """The packed micro-batch of the samples ``indices`` (in their order): ``input_ids``,
@@ -85,11 +113,7 @@ class Packing:
             raise ValueError("one-row packing is for causal LMs: an encoder-decoder row is two sequences (RowPacking)")
         starts, ends = data.offsets[indices], data.offsets[indices + 1]
         lengths = (ends - starts).astype(np.int64)
-        tokens = int(lengths.sum())
-        tail = self.width(tokens, len(indices)) - tokens
-        pieces = np.full(-(-tail // self.max_len), self.max_len, np.int64)
-        if tail % self.max_len:
-            pieces[-1] = tail % self.max_len
+        _, pieces = self.layout(int(lengths.sum()), len(indices))
         documents = np.concatenate([lengths, pieces])
         bounds = np.concatenate([[0], np.cumsum(documents)])
         ids = np.full(bounds[-1], self.pad_id, np.int64)
