@@ -151,7 +151,7 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
     decoder_start = net.config.decoder_start_token_id if tokenized.seq2seq else None
     model, optimizer = accelerator.prepare(loss.TrainingModel(net), opt)
     compiled = None
-    compile_mode = "default" if "-nographs" in suffixes else compiling.resolve_mode(None, 1, cuda)
+    compile_mode = "default" if "-nographs" in suffixes else compiling.resolve_mode(None, 1, cuda, 1)
     if mode.startswith(("regional", "compiled")):
         torch._dynamo.reset()
         compiling.no_size_guards()  # as compiling.compile_for_training

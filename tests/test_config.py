@@ -59,6 +59,21 @@ def test_cross_field_checks():
         c.build({"cpu": True, "num_processes": 2, "inject_oom_rank": 2})
     with pytest.raises(ConfigError, match="--mem-fraction"):
         c.build({"gpus": [0, 1], "mem_fraction": [0.5, 0.5, 0.5]})
+    with pytest.raises(ConfigError, match="--compile-mode: only with --compile"):
+        c.build({"compile_mode": "default"})
+    with pytest.raises(ConfigError, match="--compile-mode: expected one of reduce-overhead, default"):
+        c.OPTION_BY_NAME["compile_mode"].parse("fast", "--compile-mode")
+    assert c.build({"compile": True, "compile_mode": "max-autotune"}).compile_mode == "max-autotune"
+
+
+def test_compile_mode_defaults_to_cuda_graphs_only_where_they_were_measured():
+    """CUDA graphs (reduce-overhead) for one process on a GPU without accumulation; torch's default
+    under DDP, with accumulation and on the CPU; a mode the user gives is taken as given."""
+    from sftui.trainer.compiling import CUDA_GRAPHS, resolve_mode
+
+    assert resolve_mode(None, 1, True, 1) == CUDA_GRAPHS == "reduce-overhead"
+    assert resolve_mode(None, 2, True, 1) == resolve_mode(None, 1, False, 1) == resolve_mode(None, 1, True, 4) == "default"
+    assert resolve_mode("max-autotune", 2, True, 4) == "max-autotune"
 
 
 def test_ladder_math():

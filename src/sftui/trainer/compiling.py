@@ -68,13 +68,14 @@ class RecompileEvents(logging.Handler):
 CUDA_GRAPHS = "reduce-overhead"
 
 
-def resolve_mode(mode: str | None, world: int, cuda: bool) -> str:
+def resolve_mode(mode: str | None, world: int, cuda: bool, grad_accum: int) -> str:
     """``--compile-mode``, or its default: CUDA graphs (``reduce-overhead``) for one process on
     a GPU, where a compiled step at small batches still waits on the host launching its kernels
-    (a Qwen2.5-0.5B step at batch 16 kept an H200 busy 45 of 65 ms, 2026-12-02,
-    docs/BENCHMARKS.md); ``default`` under DDP, where CUDA graphs were not measured, and on the
-    CPU, which has none."""
-    return mode or (CUDA_GRAPHS if world == 1 and cuda else "default")
+    (a Qwen2.5-0.5B step at batch 16 kept an H200 busy 45 of 65 ms; 301 samples/s with CUDA
+    graphs against 251 without, 2026-12-02, docs/BENCHMARKS.md). ``default`` under DDP, where
+    CUDA graphs were not measured; with gradient accumulation, where each step's micro-batches
+    would make one recorded path per sequence of shapes; and on the CPU, which has none."""
+    return mode or (CUDA_GRAPHS if world == 1 and cuda and grad_accum == 1 else "default")
 
 
 def compile_model(model: Any, layers: bool, mode: str, run_path: Path, log: EventLog, rank: int,

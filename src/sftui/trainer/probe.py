@@ -52,7 +52,7 @@ def probe(out: Path) -> int:
 
     from sftui import events as ev
     from sftui import forecast
-    from sftui.config import ConfigError, RunConfig, default_lr
+    from sftui.config import ConfigError, RunConfig, default_lr, grad_accum_for
     from sftui.rundir import RunDir, write_json_atomic
     from sftui.trainer import batching, loop, loss
 
@@ -99,7 +99,9 @@ def probe(out: Path) -> int:
     if cfg.compile:
         from sftui.trainer import compiling
 
-        mode = compiling.resolve_mode(cfg.compile_mode, me.world, device.type == "cuda")
+        # As training at the rungs compiles: without CUDA graphs where a rung would accumulate.
+        accum = max(grad_accum_for(cfg, int(b)) for b in spec["ladder"])
+        mode = compiling.resolve_mode(cfg.compile_mode, me.world, device.type == "cuda", accum)
         model, _ = compiling.compile_for_training(model, cfg.compile_layers, mode)
     model.train()
 
