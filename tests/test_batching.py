@@ -333,6 +333,11 @@ def test_bucketed_tails_keep_one_document_count(lengths: list[int], max_len: int
     if tokens + packing.tail_documents(samples) <= samples * max_len:
         assert len(tail) == packing.tail_documents(samples)
         assert width == batching.token_bucket(tokens + len(tail), samples * max_len)
+    else:
+        assert width == samples * max_len
+    # A row never narrows as its tokens grow: the probe's heaviest micro-batch is the widest row.
+    assert all(packing.layout(t, samples)[0] <= packing.layout(t + 1, samples)[0]
+               for t in range(max(samples, tokens - 64), min(tokens + 64, samples * max_len)))
 
 
 def test_token_buckets_are_few() -> None:

@@ -64,16 +64,25 @@ def test_cross_field_checks():
     with pytest.raises(ConfigError, match="--compile-mode: expected one of reduce-overhead, default"):
         c.OPTION_BY_NAME["compile_mode"].parse("fast", "--compile-mode")
     assert c.build({"compile": True, "compile_mode": "max-autotune"}).compile_mode == "max-autotune"
+    for accumulation in ({"grad_accum": 2}, {"effective_batch": 64}):
+        with pytest.raises(ConfigError, match="--compile-mode reduce-overhead: its CUDA graphs would overwrite"):
+            c.build({"compile": True, "compile_mode": "reduce-overhead", **accumulation})
+        assert c.build({"compile": True, "compile_mode": "max-autotune-no-cudagraphs", **accumulation}).compile
 
 
 def test_compile_mode_defaults_to_cuda_graphs_only_where_they_were_measured():
-    """CUDA graphs (reduce-overhead) for one process on a GPU without accumulation; torch's default
-    under DDP, with accumulation and on the CPU; a mode the user gives is taken as given."""
-    from sftui.trainer.compiling import CUDA_GRAPHS, resolve_mode
+    """CUDA graphs (reduce-overhead) for one process on a GPU compiling the whole model without
+    accumulation; torch's default under DDP, by layers, with accumulation and on the CPU; a mode
+    the user gives is taken as given."""
+    from sftui.trainer.compiling import CUDA_GRAPHS, WITHOUT_GRAPHS, resolve_mode
 
-    assert resolve_mode(None, 1, True, 1) == CUDA_GRAPHS == "reduce-overhead"
-    assert resolve_mode(None, 2, True, 1) == resolve_mode(None, 1, False, 1) == resolve_mode(None, 1, True, 4) == "default"
-    assert resolve_mode("max-autotune", 2, True, 4) == "max-autotune"
+    assert resolve_mode(None, 1, True, False, False) == CUDA_GRAPHS == "reduce-overhead"
+    others = [resolve_mode(None, 2, True, False, False), resolve_mode(None, 1, False, False, False),
+              resolve_mode(None, 1, True, True, False), resolve_mode(None, 1, True, False, True)]
+    assert others == ["default"] * 4
+    assert resolve_mode("max-autotune", 2, True, True, False) == "max-autotune"
+    assert c.accumulates(c.build({"effective_batch": 64})) and not c.accumulates(c.build({}))
+    assert set(WITHOUT_GRAPHS) == set(c.GRAPH_MODES) and not set(WITHOUT_GRAPHS.values()) & set(c.GRAPH_MODES)
 
 
 def test_ladder_math():

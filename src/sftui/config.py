@@ -29,6 +29,7 @@ PATH_OPTIONS = {"model": PRESETS, "data": ("demo",), "eval_data": (), "chat_temp
 ON_OOM = ("ask", "auto", "stop")
 REPORT_TO = ("none", "tensorboard")
 COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the ones that replay CUDA graphs
 # torchrun's and accelerate's default; fixed rather than picked free, because the other machines
 # must know it before the run starts.
 DEFAULT_MAIN_PROCESS_PORT = 29500
@@ -276,7 +277,7 @@ OPTIONS: tuple[Option, ...] = (
            "(a shorter compile, slower steps at small batches)", is_flag=True),
     Option("compile_mode", _choice(*COMPILE_MODES), "with --compile: torch.compile's mode; reduce-overhead replays "
            "each step's kernels as CUDA graphs, without the host launching them one by one (default: reduce-overhead "
-           "on one GPU, default with several)", "|".join(COMPILE_MODES)),
+           "on one GPU compiling the whole model without gradient accumulation, else default)", "|".join(COMPILE_MODES)),
     Option("pad_to_max_len", _bool, "pad every batch to --max-len: the same shapes at every step "
            "(default: on with --compile, where a new shape costs a recompile)", is_flag=True, negatable=True),
     Option("group_by_length", _bool, "sort each chunk of 8,192 samples of an epoch's order by length, longest "
@@ -388,6 +389,9 @@ def validate(cfg: RunConfig, given: Any = ()) -> None:
         raise ConfigError("--compile-layers: only with --compile")
     if cfg.compile_mode is not None and not cfg.compile:
         raise ConfigError("--compile-mode: only with --compile")
+    if cfg.compile_mode in GRAPH_MODES and accumulates(cfg):
+        raise ConfigError(f"--compile-mode {cfg.compile_mode}: its CUDA graphs would overwrite the gradients "
+                          "accumulated over a step's micro-batches; not with --grad-accum or --effective-batch")
     if not cfg.lora:
         defaults = RunConfig()
         given_lora = [n for n in LORA_OPTIONS if n in given or getattr(cfg, n) != getattr(defaults, n)]
@@ -498,6 +502,12 @@ def next_rung(ladder: list[int], batch: int) -> int | None:
 def rung_above(ladder: list[int], batch: int) -> int | None:
     larger = [b for b in ladder if b > batch]
     return min(larger) if larger else None
+
+
+def accumulates(cfg: RunConfig) -> bool:
+    """Whether a step of this run may be several micro-batches: at every rung with --grad-accum,
+    at some with --effective-batch."""
+    return cfg.grad_accum > 1 or cfg.effective_batch is not None
 
 
 def grad_accum_for(cfg: RunConfig, batch: int) -> int:

@@ -73,18 +73,22 @@ class Packing:
         """Under ``buckets``, the count of documents every tail of a micro-batch of ``samples``
         samples is laid out in, so that ``cu_seqlens`` keeps one length: CUDA graphs
         (``compiling.CUDA_GRAPHS``) record a graph per shape, and a tail cut in pieces of
-        ``max_len`` made 4 or 5 piece counts per bucket (a Qwen2.5-0.5B run at batch 16 spent
-        its first 80 steps recording them, H200, 2026-12-02). Enough documents of 1 to
-        ``max_len`` tokens for the longest tail: under ``MIN_BUCKET``, or a quarter of the cap
-        (``token_bucket``), plus these documents' own tokens (``layout``)."""
-        bound = max(MIN_BUCKET, samples * self.max_len // 4)
-        return -(-bound // (self.max_len - 1))
+        ``max_len`` comes in several piece counts per bucket, each a shape of its own (a
+        Qwen2.5-0.5B run at batch 16 spent its first ~80 steps recording its shapes, H200,
+        2026-12-02, docs/BENCHMARKS.md). Enough documents of 1 to
+        ``max_len`` tokens for the longest tail: under ``MIN_BUCKET`` or a quarter of the cap
+        (``token_bucket``), and under the cap, plus these documents' own tokens (``layout``). With a
+        small ``--max-len`` (``MIN_BUCKET`` then sets the count) many micro-batches leave too little
+        room for them, and those keep the tail in pieces."""
+        cap = samples * self.max_len
+        return -(-min(cap, max(MIN_BUCKET, cap // 4)) // (self.max_len - 1))
 
     def layout(self, tokens: int, samples: int) -> tuple[int, np.ndarray]:
         """The row's width for ``tokens`` tokens of ``samples`` samples, and the lengths of the
         tail's documents. With ``buckets``, ``tail_documents`` near-equal ones (the bucket is
-        chosen for the tokens and one token per tail document), unless the samples all but fill
-        their cap; else pieces of ``max_len`` and the rest."""
+        chosen for the tokens and one token per tail document); when they do not fit, the whole
+        cap (so a row never narrows as its tokens grow: the probe's heaviest micro-batch stays the
+        widest) in pieces of ``max_len`` and the rest, as without ``buckets``."""
         cap = samples * self.max_len
         if self.buckets:
             documents = self.tail_documents(samples)
@@ -92,7 +96,7 @@ class Packing:
                 tail = token_bucket(tokens + documents, cap) - tokens
                 sizes = np.full(documents, tail // documents, np.int64) + (np.arange(documents) < tail % documents)
                 return tokens + tail, sizes
-            width = token_bucket(tokens, cap)
+            width = cap
         else:
             width = -(-tokens // self.multiple) * self.multiple
         tail = width - tokens

@@ -66,16 +66,21 @@ class RecompileEvents(logging.Handler):
 
 
 CUDA_GRAPHS = "reduce-overhead"
+# torch.compile's modes that replay CUDA graphs, and each one's twin without them.
+WITHOUT_GRAPHS = {CUDA_GRAPHS: "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
-def resolve_mode(mode: str | None, world: int, cuda: bool, grad_accum: int) -> str:
+def resolve_mode(mode: str | None, world: int, cuda: bool, layers: bool, accumulates: bool) -> str:
     """``--compile-mode``, or its default: CUDA graphs (``reduce-overhead``) for one process on
-    a GPU, where a compiled step at small batches still waits on the host launching its kernels
-    (a Qwen2.5-0.5B step at batch 16 kept an H200 busy 45 of 65 ms; 301 samples/s with CUDA
-    graphs against 251 without, 2026-12-02, docs/BENCHMARKS.md). ``default`` under DDP, where
-    CUDA graphs were not measured; with gradient accumulation, where each step's micro-batches
-    would make one recorded path per sequence of shapes; and on the CPU, which has none."""
-    return mode or (CUDA_GRAPHS if world == 1 and cuda and grad_accum == 1 else "default")
+    a GPU compiling the whole model, where a compiled step at small batches still waited on the
+    host launching its kernels (a Qwen2.5-0.5B step at batch 16 kept an H200 busy 45.5 of 65 ms;
+    250.5 samples/s without CUDA graphs, 286.3 with them, on two H200s 13 minutes apart,
+    2026-12-02, docs/BENCHMARKS.md). ``default`` under DDP and with ``--compile-layers``, where
+    CUDA graphs were not measured; on the CPU, which has none; and when the run ``accumulates``
+    gradients (``--grad-accum`` over 1, or ``--effective-batch`` at any rung: the whole run, so
+    that the probe and every attempt agree), where a step's second micro-batch would replay over
+    the gradients of its first (``config.validate`` refuses a mode with CUDA graphs there)."""
+    return mode or (CUDA_GRAPHS if world == 1 and cuda and not layers and not accumulates else "default")
 
 
 def compile_model(model: Any, layers: bool, mode: str, run_path: Path, log: EventLog, rank: int,

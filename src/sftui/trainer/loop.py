@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from sftui import chat, rows
 from sftui import events as ev
-from sftui.config import ConfigError, RunConfig, default_lr, is_seq2seq, packing_refusal
+from sftui.config import ConfigError, RunConfig, accumulates, default_lr, is_seq2seq, packing_refusal
 from sftui.rundir import EventLog, RunDir, read_json, write_json_atomic
 from sftui.runfile import RunFile, base_fingerprint
 from sftui.trainer import adapters, batching, checkpoint, data, flops, model as models, norms, rendezvous
@@ -134,7 +134,7 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
 
         phase("compiling")
         # The compile itself happens in the first step: heartbeats keep it from looking like a hang.
-        mode = compiling.resolve_mode(cfg.compile_mode, me.world, cuda, accum)
+        mode = compiling.resolve_mode(cfg.compile_mode, me.world, cuda, cfg.compile_layers, accumulates(cfg))
         model, first_step = compiling.compile_model(model, cfg.compile_layers, mode, run.path, log, me.rank,
                                                     lambda: phase("compiling"), max(5.0, min(60.0, cfg.hang_timeout / 4)))
     else:
