@@ -323,7 +323,8 @@ def test_token_bucket(tokens: int, samples: int) -> None:
 def test_bucketed_tails_keep_one_document_count(lengths: list[int], max_len: int) -> None:
     """Under --compile every micro-batch of a sample count has the same number of documents (one
     cu_seqlens length: one CUDA graph per bucket), each tail document 1 to max-len tokens, the row a
-    bucket no wider than the padded micro-batch; only samples that all but fill it keep fewer."""
+    bucket no wider than the padded micro-batch; samples that leave too little room for those
+    documents take the whole padded width, in pieces."""
     lengths = [min(n, max_len) for n in lengths]
     packing = batching.Packing(0, max_len, buckets=True)
     tokens, samples = sum(lengths), len(lengths)

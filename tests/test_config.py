@@ -146,3 +146,18 @@ def test_a_resumed_run_injects_no_oom_and_may_drop_the_injecting_rank() -> None:
     cfg = spec.resumed({"num_processes": 1}).cfg
     validate(cfg)
     assert (cfg.world_size, cfg.inject_oom_at_step, cfg.inject_oom_rank) == (1, None, 0)
+
+
+def test_a_compiled_run_resumes_uncompiled() -> None:
+    """--no-compile on --resume takes the compile's own settings with it (they are refused without
+    --compile), unless given anew."""
+    from sftui.config import validate
+    from sftui.runfile import RunFile
+
+    spec = RunFile.new(RunConfig(cpu=True, compile=True, compile_layers=True, compile_mode="default"), "r", "f" * 64, 100)
+    cfg = spec.resumed({"compile": False}).cfg
+    validate(cfg)
+    assert (cfg.compile, cfg.compile_layers, cfg.compile_mode) == (False, False, None)
+    with pytest.raises(ConfigError, match="--compile-mode: only with --compile"):
+        validate(spec.resumed({"compile": False, "compile_mode": "default"}).cfg)
+    assert spec.resumed({}).cfg.compile_mode == "default"

@@ -81,7 +81,7 @@ class RunConfig:
     group_by_length: bool = False
     packing: bool | None = None  # a micro-batch's samples end to end, no padding (T5: in rows of max_len); None: batching.packs decides
     compile_layers: bool = False
-    compile_mode: str | None = None  # None: compiling.resolve_mode (CUDA graphs on one GPU)
+    compile_mode: str | None = None  # None: compiling.resolve_mode decides (CUDA graphs or torch's default)
     mem_fraction: list[float] | None = None
     inject_oom_at_step: int | None = None
     inject_oom_rank: int = 0
@@ -276,8 +276,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("compile_layers", _bool, "with --compile: compile each repeated layer instead of the whole model "
            "(a shorter compile, slower steps at small batches)", is_flag=True),
     Option("compile_mode", _choice(*COMPILE_MODES), "with --compile: torch.compile's mode; reduce-overhead replays "
-           "each step's kernels as CUDA graphs, without the host launching them one by one (default: reduce-overhead "
-           "on one GPU compiling the whole model without gradient accumulation, else default)", "|".join(COMPILE_MODES)),
+           "each step's kernels as CUDA graphs, without the host launching them one by one; not with --grad-accum or "
+           "--effective-batch (default: reduce-overhead on one GPU compiling the whole model without --grad-accum or "
+           "--effective-batch, else default)", "|".join(COMPILE_MODES)),
     Option("pad_to_max_len", _bool, "pad every batch to --max-len: the same shapes at every step "
            "(default: on with --compile, where a new shape costs a recompile)", is_flag=True, negatable=True),
     Option("group_by_length", _bool, "sort each chunk of 8,192 samples of an epoch's order by length, longest "

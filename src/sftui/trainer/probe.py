@@ -52,7 +52,7 @@ def probe(out: Path) -> int:
 
     from sftui import events as ev
     from sftui import forecast
-    from sftui.config import ConfigError, RunConfig, accumulates, default_lr
+    from sftui.config import ConfigError, RunConfig, default_lr
     from sftui.rundir import RunDir, write_json_atomic
     from sftui.trainer import batching, loop, loss
 
@@ -103,8 +103,7 @@ def probe(out: Path) -> int:
         # and the graphs' memory pool, kept from one rung's trial to the next, would be counted in
         # the later rungs' peaks (with them, a compiled Qwen2.5-0.5B run at batch 16 reserved 15.90
         # GiB, without them 15.21: docs/BENCHMARKS.md, 2026-12-02).
-        mode = compiling.resolve_mode(cfg.compile_mode, me.world, device.type == "cuda", cfg.compile_layers,
-                                      accumulates(cfg))
+        mode = cfg.compile_mode or "default"
         mode = compiling.WITHOUT_GRAPHS.get(mode, mode)
         model, _ = compiling.compile_for_training(model, cfg.compile_layers, mode)
     model.train()
