@@ -71,16 +71,16 @@ def test_cross_field_checks():
 
 
 def test_compile_mode_defaults_to_cuda_graphs_only_where_they_were_measured():
-    """CUDA graphs (reduce-overhead) for one process on a GPU compiling the whole model without
-    accumulation; torch's default under DDP, by layers, with accumulation and on the CPU; a mode
-    the user gives is taken as given."""
+    """CUDA graphs (reduce-overhead) for a causal LM compiled whole in one process on a GPU without
+    accumulation; torch's default under DDP, by layers, for a T5, with accumulation and on the CPU;
+    a mode the user gives is taken as given."""
     from sftui.trainer.compiling import CUDA_GRAPHS, WITHOUT_GRAPHS, resolve_mode
 
-    assert resolve_mode(None, 1, True, False, False) == CUDA_GRAPHS == "reduce-overhead"
-    others = [resolve_mode(None, 2, True, False, False), resolve_mode(None, 1, False, False, False),
-              resolve_mode(None, 1, True, True, False), resolve_mode(None, 1, True, False, True)]
-    assert others == ["default"] * 4
-    assert resolve_mode("max-autotune", 2, True, True, False) == "max-autotune"
+    measured = {"world": 1, "cuda": True, "layers": False, "accumulates": False, "seq2seq": False}
+    assert resolve_mode(None, **measured) == CUDA_GRAPHS == "reduce-overhead"
+    for other in ({"world": 2}, {"cuda": False}, {"layers": True}, {"accumulates": True}, {"seq2seq": True}):
+        assert resolve_mode(None, **{**measured, **other}) == "default", other
+    assert resolve_mode("max-autotune", **{**measured, "world": 2, "seq2seq": True}) == "max-autotune"
     assert c.accumulates(c.build({"effective_batch": 64})) and not c.accumulates(c.build({}))
     assert set(WITHOUT_GRAPHS) == set(c.GRAPH_MODES) and not set(WITHOUT_GRAPHS.values()) & set(c.GRAPH_MODES)
 

@@ -70,17 +70,20 @@ CUDA_GRAPHS = "reduce-overhead"
 WITHOUT_GRAPHS = {CUDA_GRAPHS: "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
-def resolve_mode(mode: str | None, world: int, cuda: bool, layers: bool, accumulates: bool) -> str:
-    """``--compile-mode``, or its default: CUDA graphs (``reduce-overhead``) for one process on
-    a GPU compiling the whole model, where a compiled step at small batches still waited on the
-    host launching its kernels (a Qwen2.5-0.5B step at batch 16 kept an H200 busy 45.5 of 65 ms;
-    250.5 samples/s without CUDA graphs, 286.3 with them, on two H200s 13 minutes apart,
-    2026-12-02, docs/BENCHMARKS.md). ``default`` under DDP and with ``--compile-layers``, where
-    CUDA graphs were not measured; on the CPU, which has none; and when the run ``accumulates``
-    gradients (``--grad-accum`` over 1, or ``--effective-batch`` at any rung: the whole run, so
-    that the probe and every attempt agree), where a step's second micro-batch would replay over
-    the gradients of its first (``config.validate`` refuses a mode with CUDA graphs there)."""
-    return mode or (CUDA_GRAPHS if world == 1 and cuda and not layers and not accumulates else "default")
+def resolve_mode(mode: str | None, *, world: int, cuda: bool, layers: bool, accumulates: bool,
+                 seq2seq: bool) -> str:
+    """``--compile-mode``, or its default: CUDA graphs (``reduce-overhead``) where they were
+    measured, a causal LM compiled whole in one process on a GPU: its compiled step at small
+    batches still waited on the host launching its kernels (a Qwen2.5-0.5B step at batch 16 kept
+    an H200 busy 45.5 of 65 ms; 250.5 samples/s without CUDA graphs, 286.3 with them, on two
+    H200s 13 minutes apart, 2026-12-02, docs/BENCHMARKS.md). Elsewhere ``default``: under DDP,
+    with ``--compile-layers`` and for the T5 family (``seq2seq``), where CUDA graphs were not
+    measured; on the CPU, which has none; and when the run ``accumulates`` gradients
+    (``--grad-accum`` over 1, or ``--effective-batch`` at any rung: the whole run, so that every
+    attempt agrees), where a step's second micro-batch would replay over the gradients of its
+    first (``config.validate`` refuses a mode with CUDA graphs there)."""
+    measured = world == 1 and cuda and not layers and not seq2seq
+    return mode or (CUDA_GRAPHS if measured and not accumulates else "default")
 
 
 def compile_model(model: Any, layers: bool, mode: str, run_path: Path, log: EventLog, rank: int,
