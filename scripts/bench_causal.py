@@ -21,7 +21,8 @@
    of --steps steps at the probe's recommended rung, its peak reserved against the forecast; with
    `compiled` and `compiled-recommended`, `--compile` at batch 16 and at that rung (CUDA graphs, the
    default on one GPU); `compiled-nographs`, `--compile --compile-mode default` at batch 16. MFU is the
-   worker's own (DESIGN.md's definition), over the same steps as the rates.
+   worker's own (DESIGN.md's definition), over the same steps as the rates; each run's `second_half` gives
+   them over its second half too (CUDA graphs are recorded as a compiled run meets its shapes).
 6. ratios: sftui's samples/s at the HF batch (eager, and compiled with the `compiled` stage) over the
    HF Trainer's, padded and each padding-free run's (issue 17's goals at batch 16: ≥ 6× and ≥ 2×).
 
@@ -205,6 +206,20 @@ def hf_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def window(steps: list[dict[str, Any]]) -> dict[str, float | None]:
+    """samples/s, tokens/s and MFU (DESIGN.md's, as the worker reports it) over the intervals
+    between these step events: each one's rates cover the steps since the one before it."""
+    pairs = list(zip(steps, steps[1:]))
+    seconds = sum((b["samples_seen"] - a["samples_seen"]) / b["samples_per_s"] for a, b in pairs)
+    if not seconds:
+        return {"samples_per_s": None, "tokens_per_s": None, "mfu": None}
+    samples = steps[-1]["samples_seen"] - steps[0]["samples_seen"]
+    tokens = sum((b["samples_seen"] - a["samples_seen"]) / b["samples_per_s"] * b["tokens_per_s"] for a, b in pairs)
+    flop_s = sum((b["samples_seen"] - a["samples_seen"]) / b["samples_per_s"] * (b.get("mfu") or 0.0) for a, b in pairs)
+    return {"samples_per_s": round(samples / seconds, 1), "tokens_per_s": round(tokens / seconds),
+            "mfu": round(flop_s / seconds, 4) if flop_s else None}
+
+
 class Bench:
     """The stages' runs, into OUT/bench_causal.json. A report already there is added to (its stages
     stay unless run again, and each invocation's command is kept), so that the stages can be split
@@ -251,19 +266,12 @@ class Bench:
         evs = rundir.read_all(run_dir / "events.jsonl")
         steps = [e for e in evs if e["kind"] == "step" and e["step"] > self.args.warmup]
         stats = [e for e in evs if e["kind"] == "rank_stats"]
-        # each step event's rate covers the steps since the one before it
-        seconds = sum((b["samples_seen"] - a["samples_seen"]) / b["samples_per_s"] for a, b in zip(steps, steps[1:]))
-        samples = steps[-1]["samples_seen"] - steps[0]["samples_seen"] if len(steps) > 1 else 0
-        tokens = sum((b["samples_seen"] - a["samples_seen"]) / b["samples_per_s"] * b["tokens_per_s"]
-                     for a, b in zip(steps, steps[1:]))
-        flop_s = sum((b["samples_seen"] - a["samples_seen"]) / b["samples_per_s"] * (b.get("mfu") or 0.0)
-                     for a, b in zip(steps, steps[1:]))  # MFU by DESIGN.md, as the worker reports it
+        last = max((e["step"] for e in evs if e["kind"] == "step"), default=0)
         batches = [e["to"] for e in evs if e["kind"] == "batch_change"]
-        res = {"batch": batches[-1] if batch == "auto" and batches else batch, "exit": code, "steps": max((e["step"] for e in evs if e["kind"] == "step"), default=0),
-               "warmup": self.args.warmup,
-               "samples_per_s": round(samples / seconds, 1) if seconds else None,
-               "tokens_per_s": round(tokens / seconds) if seconds else None,
-               "mfu": round(flop_s / seconds, 4) if seconds and flop_s else None,
+        res = {"batch": batches[-1] if batch == "auto" and batches else batch, "exit": code, "steps": last,
+               "warmup": self.args.warmup, **window(steps),
+               # CUDA graphs are recorded as a run meets its shapes: the second half is nearer the steady state
+               "second_half": {"from_step": last // 2, **window([e for e in steps if e["step"] >= last // 2])},
                "peak_allocated": max((e["mem_peak_bytes"] or 0 for e in stats), default=None),
                "peak_reserved": max((e["mem_reserved_bytes"] or 0 for e in stats), default=None),
                "alloc_retries": sum(e.get("alloc_retries") or 0 for e in stats),
