@@ -74,7 +74,8 @@ def test_compile_mode_defaults_to_cuda_graphs_only_where_they_were_measured():
     """CUDA graphs (reduce-overhead) for a causal LM compiled whole in one process on a GPU without
     accumulation; torch's default under DDP, by layers, for a T5, with accumulation and on the CPU;
     a mode the user gives is taken as given."""
-    from sftui.trainer.compiling import CUDA_GRAPHS, WITHOUT_GRAPHS, resolve_mode
+    from sftui.config import WITHOUT_GRAPHS
+    from sftui.trainer.compiling import CUDA_GRAPHS, resolve_mode
 
     measured = {"world": 1, "cuda": True, "layers": False, "accumulates": False, "seq2seq": False}
     assert resolve_mode(None, **measured) == CUDA_GRAPHS == "reduce-overhead"

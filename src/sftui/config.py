@@ -29,7 +29,10 @@ PATH_OPTIONS = {"model": PRESETS, "data": ("demo",), "eval_data": (), "chat_temp
 ON_OOM = ("ask", "auto", "stop")
 REPORT_TO = ("none", "tensorboard")
 COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
-GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the ones that replay CUDA graphs
+# The modes that replay CUDA graphs, and each one's twin without them.
+WITHOUT_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+GRAPH_MODES = tuple(WITHOUT_GRAPHS)
+COMPILE_ONLY = ("compile_layers", "compile_mode")  # settings that mean something with --compile only
 # torchrun's and accelerate's default; fixed rather than picked free, because the other machines
 # must know it before the run starts.
 DEFAULT_MAIN_PROCESS_PORT = 29500
@@ -386,10 +389,9 @@ def validate(cfg: RunConfig, given: Any = ()) -> None:
         raise ConfigError("--main-process-ip: only with --num-machines > 1")
     if cfg.main_process_port > 65535:
         raise ConfigError(f"--main-process-port: expected a port from 1 to 65535, got {cfg.main_process_port}")
-    if cfg.compile_layers and not cfg.compile:
-        raise ConfigError("--compile-layers: only with --compile")
-    if cfg.compile_mode is not None and not cfg.compile:
-        raise ConfigError("--compile-mode: only with --compile")
+    for name in COMPILE_ONLY:
+        if not cfg.compile and getattr(cfg, name) != getattr(RunConfig, name):
+            raise ConfigError(f"{OPTION_BY_NAME[name].flag}: only with --compile")
     if cfg.compile_mode in GRAPH_MODES and accumulates(cfg):
         raise ConfigError(f"--compile-mode {cfg.compile_mode}: its CUDA graphs would overwrite the gradients "
                           "accumulated over a step's micro-batches; not with --grad-accum or --effective-batch")

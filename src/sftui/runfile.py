@@ -31,7 +31,6 @@ RESUME_MUTABLE = frozenset({
     "num_machines", "main_process_ip", "main_process_port", "pad_to_max_len", "compile_layers", "compile_mode", "merge",
     "report_to", "packing",
 })
-COMPILE_ONLY = ("compile_layers", "compile_mode")  # settings that config.validate allows with --compile only
 # Parameter names of embeddings and LM heads, never a LoRA target (trainer/adapters.py agrees).
 EMBEDDING_NAMES = ("embed", "shared", "lm_head", "wte", "wpe")
 # The linear layers of the presets' blocks (trainer/model.py builds them; a test keeps these true).
@@ -111,7 +110,7 @@ class RunFile:
                 flag = cfgmod.OPTION_BY_NAME[name].flag
                 raise ConfigError(f"{flag}: cannot change on --resume (the run has {getattr(cfg, name)!r})")
         if values.get("compile") is False:  # the settings of a compile go with it, unless given anew
-            for name in COMPILE_ONLY:
+            for name in cfgmod.COMPILE_ONLY:
                 if name not in values:
                     setattr(cfg, name, getattr(cfgmod.RunConfig(), name))
         # --inject-oom-at-step fires in attempt 1 only: a resumed run injects nothing, and its rank

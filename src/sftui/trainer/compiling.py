@@ -66,8 +66,6 @@ class RecompileEvents(logging.Handler):
 
 
 CUDA_GRAPHS = "reduce-overhead"
-# torch.compile's modes that replay CUDA graphs, and each one's twin without them.
-WITHOUT_GRAPHS = {CUDA_GRAPHS: "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
 def resolve_mode(mode: str | None, *, world: int, cuda: bool, layers: bool, accumulates: bool,

@@ -52,7 +52,7 @@ def probe(out: Path) -> int:
 
     from sftui import events as ev
     from sftui import forecast
-    from sftui.config import ConfigError, RunConfig, default_lr
+    from sftui.config import WITHOUT_GRAPHS, ConfigError, RunConfig, default_lr
     from sftui.rundir import RunDir, write_json_atomic
     from sftui.trainer import batching, loop, loss
 
@@ -104,7 +104,7 @@ def probe(out: Path) -> int:
         # the later rungs' peaks (with them, a compiled Qwen2.5-0.5B run at batch 16 reserved 15.90
         # GiB, without them 15.21: docs/BENCHMARKS.md, 2026-12-02).
         mode = cfg.compile_mode or "default"
-        mode = compiling.WITHOUT_GRAPHS.get(mode, mode)
+        mode = WITHOUT_GRAPHS.get(mode, mode)
         model, _ = compiling.compile_for_training(model, cfg.compile_layers, mode)
     model.train()
 
