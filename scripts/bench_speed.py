@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -49,10 +50,10 @@ def part_command(args: argparse.Namespace, part: str) -> list[str]:
     if part == "qwen":
         stages = "build,hf,hf-flat,eager,padded" if args.smoke else args.qwen_stages
         return [sys.executable, str(ROOT / "scripts/bench_causal.py"), "--out", out, "--stages", stages,
-                *(["--smoke"] if args.smoke else ["--gpu", args.gpu])]
+                *(["--smoke"] if args.smoke else ["--gpu", args.gpu]), *shlex.split(args.qwen_extra)]
     smoke = ["--smoke"] if args.smoke else ["--compile", "--batches", args.t5_batches, "--gpu", args.gpu]
     return [sys.executable, str(ROOT / "scripts/bench_throughput.py"), "--out", out, "--packing", "both",
-            "--stages", args.t5_stages, "--budget-s", str(args.budget_s), *smoke]
+            "--stages", args.t5_stages, "--budget-s", str(args.budget_s), *smoke, *shlex.split(args.t5_extra)]
 
 
 def named(report: dict[str, Any], *names: str) -> list[dict[str, Any]]:
@@ -149,6 +150,9 @@ def main() -> int:
                    help=f"bench_throughput.py's --stages (default {T5_STAGES}; add oom-eager,oom-compiled for recovery)")
     p.add_argument("--t5-batches", default="16,auto", help="bench_throughput.py's --batches (default 16,auto)")
     p.add_argument("--budget-s", type=float, default=540, help="bench_throughput.py's --budget-s (default 540)")
+    p.add_argument("--qwen-extra", default="", help="more flags for bench_causal.py, e.g. '--steps 400'")
+    p.add_argument("--t5-extra", default="",
+                   help="more flags for bench_throughput.py, e.g. '--modes compiled --top-packing only --hf-batches 16'")
     args = p.parse_args()
     parts = args.parts.split(",")
     if not set(parts) <= set(GOALS):

@@ -558,7 +558,16 @@ def main() -> int:
                         "compiled-B-packed; a T5 in rows of --max-len), with packed ÷ padded samples/s, MFU, "
                         "peak and the largest per-step loss gap in the report; off: padded only (as before "
                         "packing); only: packed only (no grouped run, the bare rank from the packed run)")
+    p.add_argument("--top-packing", choices=tuple(LAYOUTS), default=None,
+                   help="the layouts of the speed runs at the batches other than 16 (the issue's comparison "
+                        "point; default: --packing's), e.g. only: the largest rung packed alone, where packing is "
+                        "what its MFU counts on")
+    p.add_argument("--modes", default="compiled,eager",
+                   help="which speed runs (b) a batch gets: compiled (with --compile), eager (with the grouped run and "
+                        "the bare rank); default both")
     p.add_argument("--batches", default=None, help="comma-separated; 'auto' = the largest rung for the card")
+    p.add_argument("--hf-batches", default=None, help="the HF Trainer's batches (a), a subset of --batches "
+                                                      "(default: all of them)")
     p.add_argument("--warmup", type=int, default=None, help="steps before the timed window (default 5)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 30)")
     p.add_argument("--budget-s", type=float, default=330.0, help="start no stage that would end after this")
@@ -601,6 +610,12 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     args.batches = [int(b) if b != "auto" else largest_rung(args.gpu)
                     for b in (args.batches or ("8" if args.smoke else "8,16,auto")).split(",")]
+    modes = set(args.modes.split(","))
+    if not modes or not modes <= {"compiled", "eager"}:
+        p.error(f"--modes: {args.modes!r}: a comma list of compiled, eager")
+    args.hf_batches = args.batches if args.hf_batches is None else [int(b) for b in args.hf_batches.split(",")]
+    if not set(args.hf_batches) <= set(args.batches):
+        p.error(f"--hf-batches: {args.hf_batches} are not all in --batches {args.batches}")
     args.data = args.out / "data.jsonl"
     # enough rows for the timed window, and for the oom runs (batch 16, --inject-at + 3 steps) in one epoch
     write_data(args.data, max((args.warmup + args.steps) * max(args.batches), (args.inject_at + 3) * 16) + 64)
@@ -617,20 +632,21 @@ def main() -> int:
     stages = set(args.stages.split(","))
     mid = 16 if 16 in args.batches else args.batches[0]  # the comparison point
     if "hf" in stages:
-        bench.hf(args.batches)
+        bench.hf(args.hf_batches)
     order = [mid] + [b for b in args.batches if b != mid] if "speed" in stages else []
-    layouts = LAYOUTS[args.packing]
-    cold = dict.fromkeys(layouts, True)  # per layout: the next compiled run compiles its graphs from nothing
+    every_layout = tuple(dict.fromkeys(LAYOUTS[args.packing] + LAYOUTS[args.top_packing or args.packing]))
+    cold = dict.fromkeys(every_layout, True)  # per layout: the next compiled run compiles its graphs from nothing
     for b in order:
-        for packed in layouts if args.compile else ():
+        layouts = LAYOUTS[args.packing if b == mid or args.top_packing is None else args.top_packing]
+        for packed in layouts if args.compile and "compiled" in modes else ():
             key = "compiled_packed" if packed else "compiled"
             if bench.fits(variant("compiled", b, packed), COST[key + "_cold" if cold[packed] else key]):
                 bench.throughput(variant("compiled", b, packed), b, True, packed=packed)
                 cold[packed] = False
-        for packed in layouts:
+        for packed in layouts if "eager" in modes else ():
             if bench.fits(variant("eager", b, packed), COST["eager_packed" if packed else "eager"]):
                 bench.throughput(variant("eager", b, packed), b, False, packed=packed)
-        if False in layouts and b == max(args.batches) and bench.fits(f"grouped-{b}", COST["eager"]):
+        if "eager" in modes and False in layouts and b == max(args.batches) and bench.fits(f"grouped-{b}", COST["eager"]):
             bench.throughput(f"grouped-{b}", b, False, ("--group-by-length",))
         supervised = variant("eager", b, False not in layouts)  # the padded eager run; packed with --packing only
         bare_name = variant("bare", b, False not in layouts)
@@ -641,12 +657,12 @@ def main() -> int:
                 rep["overhead"] = {"batch": b, "run": supervised, "supervised": sup, "bare": bare,
                                    "overhead_pct": round((bare - sup) / bare * 100, 2)}
     for b in args.batches:
-        for packed in layouts:
+        for packed in every_layout:
             e, c = rep["sftui"].get(variant("eager", b, packed)), rep["sftui"].get(variant("compiled", b, packed))
             if e and c and (chk := loss_check(e, c, args.warmup)):
                 rep.setdefault("loss_check", {})[variant("", b, packed).lstrip("-")] = chk
-    if order and True in layouts:
-        rep["packing"] = packing_summary(rep, layouts)
+    if order and True in every_layout:
+        rep["packing"] = packing_summary(rep, every_layout)
         for name, cmp_ in rep["packing"]["vs_padded"].items():
             say(f"{name}-packed ({cmp_['batches']} batches) ÷ {name} ({cmp_['padded_batches']}): "
                 f"{cmp_.get('samples_per_s')}× samples/s, {cmp_.get('mfu')}× MFU, largest loss gap "

@@ -55,31 +55,36 @@ def _head_loss(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: tor
     """The cross-entropy sum of ``F.linear(h, weight, bias)`` against ``y`` a chunk at a time, and
     the gradients of that sum w.r.t. (h, weight, bias) that ``grads`` asks for, taken from each
     chunk's logits while they are alive (softmax − one-hot). The logits are in the dtype F.linear
-    would give under the ambient autocast (bf16 on a GPU), their log-sum-exp and softmax in float32."""
+    would give under the ambient autocast (bf16 on a GPU), their log-softmax in float32.
+
+    Few passes over a chunk's logits (rows × vocabulary, the largest tensors of a small model's
+    step): one ``log_softmax`` that reads the bf16 logits and writes float32, an ``exp_`` in place,
+    one cast to the gradient's dtype. Taking the float32 copy, the log-sum-exp (two passes and a
+    temporary of its own) and the subtraction apart moved about 2.4 times the bytes: some 8 ms a
+    step of a Qwen2.5-0.5B shape's 50 at batch 16 (H200 profile, 2026-12-02, docs/BENCHMARKS.md)."""
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
     hc, w = h.to(dtype), weight.to(dtype)  # cast once, not per chunk
     b = None if bias is None else bias.to(dtype)
     grad_h = torch.empty_like(h, dtype=torch.float32) if grads[0] else None
-    grad_w = torch.zeros_like(weight, dtype=torch.float32) if grads[1] else None
-    grad_b = torch.zeros_like(bias, dtype=torch.float32) if grads[2] else None  # False without a bias
+    grad_w = grad_b = None  # float32 sums begun by the first chunk (head_loss_sum: h has rows)
     total = h.new_zeros((), dtype=torch.float32)
     step = chunk_rows(weight.shape[0])
     for start in range(0, h.shape[0], step):
         rows, target = hc[start:start + step], y[start:start + step, None]
-        logits = F.linear(rows, w, b).float()
-        lse = logits.logsumexp(-1, keepdim=True)
-        total = total + (lse - logits.gather(1, target)).sum()
+        logp = torch.log_softmax(F.linear(rows, w, b), -1, dtype=torch.float32)
+        total = total - logp.gather(1, target).sum()
         if not any(grads):
             continue
-        probs = logits.sub_(lse).exp_().scatter_add_(1, target, torch.full_like(lse, -1.0))
-        if grad_b is not None:
-            grad_b += probs.sum(0)
+        probs = logp.exp_().scatter_add_(1, target, torch.full_like(target, -1.0, dtype=torch.float32))
+        if grads[2] and bias is not None:
+            grad_b = probs.sum(0) if grad_b is None else grad_b.add_(probs.sum(0))
         g = probs.to(dtype)
         if grad_h is not None:
             grad_h[start:start + step] = g @ w
-        if grad_w is not None:
-            grad_w += g.T @ rows
+        if grads[1]:
+            part = g.T @ rows
+            grad_w = part.float() if grad_w is None else grad_w.add_(part)
     return total, grad_h, grad_w, grad_b
 
 

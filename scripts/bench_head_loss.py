@@ -1,0 +1,87 @@
+"""The chunked head loss (trainer/loss.py) alone: forward and backward time and peak memory of
+one micro-batch's trained positions, against another version of loss.py in the same process.
+
+    PYTHONPATH=src python3 scripts/bench_head_loss.py [--rows 2100] [--vocab 151936] [--hidden 896]
+        [--against OLD_loss.py] [--out OUT.json]
+
+The defaults are a Qwen2.5-0.5B shape at batch 16 of bench_causal's rows (about 2,100 trained
+positions a step). Weights float32 as the worker keeps them, under bf16 autocast on a GPU; the
+time is the median of --repeat timed calls after --warmup, each synchronised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from sftui.trainer import loss  # noqa: E402
+
+
+def load(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"loss_{path.stem}_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def measure(module: ModuleType, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    torch.manual_seed(0)  # the head's initialisation too: both versions see the same weights
+    head = torch.nn.Linear(args.hidden, args.vocab, bias=False).to(device)
+    hidden = (torch.randn(1, args.rows + 1, args.hidden) * 0.5).to(device).requires_grad_()
+    labels = torch.randint(0, args.vocab, (1, args.rows + 1)).to(device)
+    times, value = [], 0.0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(args.warmup + args.repeat):
+        head.weight.grad = hidden.grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = module.head_loss_sum(hidden[:, :-1], labels[:, 1:], head)
+        out.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+        value = out.item()
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"ms": round(statistics.median(times) * 1000, 3), "loss": value,
+            "grad_w_norm": head.weight.grad.norm().item(), "peak_allocated": peak}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=2100)
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--hidden", type=int, default=896)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--against", type=Path, help="another loss.py (an earlier commit's) to time beside this one")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "rows": args.rows, "vocab": args.vocab, "hidden": args.hidden,
+              "current": measure(loss, args, device)}
+    if args.against:
+        result["against"] = {"file": str(args.against), **measure(load(args.against), args, device)}
+    print(json.dumps(result, indent=2), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
