@@ -259,6 +259,9 @@ class Bench:
         if proc.returncode:
             say(f"HF worker exit {proc.returncode}; see {self.out / 'hf.log'}:\n" + "".join(lines[-15:]))
 
+    def compile_flags(self) -> list[str]:
+        return ["--compile"] + (["--compile-mode", self.args.compile_mode] if self.args.compile_mode else [])
+
     def flags(self, batch: int, ladder: str, steps: int) -> list[str]:
         return ["--model", self.args.model, "--data", str(self.args.data), "--max-len", str(MAX_LEN), "--seed", str(SEED),
                 "--batch", str(batch), "--ladder", ladder, "--max-steps", str(steps), "--log-every",
@@ -285,7 +288,7 @@ class Bench:
         """A speed run: ``packed`` adds --packing, else --no-packing (padded, whatever the model's
         default); ``batches`` in the result is what the run's `data` event says it did."""
         extra = self.flags(batch, str(batch), self.args.warmup + self.args.steps) + ["--on-oom", "stop", *more]
-        extra += ["--packing" if packed else "--no-packing"] + (["--compile"] if compile_ else [])
+        extra += ["--packing" if packed else "--no-packing"] + (self.compile_flags() if compile_ else [])
         run_dir, code, seconds = self.sftui(name, extra)
         res = {"batch": batch, "compile": compile_, "packing": packed, "flags": list(more), "exit": code,
                "wall_s": round(seconds, 1), **summarize(run_dir, self.args.warmup)}
@@ -326,7 +329,7 @@ class Bench:
         Figures: scripts/recovery.py."""
         at = self.args.inject_at
         extra = self.flags(16 if not self.args.smoke else 8, "16,12" if not self.args.smoke else "8,6", at + 3)
-        extra += ["--on-oom", "auto", "--inject-oom-at-step", str(at), *more] + (["--compile"] if compile_ else [])
+        extra += ["--on-oom", "auto", "--inject-oom-at-step", str(at), *more] + (self.compile_flags() if compile_ else [])
         run_dir, code, seconds = self.sftui(name, extra, {"SFTUI_STANDBY": "0"} if cold else None)
         evs = rundir.read_all(run_dir / "events.jsonl") if (run_dir / "events.jsonl").exists() else []
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -562,6 +565,8 @@ def main() -> int:
                    help="the layouts of the speed runs at the batches other than 16 (the issue's comparison "
                         "point; default: --packing's), e.g. only: the largest rung packed alone, where packing is "
                         "what its MFU counts on")
+    p.add_argument("--compile-mode", default=None,
+                   help="the compiled runs' --compile-mode (speed and oom; default: the worker's own choice)")
     p.add_argument("--modes", default="compiled,eager",
                    help="which speed runs (b) a batch gets: compiled (with --compile), eager (with the grouped run and "
                         "the bare rank); default both")

@@ -80,11 +80,11 @@ def _head_loss(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: tor
         if grads[2] and bias is not None:
             grad_b = probs.sum(0) if grad_b is None else grad_b.add_(probs.sum(0))
         g = probs.to(dtype)
+        del logp, probs  # the chunk's float32 logits, freed before its matmuls: the head's peak
         if grad_h is not None:
             grad_h[start:start + step] = g @ w
         if grads[1]:
-            part = g.T @ rows
-            grad_w = part.float() if grad_w is None else grad_w.add_(part)
+            grad_w = (g.T @ rows).float() if grad_w is None else grad_w.add_(g.T @ rows)
     return total, grad_h, grad_w, grad_b
 
 
