@@ -71,17 +71,17 @@ def test_cross_field_checks():
 
 
 def test_compile_mode_defaults_to_cuda_graphs_only_where_they_were_measured():
-    """CUDA graphs (reduce-overhead) for a causal LM compiled whole in one process on a GPU without
-    accumulation; torch's default under DDP, by layers, for a T5, with accumulation and on the CPU;
-    a mode the user gives is taken as given."""
+    """CUDA graphs (reduce-overhead) for a model compiled whole in one process on a GPU without
+    accumulation; torch's default under DDP, by layers, for a T5's packed rows (their count varies),
+    with accumulation and on the CPU; a mode the user gives is taken as given."""
     from sftui.config import WITHOUT_GRAPHS
     from sftui.trainer.compiling import CUDA_GRAPHS, resolve_mode
 
-    measured = {"world": 1, "cuda": True, "layers": False, "accumulates": False, "seq2seq": False}
+    measured = {"world": 1, "cuda": True, "layers": False, "accumulates": False, "rows_vary": False}
     assert resolve_mode(None, **measured) == CUDA_GRAPHS == "reduce-overhead"
-    for other in ({"world": 2}, {"cuda": False}, {"layers": True}, {"accumulates": True}, {"seq2seq": True}):
+    for other in ({"world": 2}, {"cuda": False}, {"layers": True}, {"accumulates": True}, {"rows_vary": True}):
         assert resolve_mode(None, **{**measured, **other}) == "default", other
-    assert resolve_mode("max-autotune", **{**measured, "world": 2, "seq2seq": True}) == "max-autotune"
+    assert resolve_mode("max-autotune", **{**measured, "world": 2, "rows_vary": True}) == "max-autotune"
     assert c.accumulates(c.build({"effective_batch": 64})) and not c.accumulates(c.build({}))
     assert set(WITHOUT_GRAPHS) == set(c.GRAPH_MODES) and not set(WITHOUT_GRAPHS.values()) & set(c.GRAPH_MODES)
 

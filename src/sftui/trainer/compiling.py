@@ -69,18 +69,20 @@ CUDA_GRAPHS = "reduce-overhead"
 
 
 def resolve_mode(mode: str | None, *, world: int, cuda: bool, layers: bool, accumulates: bool,
-                 seq2seq: bool) -> str:
+                 rows_vary: bool) -> str:
     """``--compile-mode``, or its default: CUDA graphs (``reduce-overhead``) where they were
-    measured, a causal LM compiled whole in one process on a GPU: its compiled step at small
-    batches still waited on the host launching its kernels (a Qwen2.5-0.5B step at batch 16 kept
-    an H200 busy 45.5 of 65 ms; 250.5 samples/s without CUDA graphs, 286.3 with them, on two
-    H200s 13 minutes apart, 2026-12-02, docs/BENCHMARKS.md). Elsewhere ``default``: under DDP,
-    with ``--compile-layers`` and for the T5 family (``seq2seq``), where CUDA graphs were not
-    measured; on the CPU, which has none; and when the run ``accumulates`` gradients
+    measured, a model compiled whole in one process on a GPU, whose step at small batches waits
+    on the host launching its kernels: a Qwen2.5-0.5B shape at batch 16, packed, 250.5 samples/s
+    without CUDA graphs and 286.3 with them (two H200s 13 minutes apart); chatlm-mini (T5) at
+    batch 16, padded, 342.8 and 665.3 (two H200s 10 minutes apart; 2026-12-02,
+    docs/BENCHMARKS.md). Elsewhere ``default``: under DDP and with ``--compile-layers``, where
+    CUDA graphs were not measured; on the CPU, which has none; when the micro-batch's row count
+    ``rows_vary`` from step to step (a T5's packed rows, ``batching.RowPacking``), where a graph
+    would be recorded for every count; and when the run ``accumulates`` gradients
     (``--grad-accum`` over 1, or ``--effective-batch`` at any rung: the whole run, so that every
     attempt agrees), where a step's second micro-batch would replay over the gradients of its
     first (``config.validate`` refuses a mode with CUDA graphs there)."""
-    measured = world == 1 and cuda and not layers and not seq2seq
+    measured = world == 1 and cuda and not layers and not rows_vary
     return mode or (CUDA_GRAPHS if measured and not accumulates else "default")
 
 

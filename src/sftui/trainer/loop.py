@@ -135,7 +135,7 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
         phase("compiling")
         # The compile itself happens in the first step: heartbeats keep it from looking like a hang.
         mode = compiling.resolve_mode(cfg.compile_mode, world=me.world, cuda=cuda, layers=cfg.compile_layers,
-                                      accumulates=accumulates(cfg), seq2seq=seq2seq)
+                                      accumulates=accumulates(cfg), rows_vary=seq2seq and cfg.packing)
         model, first_step = compiling.compile_model(model, cfg.compile_layers, mode, run.path, log, me.rank,
                                                     lambda: phase("compiling"), max(5.0, min(60.0, cfg.hang_timeout / 4)))
     else:
