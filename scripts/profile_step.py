@@ -26,7 +26,8 @@ heads as the last memory dimension), without ``model.fused_attention_bias`` (its
 and in ``-fused``: SDPA's math backend disabled, so every attention must take a fused kernel
 (or the variant fails, and the log's warnings say why each kernel refused); and in ``-nographs``: a
 compiled variant in torch.compile's default mode, without the worker's CUDA graphs (``--compile-mode
-default``; regional variants and a T5's packed rows have none, as in the worker by default). CUDA graphs record
+default``; regional variants, a T5's packed rows and rows padded to their longest have none, as in the worker
+by default). CUDA graphs record
 a graph per shape after a warm-up run of it: a short window of a compiled packed variant is mostly
 recording (on an H200 a 48-step window ran 185.8 samples/s, the worker's steady state ~330).
 On a GPU the report also says which fused SDPA kernels accept a T5 self-attention's inputs
@@ -155,7 +156,7 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
     compiled = None
     compile_mode = "default" if "-nographs" in suffixes else compiling.resolve_mode(
         None, world=1, cuda=cuda, layers=mode.startswith("regional"), accumulates=False,
-        rows_vary=tokenized.seq2seq and packed)
+        shapes_vary=packed and tokenized.seq2seq or not packed and not padded)
     if mode.startswith(("regional", "compiled")):
         torch._dynamo.reset()
         compiling.no_size_guards()  # as compiling.compile_for_training

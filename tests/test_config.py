@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -72,18 +73,32 @@ def test_cross_field_checks():
 
 def test_compile_mode_defaults_to_cuda_graphs_only_where_they_were_measured():
     """CUDA graphs (reduce-overhead) for a model compiled whole in one process on a GPU without
-    accumulation; torch's default under DDP, by layers, for a T5's packed rows (their count varies),
-    with accumulation and on the CPU; a mode the user gives is taken as given."""
+    accumulation; torch's default under DDP, by layers, for micro-batches of many shapes (a T5's packed
+    rows, rows padded to their longest), with accumulation and on the CPU; a mode the user gives is
+    taken as given."""
     from sftui.config import WITHOUT_GRAPHS
     from sftui.trainer.compiling import CUDA_GRAPHS, resolve_mode
 
-    measured = {"world": 1, "cuda": True, "layers": False, "accumulates": False, "rows_vary": False}
+    measured = {"world": 1, "cuda": True, "layers": False, "accumulates": False, "shapes_vary": False}
     assert resolve_mode(None, **measured) == CUDA_GRAPHS == "reduce-overhead"
-    for other in ({"world": 2}, {"cuda": False}, {"layers": True}, {"accumulates": True}, {"rows_vary": True}):
+    for other in ({"world": 2}, {"cuda": False}, {"layers": True}, {"accumulates": True}, {"shapes_vary": True}):
         assert resolve_mode(None, **{**measured, **other}) == "default", other
-    assert resolve_mode("max-autotune", **{**measured, "world": 2, "rows_vary": True}) == "max-autotune"
+    assert resolve_mode("max-autotune", **{**measured, "world": 2, "shapes_vary": True}) == "max-autotune"
     assert c.accumulates(c.build({"effective_batch": 64})) and not c.accumulates(c.build({}))
     assert set(WITHOUT_GRAPHS) == set(c.GRAPH_MODES) and not set(WITHOUT_GRAPHS.values()) & set(c.GRAPH_MODES)
+
+
+def test_many_shapes_keep_cuda_graphs_off_by_default():
+    """What resolve_mode's ``shapes_vary`` is for a run: a T5's packed rows vary in count and rows
+    padded to their longest vary in width (a graph per value); rows padded to --max-len (the
+    compiled default on a GPU) and a causal LM's token buckets do not."""
+    from sftui.trainer.loop import shapes_vary
+
+    compiled = RunConfig(compile=True)
+    assert shapes_vary(replace(compiled, packing=True), seq2seq=True, cuda=True)
+    assert not shapes_vary(replace(compiled, packing=False), seq2seq=True, cuda=True)
+    assert not shapes_vary(replace(compiled, packing=True), seq2seq=False, cuda=True)
+    assert shapes_vary(replace(compiled, packing=False, pad_to_max_len=False), seq2seq=False, cuda=True)
 
 
 def test_ladder_math():

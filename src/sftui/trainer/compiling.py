@@ -69,20 +69,21 @@ CUDA_GRAPHS = "reduce-overhead"
 
 
 def resolve_mode(mode: str | None, *, world: int, cuda: bool, layers: bool, accumulates: bool,
-                 rows_vary: bool) -> str:
+                 shapes_vary: bool) -> str:
     """``--compile-mode``, or its default: CUDA graphs (``reduce-overhead``) where they were
     measured, a model compiled whole in one process on a GPU, whose step at small batches waits
     on the host launching its kernels: a Qwen2.5-0.5B shape at batch 16, packed, 250.5 samples/s
     without CUDA graphs and 286.3 with them (two H200s 13 minutes apart); chatlm-mini (T5) at
     batch 16, padded, 342.8 and 665.3 (two H200s 10 minutes apart; 2026-12-02,
     docs/BENCHMARKS.md). Elsewhere ``default``: under DDP and with ``--compile-layers``, where
-    CUDA graphs were not measured; on the CPU, which has none; when the micro-batch's row count
-    ``rows_vary`` from step to step (a T5's packed rows, ``batching.RowPacking``), where a graph
-    would be recorded for every count; and when the run ``accumulates`` gradients
+    CUDA graphs were not measured; on the CPU, which has none; when the micro-batch's shape
+    ``shapes_vary`` over many values (a T5's packed rows, ``batching.RowPacking``, in their count;
+    rows padded to each micro-batch's longest, ``--no-pad-to-max-len``, in their width), where a
+    graph would be recorded, and its memory kept, for every value; and when the run ``accumulates`` gradients
     (``--grad-accum`` over 1, or ``--effective-batch`` at any rung: the whole run, so that every
     attempt agrees), where a step's second micro-batch would replay over the gradients of its
     first (``config.validate`` refuses a mode with CUDA graphs there)."""
-    measured = world == 1 and cuda and not layers and not rows_vary
+    measured = world == 1 and cuda and not layers and not shapes_vary
     return mode or (CUDA_GRAPHS if measured and not accumulates else "default")
 
 

@@ -135,7 +135,7 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
         phase("compiling")
         # The compile itself happens in the first step: heartbeats keep it from looking like a hang.
         mode = compiling.resolve_mode(cfg.compile_mode, world=me.world, cuda=cuda, layers=cfg.compile_layers,
-                                      accumulates=accumulates(cfg), rows_vary=seq2seq and cfg.packing)
+                                      accumulates=accumulates(cfg), shapes_vary=shapes_vary(cfg, seq2seq, cuda))
         model, first_step = compiling.compile_model(model, cfg.compile_layers, mode, run.path, log, me.rank,
                                                     lambda: phase("compiling"), max(5.0, min(60.0, cfg.hang_timeout / 4)))
     else:
@@ -345,6 +345,13 @@ def pad_width(cfg: RunConfig, cuda: bool) -> int | None:
     probe. Packed batches (``--packing``) have a width of their own (batching.Packing)."""
     static = cfg.pad_to_max_len if cfg.pad_to_max_len is not None else cfg.compile and cuda
     return cfg.max_len if static else None
+
+
+def shapes_vary(cfg: RunConfig, seq2seq: bool, cuda: bool) -> bool:
+    """Whether this run's micro-batches come in many shapes (``compiling.resolve_mode``): a T5's
+    packed rows vary in count, padded rows not padded to ``--max-len`` in width; a causal LM's
+    packed row takes a few token buckets."""
+    return cfg.packing and seq2seq or not cfg.packing and pad_width(cfg, cuda) is None
 
 
 def new_model(cfg: RunConfig, tok: Any, device: torch.device, lr: float) -> tuple[Any, torch.optim.Optimizer]:
