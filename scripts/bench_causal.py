@@ -264,7 +264,7 @@ class Bench:
                              "--checkpoint-every", "0", "--keep-checkpoints", "1", "--on-oom", "stop", *self.device,
                              *extra, log=name, env=env)
         evs = rundir.read_all(run_dir / "events.jsonl")
-        steps = [e for e in evs if e["kind"] == "step" and e["step"] > self.args.warmup]
+        steps = [e for e in evs if e["kind"] == "step" and e["step"] >= self.args.warmup]  # from the warm-up's last event: steps W+1..
         stats = [e for e in evs if e["kind"] == "rank_stats"]
         last = max((e["step"] for e in evs if e["kind"] == "step"), default=0)
         batches = [e["to"] for e in evs if e["kind"] == "batch_change"]

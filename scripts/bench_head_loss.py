@@ -6,7 +6,9 @@ one micro-batch's trained positions, against another version of loss.py in the s
 
 The defaults are a Qwen2.5-0.5B shape at batch 16 of bench_causal's rows (about 2,100 trained
 positions a step). Weights float32 as the worker keeps them, under bf16 autocast on a GPU; the
-time is the median of --repeat timed calls after --warmup, each synchronised.
+time is the median of --repeat timed calls after --warmup, each synchronised. With --against, the
+two versions' gradients (hidden states, head weight) are compared: their largest difference over
+their largest magnitude (``grad_rel_gap``). The current version runs first.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def load(path: Path) -> ModuleType:
     return module
 
 
-def measure(module: ModuleType, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+def measure(module: ModuleType, args: argparse.Namespace,
+            device: torch.device) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     torch.manual_seed(0)  # the head's initialisation too: both versions see the same weights
     head = torch.nn.Linear(args.hidden, args.vocab, bias=False).to(device)
     hidden = (torch.randn(1, args.rows + 1, args.hidden) * 0.5).to(device).requires_grad_()
@@ -57,8 +60,14 @@ def measure(module: ModuleType, args: argparse.Namespace, device: torch.device) 
             times.append(time.perf_counter() - t0)
         value = out.item()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {"ms": round(statistics.median(times) * 1000, 3), "loss": value,
-            "grad_w_norm": head.weight.grad.norm().item(), "peak_allocated": peak}
+    return ({"ms": round(statistics.median(times) * 1000, 3), "loss": value,
+             "grad_w_norm": head.weight.grad.norm().item(), "peak_allocated": peak},
+            {"hidden": hidden.grad.float(), "weight": head.weight.grad.float()})
+
+
+def largest_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per gradient, the largest absolute difference over the largest magnitude: bf16 rounding, or a bug."""
+    return {name: (a[name] - b[name]).abs().max().item() / a[name].abs().max().clamp_min(1e-30).item() for name in a}
 
 
 def main() -> int:
@@ -71,12 +80,17 @@ def main() -> int:
     p.add_argument("--against", type=Path, help="another loss.py (an earlier commit's) to time beside this one")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
+    if args.repeat < 1 or args.warmup < 0:
+        p.error("--repeat: at least 1; --warmup: at least 0")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    current, grads = measure(loss, args, device)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "rows": args.rows, "vocab": args.vocab, "hidden": args.hidden,
-              "current": measure(loss, args, device)}
+              "current": current}
     if args.against:
-        result["against"] = {"file": str(args.against), **measure(load(args.against), args, device)}
+        theirs, their_grads = measure(load(args.against), args, device)
+        result["against"] = {"file": str(args.against), **theirs,
+                             "grad_rel_gap": largest_gap(their_grads, grads)}
     print(json.dumps(result, indent=2), flush=True)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

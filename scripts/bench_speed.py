@@ -81,7 +81,9 @@ def qwen_goals(rep: dict[str, Any]) -> list[Goal]:
     at_best = named(rep, f"eager-{rung}", f"compiled-{rung}") if rung else []
     flat = best([v.get("samples_per_s") for k, v in rep.items() if k.startswith("hf-flat-") and isinstance(v, dict)])
     fastest16 = best([v["samples_per_s"] for v in at16])
-    return [("tokens/s at batch 16", best([v.get("tokens_per_s") for v in at16]), "≥", 100_000),
+    # The window says how much of the CUDA graphs' recording (the first tens of steps) the rate carries.
+    window = ", ".join(sorted({f"steps {v.get('warmup', 0) + 1}–{v.get('steps')}" for v in at16})) or "not run"
+    return [(f"tokens/s at batch 16 ({window})", best([v.get("tokens_per_s") for v in at16]), "≥", 100_000),
             (f"tokens/s at the best rung ({rung or 'no probe'})", best([v.get("tokens_per_s") for v in at_best]),
              "≥", 120_000),
             ("samples/s at batch 16 ÷ the HF Trainer's", ratio(fastest16, (rep.get("hf") or {}).get("samples_per_s")),

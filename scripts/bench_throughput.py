@@ -69,7 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recovery import NoRecovery, recovery_figures, recovery_line  # noqa: E402
 
 from sftui import launch, rundir  # noqa: E402
-from sftui.config import is_seq2seq  # noqa: E402
+from sftui.config import COMPILE_MODES, is_seq2seq  # noqa: E402
 from sftui.runfile import RunFile  # noqa: E402
 
 GIB = 1024**3
@@ -290,7 +290,8 @@ class Bench:
         extra = self.flags(batch, str(batch), self.args.warmup + self.args.steps) + ["--on-oom", "stop", *more]
         extra += ["--packing" if packed else "--no-packing"] + (self.compile_flags() if compile_ else [])
         run_dir, code, seconds = self.sftui(name, extra)
-        res = {"batch": batch, "compile": compile_, "packing": packed, "flags": list(more), "exit": code,
+        res = {"batch": batch, "compile": compile_, "packing": packed, "exit": code,
+               "flags": list(more) + (self.compile_flags()[1:] if compile_ else []),
                "wall_s": round(seconds, 1), **summarize(run_dir, self.args.warmup)}
         self.report["sftui"][name] = res
         self.save()
@@ -334,7 +335,8 @@ class Bench:
         evs = rundir.read_all(run_dir / "events.jsonl") if (run_dir / "events.jsonl").exists() else []
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         shutil.rmtree(run_dir / "final", ignore_errors=True)
-        res: dict[str, Any] = {"exit": code, "compile": compile_, "flags": list(more), "standby": "off" if cold else "on",
+        res: dict[str, Any] = {"exit": code, "compile": compile_, "standby": "off" if cold else "on",
+                               "flags": list(more) + (self.compile_flags()[1:] if compile_ else []),
                                "inject_at": at, "wall_s": round(seconds, 1)}
         try:
             res.update(recovery_figures(evs))
@@ -562,10 +564,10 @@ def main() -> int:
                         "peak and the largest per-step loss gap in the report; off: padded only (as before "
                         "packing); only: packed only (no grouped run, the bare rank from the packed run)")
     p.add_argument("--top-packing", choices=tuple(LAYOUTS), default=None,
-                   help="the layouts of the speed runs at the batches other than 16 (the issue's comparison "
-                        "point; default: --packing's), e.g. only: the largest rung packed alone, where packing is "
-                        "what its MFU counts on")
-    p.add_argument("--compile-mode", default=None,
+                   help="the layouts of the speed runs at the batches after the first (16 when --batches has it: "
+                        "the issue's comparison point; default: --packing's), e.g. only: the largest rung packed "
+                        "alone, where packing is what its MFU counts on")
+    p.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
                    help="the compiled runs' --compile-mode (speed and oom; default: the worker's own choice)")
     p.add_argument("--modes", default="compiled,eager",
                    help="which speed runs (b) a batch gets: compiled (with --compile), eager (with the grouped run and "
@@ -612,15 +614,21 @@ def main() -> int:
     args.inject_at = args.inject_at if args.inject_at is not None else (5 if args.smoke else 40)
     if args.inject_at < 1:
         p.error("--inject-at: a step >= 1")
-    args.out.mkdir(parents=True, exist_ok=True)
-    args.batches = [int(b) if b != "auto" else largest_rung(args.gpu)
-                    for b in (args.batches or ("8" if args.smoke else "8,16,auto")).split(",")]
     modes = set(args.modes.split(","))
-    if not modes or not modes <= {"compiled", "eager"}:
+    if not modes <= {"compiled", "eager"}:
         p.error(f"--modes: {args.modes!r}: a comma list of compiled, eager")
-    args.hf_batches = args.batches if args.hf_batches is None else [int(b) for b in args.hf_batches.split(",")]
-    if not set(args.hf_batches) <= set(args.batches):
-        p.error(f"--hf-batches: {args.hf_batches} are not all in --batches {args.batches}")
+    if modes == {"compiled"} and not args.compile:
+        p.error("--modes compiled: the compiled runs need --compile")
+    if args.compile_mode and not args.compile:
+        p.error("--compile-mode: the compiled runs' mode needs --compile")
+    rungs = [int(b) if b != "auto" else largest_rung(args.gpu)
+             for b in (args.batches or ("8" if args.smoke else "8,16,auto")).split(",")]
+    hf_rungs = rungs if args.hf_batches is None else [int(b) if b != "auto" else largest_rung(args.gpu)
+                                                       for b in args.hf_batches.split(",")]
+    if not set(hf_rungs) <= set(rungs):
+        p.error(f"--hf-batches: {hf_rungs} are not all in --batches {rungs}")
+    args.batches, args.hf_batches = rungs, hf_rungs
+    args.out.mkdir(parents=True, exist_ok=True)
     args.data = args.out / "data.jsonl"
     # enough rows for the timed window, and for the oom runs (batch 16, --inject-at + 3 steps) in one epoch
     write_data(args.data, max((args.warmup + args.steps) * max(args.batches), (args.inject_at + 3) * 16) + 64)

@@ -144,7 +144,8 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
     grouped, padded = mode.endswith("grouped"), mode.endswith("max") or mode.endswith("max-static")
     packed = mode.endswith("packed")
     cfg = RunConfig(model=args.model, max_len=args.max_len, seed=SEED, batch=batch, ladder=[batch], packing=packed,
-                    compile=mode.startswith("compiled"))
+                    compile=mode.startswith("compiled"),
+                    pad_to_max_len=None if packed else padded)  # packed: the worker's own width (pad_width)
     net, opt = loop.new_model(cfg, tok, device, default_lr(args.model))
     if "-stockbias" in suffixes:
         for module_name, module in net.named_modules():
@@ -156,7 +157,7 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
     compiled = None
     compile_mode = "default" if "-nographs" in suffixes else compiling.resolve_mode(
         None, world=1, cuda=cuda, layers=mode.startswith("regional"), accumulates=False,
-        shapes_vary=packed and tokenized.seq2seq or not packed and not padded)
+        shapes_vary=loop.shapes_vary(cfg, tokenized.seq2seq, cuda))
     if mode.startswith(("regional", "compiled")):
         torch._dynamo.reset()
         compiling.no_size_guards()  # as compiling.compile_for_training

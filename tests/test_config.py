@@ -98,7 +98,8 @@ def test_many_shapes_keep_cuda_graphs_off_by_default():
     assert shapes_vary(replace(compiled, packing=True), seq2seq=True, cuda=True)
     assert not shapes_vary(replace(compiled, packing=False), seq2seq=True, cuda=True)
     assert not shapes_vary(replace(compiled, packing=True), seq2seq=False, cuda=True)
-    assert shapes_vary(replace(compiled, packing=False, pad_to_max_len=False), seq2seq=False, cuda=True)
+    for seq2seq in (False, True):
+        assert shapes_vary(replace(compiled, packing=False, pad_to_max_len=False), seq2seq=seq2seq, cuda=True)
 
 
 def test_ladder_math():

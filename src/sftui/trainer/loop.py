@@ -351,7 +351,7 @@ def shapes_vary(cfg: RunConfig, seq2seq: bool, cuda: bool) -> bool:
     """Whether this run's micro-batches come in many shapes (``compiling.resolve_mode``): a T5's
     packed rows vary in count, padded rows not padded to ``--max-len`` in width; a causal LM's
     packed row takes a few token buckets."""
-    return cfg.packing and seq2seq or not cfg.packing and pad_width(cfg, cuda) is None
+    return (cfg.packing and seq2seq) or (not cfg.packing and pad_width(cfg, cuda) is None)
 
 
 def new_model(cfg: RunConfig, tok: Any, device: torch.device, lr: float) -> tuple[Any, torch.optim.Optimizer]:

@@ -58,10 +58,11 @@ def _head_loss(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: tor
     would give under the ambient autocast (bf16 on a GPU), their log-softmax in float32.
 
     Few passes over a chunk's logits (rows × vocabulary, the largest tensors of a small model's
-    step): one ``log_softmax`` that reads the bf16 logits and writes float32, an ``exp_`` in place,
-    one cast to the gradient's dtype. Taking the float32 copy, the log-sum-exp (two passes and a
-    temporary of its own) and the subtraction apart moved about 2.4 times the bytes: some 8 ms a
-    step of a Qwen2.5-0.5B shape's 50 at batch 16 (H200 profile, 2026-12-02, docs/BENCHMARKS.md)."""
+    step): a ``log_softmax`` in float32 (for bf16 logits torch first takes a float32 copy), an
+    ``exp_`` in place and one cast to the gradient's dtype, where a float32 copy, a log-sum-exp
+    (a max, a temporary, an exp and a sum), a subtraction and an exp went before: the head's
+    forward and backward at a Qwen2.5-0.5B shape's batch 16 took 9.0 ms against 11.1 (H200,
+    scripts/bench_head_loss.py, docs/BENCHMARKS.md)."""
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
     hc, w = h.to(dtype), weight.to(dtype)  # cast once, not per chunk
@@ -80,7 +81,7 @@ def _head_loss(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: tor
         if grads[2] and bias is not None:
             grad_b = probs.sum(0) if grad_b is None else grad_b.add_(probs.sum(0))
         g = probs.to(dtype)
-        del logp, probs  # the chunk's float32 logits, freed before its matmuls: the head's peak
+        del logp, probs  # the chunk's float32 tensor, freed before its matmuls (it was alive into the next chunk)
         if grad_h is not None:
             grad_h[start:start + step] = g @ w
         if grads[1]:
