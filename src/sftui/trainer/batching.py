@@ -23,7 +23,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -347,11 +347,14 @@ def packs(choice: bool | None, seq2seq: bool, device: torch.device) -> bool:
     return not seq2seq and packed_attention(device) == VARLEN
 
 
+@cache
 def packed_attention(device: torch.device) -> str | None:
     """The attention a packed run sets (None: the model's own, sdpa, whose mask transformers
     makes block-diagonal from the position ids): ``VARLEN`` on a GPU where this torch has
     ``varlen_attn``, no padding and no T² mask (the fastest packed path measured: flex
-    attention ran 0.89× of it eager after an 80 s kernel compile, sdpa 0.52×); sdpa on the CPU."""
+    attention ran 0.89× of it eager after an 80 s kernel compile, sdpa 0.52×); sdpa on the CPU.
+    Once per device and process: ``packs`` and ``loop.new_model`` both ask, and the registration's
+    trial of the kernel runs on the GPU."""
     if device.type != "cuda":
         return None
     try:
