@@ -206,18 +206,20 @@ def hf_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def window(steps: list[dict[str, Any]]) -> dict[str, float | None]:
+def window(steps: list[dict[str, Any]]) -> dict[str, Any]:
     """samples/s, tokens/s and MFU (DESIGN.md's, as the worker reports it) over the intervals
-    between these step events: each one's rates cover the steps since the one before it."""
+    between these step events: each one's rates cover the steps since the one before it, so the
+    window is the first event's step + 1 to the last's (``window``)."""
     pairs = list(zip(steps, steps[1:]))
     seconds = sum((b["samples_seen"] - a["samples_seen"]) / b["samples_per_s"] for a, b in pairs)
     if not seconds:
-        return {"samples_per_s": None, "tokens_per_s": None, "mfu": None}
+        return {"samples_per_s": None, "tokens_per_s": None, "mfu": None, "window": None}
     samples = steps[-1]["samples_seen"] - steps[0]["samples_seen"]
     tokens = sum((b["samples_seen"] - a["samples_seen"]) / b["samples_per_s"] * b["tokens_per_s"] for a, b in pairs)
     flop_s = sum((b["samples_seen"] - a["samples_seen"]) / b["samples_per_s"] * (b.get("mfu") or 0.0) for a, b in pairs)
     return {"samples_per_s": round(samples / seconds, 1), "tokens_per_s": round(tokens / seconds),
-            "mfu": round(flop_s / seconds, 4) if flop_s else None}
+            "mfu": round(flop_s / seconds, 4) if flop_s else None,
+            "window": f"steps {steps[0]['step'] + 1}–{steps[-1]['step']}"}
 
 
 class Bench:
@@ -271,7 +273,7 @@ class Bench:
         res = {"batch": batches[-1] if batch == "auto" and batches else batch, "exit": code, "steps": last,
                "warmup": self.args.warmup, **window(steps),
                # CUDA graphs are recorded as a run meets its shapes: the second half is nearer the steady state
-               "second_half": {"from_step": last // 2, **window([e for e in steps if e["step"] >= last // 2])},
+               "second_half": window([e for e in steps if e["step"] >= last // 2]),
                "peak_allocated": max((e["mem_peak_bytes"] or 0 for e in stats), default=None),
                "peak_reserved": max((e["mem_reserved_bytes"] or 0 for e in stats), default=None),
                "alloc_retries": sum(e.get("alloc_retries") or 0 for e in stats),

@@ -32,6 +32,8 @@ from sftui.trainer import loss  # noqa: E402
 
 def load(path: Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"loss_{path.stem}_{abs(hash(path))}", path)
+    if spec is None or not path.is_file():
+        sys.exit(f"bench_head_loss.py: --against {path}: not a Python file")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -62,7 +64,8 @@ def measure(module: ModuleType, args: argparse.Namespace,
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return ({"ms": round(statistics.median(times) * 1000, 3), "loss": value,
              "grad_w_norm": head.weight.grad.norm().item(), "peak_allocated": peak},
-            {"hidden": hidden.grad.float(), "weight": head.weight.grad.float()})
+            # on the host: the next version's peak must not count this one's gradients
+            {"hidden": hidden.grad.float().cpu(), "weight": head.weight.grad.float().cpu()})
 
 
 def largest_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -82,13 +85,14 @@ def main() -> int:
     args = p.parse_args()
     if args.repeat < 1 or args.warmup < 0:
         p.error("--repeat: at least 1; --warmup: at least 0")
+    older = load(args.against) if args.against else None  # a bad path fails before anything is timed
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     current, grads = measure(loss, args, device)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "rows": args.rows, "vocab": args.vocab, "hidden": args.hidden,
               "current": current}
-    if args.against:
-        theirs, their_grads = measure(load(args.against), args, device)
+    if older is not None:
+        theirs, their_grads = measure(older, args, device)
         result["against"] = {"file": str(args.against), **theirs,
                              "grad_rel_gap": largest_gap(their_grads, grads)}
     print(json.dumps(result, indent=2), flush=True)

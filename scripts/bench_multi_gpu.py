@@ -10,8 +10,8 @@ weights, a byte-level BPE with a ChatML template) on bench_causal's rows.
 
 1. scaling: the Qwen shape (--max-len 512, --batch-qwen per GPU, default 128) and the `chatlm-mini` preset
    (--max-len 256, --batch-chatlm, default 192), each on 1 GPU and on all N at the same per-GPU batch,
-   --steps steps (default 120); rates after --warmup steps from the runs' own `step` events (as
-   bench_causal.Bench.run computes them). Reports samples/s on N / (N x samples/s on 1) (goal >= 0.9) and
+   --steps steps (default 120); rates over steps --warmup+1.. from the runs' own `step` events
+   (bench_causal.window). Reports samples/s on N / (N x samples/s on 1) (goal >= 0.9) and
    each rank's peak allocated and reserved from `rank_stats`.
 2. recovery: the Qwen shape on N GPUs, `--inject-oom-at-step S --inject-oom-rank N-1 --on-oom auto
    --ladder B,3B/4,B/2` (S = --inject-at, default 5), one run per --recovery-modes entry (default eager,
@@ -55,7 +55,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_causal import GIB, SEED, Bench, build_model_dir, say, write_rows  # noqa: E402
+from bench_causal import GIB, SEED, Bench, build_model_dir, say, window, write_rows  # noqa: E402
 from gpu_oom import check_once  # noqa: E402
 from recovery import NoRecovery, recovery_figures  # noqa: E402
 
@@ -69,14 +69,9 @@ def of(evs: Events, kind: str) -> Events:
 
 
 def rates(evs: Events, warmup: int) -> tuple[float | None, float | None]:
-    """samples/s and tokens/s after the warm-up, from the step events (bench_causal.Bench.run's sums)."""
-    steps = [e for e in of(evs, "step") if e["step"] > warmup]
-    seconds = sum((b["samples_seen"] - a["samples_seen"]) / b["samples_per_s"] for a, b in zip(steps, steps[1:]))
-    if not seconds:
-        return None, None
-    tokens = sum((b["samples_seen"] - a["samples_seen"]) / b["samples_per_s"] * b["tokens_per_s"]
-                 for a, b in zip(steps, steps[1:]))
-    return round((steps[-1]["samples_seen"] - steps[0]["samples_seen"]) / seconds, 2), round(tokens / seconds)
+    """samples/s and tokens/s over steps warmup+1.. (bench_causal.window over the step events)."""
+    w = window([e for e in of(evs, "step") if e["step"] >= warmup])
+    return w["samples_per_s"], w["tokens_per_s"]
 
 
 def peaks(evs: Events) -> dict[int, dict[str, float | None]]:

@@ -736,8 +736,11 @@ def card_name(smoke: bool) -> str:
 def largest_rung(gpu: str) -> int:
     """The largest rung that fits both sides at max-len 256: the probe measured ~3 + 0.5 GiB per
     sample (98 GiB at 192) on an H200; an 80 GiB card takes 96 with room for HF's dynamic peaks."""
-    out = subprocess.run(["nvidia-smi", "-i", gpu, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                         capture_output=True, text=True)
+    try:
+        out = subprocess.run(["nvidia-smi", "-i", gpu, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True)
+    except FileNotFoundError:
+        sys.exit("bench_throughput.py: 'auto' batches: no nvidia-smi here to read the card's memory")
     mib = int(out.stdout.strip() or 0) if out.returncode == 0 else 0
     return 128 if mib > 120_000 else 96
 

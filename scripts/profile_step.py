@@ -171,8 +171,9 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
     plan = data.Plan(tokenized.n, SEED, n_steps * batch, data.length_key(tokenized, args.max_len) if grouped else None)
     steps = plan.steps(0, batch)
     packing = loop.packed_layout(cfg, tok.pad_token_id, cuda, decoder_start) if packed else None
+    width = loop.batch_width(cfg, tokenized.seq2seq, cuda)  # as the worker's
     loader = DataLoader(data.StepBatches(tokenized, plan, steps, 0, batch, 1, tok.pad_token_id,
-                                         args.max_len if padded else None, loop.PAD_MULTIPLE if cuda else 1, packing),
+                                         width, loop.PAD_MULTIPLE if cuda else 1, packing),
                         batch_size=None, num_workers=2, prefetch_factor=4, pin_memory=cuda)
 
     def sync() -> float:
@@ -207,7 +208,7 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
         torch.manual_seed(SEED + k)
         with attention():
             loss, _ = loop.train_step(accelerator, model, optimizer, item["micro"], item["n_target"], 1,
-                                      decoder_start, loop.StepPhase(), widths_vary=not padded)
+                                      decoder_start, loop.StepPhase(), widths_vary=width is None)
         if k == 1:
             recompiles.after_first_step()
             t1 = sync()

@@ -282,7 +282,7 @@ OPTIONS: tuple[Option, ...] = (
            "each step's kernels as CUDA graphs, without the host launching them one by one; not with --grad-accum or "
            "--effective-batch (default: reduce-overhead for a model compiled whole on one GPU without --grad-accum or "
            "--effective-batch whose batches keep a few shapes, where it was measured; default with --compile-layers, "
-           "several GPUs, a T5's packed rows or --no-pad-to-max-len)", "|".join(COMPILE_MODES)),
+           "several GPUs, a T5's packed rows or padded rows under --no-pad-to-max-len)", "|".join(COMPILE_MODES)),
     Option("pad_to_max_len", _bool, "pad every batch to --max-len: the same shapes at every step "
            "(default: on with --compile, where a new shape costs a recompile)", is_flag=True, negatable=True),
     Option("group_by_length", _bool, "sort each chunk of 8,192 samples of an epoch's order by length, longest "

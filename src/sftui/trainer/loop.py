@@ -147,7 +147,7 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
     per_step = batch * me.world * accum
     steps = plan.steps(seen, per_step)
     total_steps = step + len(steps)
-    width = None if cfg.packing and not seq2seq else pad_width(cfg, cuda)  # packed rows of a T5: max_len when compiled
+    width = batch_width(cfg, seq2seq, cuda)
     packing = packed_layout(cfg, tok.pad_token_id, cuda, decoder_start) if cfg.packing else None
     loader = DataLoader(
         data.StepBatches(train_data, plan, steps, me.rank, batch, accum, tok.pad_token_id, width,
@@ -345,6 +345,13 @@ def pad_width(cfg: RunConfig, cuda: bool) -> int | None:
     probe. Packed batches (``--packing``) have a width of their own (batching.Packing)."""
     static = cfg.pad_to_max_len if cfg.pad_to_max_len is not None else cfg.compile and cuda
     return cfg.max_len if static else None
+
+
+def batch_width(cfg: RunConfig, seq2seq: bool, cuda: bool) -> int | None:
+    """The columns of this run's micro-batches, or None where they vary: a causal LM's packed row
+    is as wide as its tokens (batching.Packing); a T5's packed rows (``max_len`` when compiled) and
+    padded rows take ``pad_width``. Shared with scripts/profile_step.py."""
+    return None if cfg.packing and not seq2seq else pad_width(cfg, cuda)
 
 
 def shapes_vary(cfg: RunConfig, seq2seq: bool, cuda: bool) -> bool:
