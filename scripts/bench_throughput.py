@@ -259,8 +259,9 @@ class Bench:
         if proc.returncode:
             say(f"HF worker exit {proc.returncode}; see {self.out / 'hf.log'}:\n" + "".join(lines[-15:]))
 
-    def compile_flags(self) -> list[str]:
-        return ["--compile"] + (["--compile-mode", self.args.compile_mode] if self.args.compile_mode else [])
+    def mode_flags(self, compile_: bool) -> list[str]:
+        """A compiled run's --compile-mode as given to this script (none: the worker's own choice)."""
+        return ["--compile-mode", self.args.compile_mode] if compile_ and self.args.compile_mode else []
 
     def flags(self, batch: int, ladder: str, steps: int) -> list[str]:
         return ["--model", self.args.model, "--data", str(self.args.data), "--max-len", str(MAX_LEN), "--seed", str(SEED),
@@ -288,11 +289,11 @@ class Bench:
         """A speed run: ``packed`` adds --packing, else --no-packing (padded, whatever the model's
         default); ``batches`` in the result is what the run's `data` event says it did."""
         extra = self.flags(batch, str(batch), self.args.warmup + self.args.steps) + ["--on-oom", "stop", *more]
-        extra += ["--packing" if packed else "--no-packing"] + (self.compile_flags() if compile_ else [])
+        extra += ["--packing" if packed else "--no-packing", *(["--compile"] if compile_ else []), *self.mode_flags(compile_)]
         run_dir, code, seconds = self.sftui(name, extra)
         res = {"batch": batch, "compile": compile_, "packing": packed, "exit": code,
-               "flags": list(more) + (self.compile_flags()[1:] if compile_ else []),
-               "wall_s": round(seconds, 1), **summarize(run_dir, self.args.warmup)}
+               "flags": [*more, *self.mode_flags(compile_)], "wall_s": round(seconds, 1),
+               **summarize(run_dir, self.args.warmup)}
         self.report["sftui"][name] = res
         self.save()
         say(f"sftui {name}: exit {code}, {res.get('batches')} batches, {res.get('samples_per_s')} samples/s, "
@@ -330,13 +331,14 @@ class Bench:
         Figures: scripts/recovery.py."""
         at = self.args.inject_at
         extra = self.flags(16 if not self.args.smoke else 8, "16,12" if not self.args.smoke else "8,6", at + 3)
-        extra += ["--on-oom", "auto", "--inject-oom-at-step", str(at), *more] + (self.compile_flags() if compile_ else [])
+        extra += ["--on-oom", "auto", "--inject-oom-at-step", str(at), *more] + (["--compile"] if compile_ else [])
+        extra += self.mode_flags(compile_)
         run_dir, code, seconds = self.sftui(name, extra, {"SFTUI_STANDBY": "0"} if cold else None)
         evs = rundir.read_all(run_dir / "events.jsonl") if (run_dir / "events.jsonl").exists() else []
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         shutil.rmtree(run_dir / "final", ignore_errors=True)
         res: dict[str, Any] = {"exit": code, "compile": compile_, "standby": "off" if cold else "on",
-                               "flags": list(more) + (self.compile_flags()[1:] if compile_ else []),
+                               "flags": [*more, *self.mode_flags(compile_)],
                                "inject_at": at, "wall_s": round(seconds, 1)}
         try:
             res.update(recovery_figures(evs))
@@ -621,10 +623,8 @@ def main() -> int:
         p.error("--modes compiled: the compiled runs need --compile")
     if args.compile_mode and not args.compile:
         p.error("--compile-mode: the compiled runs' mode needs --compile")
-    rungs = [int(b) if b != "auto" else largest_rung(args.gpu)
-             for b in (args.batches or ("8" if args.smoke else "8,16,auto")).split(",")]
-    hf_rungs = rungs if args.hf_batches is None else [int(b) if b != "auto" else largest_rung(args.gpu)
-                                                       for b in args.hf_batches.split(",")]
+    rungs = parse_rungs(args.batches or ("8" if args.smoke else "8,16,auto"), args.gpu)
+    hf_rungs = rungs if args.hf_batches is None else parse_rungs(args.hf_batches, args.gpu)
     if not set(hf_rungs) <= set(rungs):
         p.error(f"--hf-batches: {hf_rungs} are not all in --batches {rungs}")
     args.batches, args.hf_batches = rungs, hf_rungs
@@ -731,6 +731,13 @@ def card_name(smoke: bool) -> str:
     out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], capture_output=True,
                          text=True)
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown GPU"
+
+
+def parse_rungs(text: str, gpu: str) -> list[int]:
+    """A comma list of batches, 'auto' the card's largest rung (asked of nvidia-smi once)."""
+    items = text.split(",")
+    top = largest_rung(gpu) if "auto" in items else 0
+    return [top if b == "auto" else int(b) for b in items]
 
 
 def largest_rung(gpu: str) -> int:

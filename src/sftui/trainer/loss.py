@@ -78,7 +78,7 @@ def _head_loss(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: tor
         if not any(grads):
             continue
         probs = logp.exp_().scatter_add_(1, target, torch.full_like(target, -1.0, dtype=torch.float32))
-        if grads[2] and bias is not None:
+        if grads[2]:  # False without a bias
             grad_b = probs.sum(0) if grad_b is None else grad_b.add_(probs.sum(0))
         g = probs.to(dtype)
         del logp, probs  # the chunk's float32 tensor, freed before its matmuls (it was alive into the next chunk)
