@@ -1,13 +1,14 @@
 """trainer/loss.py: the head and cross-entropy over the trained positions only, in chunks, give the
-same loss and the same gradients as the model's own full logits (the tiny Llama shape on the CPU;
-a tiny T5 keeps its own forward)."""
+same loss and the same gradients as the model's own full logits (tiny Llama and T5 shapes on the
+CPU; a tiny BART keeps its own forward)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+from transformers import (BartConfig, BartForConditionalGeneration, LlamaConfig, LlamaForCausalLM, T5Config,
+                          T5ForConditionalGeneration)
 
 from sftui.trainer import loss
 
@@ -53,19 +54,47 @@ def test_chunked_loss_equals_the_full_loss_and_its_gradients(monkeypatch):
 
 
 def test_models_whose_logits_are_not_a_plain_head_keep_their_own_forward():
-    t5 = T5ForConditionalGeneration(T5Config(vocab_size=100, d_model=16, d_ff=32, d_kv=4, num_layers=1, num_heads=2)).eval()
-    assert loss.plain_head(t5) is None
     capped = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                           num_attention_heads=2))
     capped.config.final_logit_softcapping = 30.0
     assert loss.plain_head(capped) is None
+    bart = BartForConditionalGeneration(BartConfig(vocab_size=100, d_model=16, encoder_layers=1, decoder_layers=1,
+                                                   encoder_attention_heads=2, decoder_attention_heads=2,
+                                                   encoder_ffn_dim=32, decoder_ffn_dim=32)).eval()
+    assert loss.plain_head(bart) is None  # its logits add final_logits_bias
     b = batch(100)
     b["decoder_input_ids"] = b["input_ids"].clamp(min=0)
-    wrapped = loss.TrainingModel(t5)
-    logits = t5(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                decoder_input_ids=b["decoder_input_ids"]).logits
+    logits = bart(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                  decoder_input_ids=b["decoder_input_ids"]).logits
     want = F.cross_entropy(logits.float().reshape(-1, 100), b["labels"].reshape(-1), ignore_index=-100, reduction="sum")
-    assert torch.allclose(wrapped(**b), want)
+    assert torch.allclose(loss.TrainingModel(bart)(**b), want)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_t5_takes_the_chunked_head_with_its_own_loss_and_gradients(monkeypatch, tied):
+    """The T5 family's decoder output, scaled as its forward scales it (tied embeddings: d_model^-0.5),
+    through the chunked head: the loss and every gradient of the model's own forward with labels, over
+    several chunks, a vocabulary the head pads for its matmuls (300 → 320), and the trained positions
+    counted on the host as the loop counts them."""
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=300, d_model=16, d_ff=32, d_kv=4, num_layers=2, num_heads=2,
+                                             tie_word_embeddings=tied, dropout_rate=0.0))
+    monkeypatch.setattr(loss, "chunk_rows", lambda vocab: 7)
+    wrapped = loss.TrainingModel(t5)
+    assert wrapped.head is t5.lm_head
+    b = batch(300)
+    b["decoder_input_ids"] = b["input_ids"].roll(1, 1)
+    got = wrapped(**b, trained=loss.trained_positions(b["labels"], shifted=False))
+    got.backward()
+    got_grads = [p.grad.clone() for p in t5.parameters()]
+    t5.zero_grad(set_to_none=True)
+    out = t5(input_ids=b["input_ids"], attention_mask=b["attention_mask"], decoder_input_ids=b["decoder_input_ids"],
+             labels=b["labels"])
+    want = out.loss * (b["labels"] != -100).sum()  # the model's mean, as a sum
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    for a, w in zip(got_grads, (p.grad for p in t5.parameters())):
+        torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-6)
 
 
 def test_the_compiled_model_does_not_recompile_when_the_trained_count_changes():

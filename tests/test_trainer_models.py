@@ -114,6 +114,21 @@ def test_mfu_counts_the_matmuls_a_token_passes_and_attention(tmp_path: Path) -> 
     assert flops.mfu(rates, fpt, tiny.config, None, 1) is None and flops.peak_tflops(cuda=False) is None
 
 
+def test_an_encoder_decoders_attention_counts_each_side_over_its_own_context(tmp_path: Path) -> None:
+    """chatlm-mini (T5): the encoder's layers attend over the input, the decoder's over the target
+    and (cross-attention) the input; the head, a plain one now, on the trained positions."""
+    model.build_char_tokenizer(Counter("abc"), tmp_path / "tok")
+    with torch.device("meta"):
+        t5 = model.build_model("chatlm-mini", model.load_tokenizer(tmp_path / "tok"), seed=0, max_len=256)
+    fpt = flops.flops_per_token(t5, seq2seq=True)
+    assert fpt.head_on_trained and fpt.head == 6 * 29298 * 768 and fpt.enc > 0 and fpt.dec > fpt.enc
+    rates = {"samples": 4.0, "enc_tokens": 400.0, "dec_tokens": 200.0, "trained_tokens": 200.0}  # 100 + 50 a sample
+    attention = 12 * 768 * (10 * 400 * 100 + 10 * 200 * (50 + 100))
+    achieved = fpt.enc * 400 + fpt.dec * 200 + fpt.head * 200 + attention
+    assert flops.attention_flops(rates, t5.config) == attention
+    assert flops.mfu(rates, fpt, t5.config, 1.0, 1) == round(achieved / 1e12, 4)
+
+
 def test_chatlm_tokenizer_is_capped_at_the_model_vocab(tmp_path: Path) -> None:
     counts = Counter({chr(0x4E00 + i): 1 for i in range(30000)})
     model.build_char_tokenizer(counts, tmp_path / "tok", model.max_vocab("chatlm-mini"))

@@ -2,7 +2,7 @@
 dense bf16 peak. Achieved FLOPs count non-padding tokens only, encoder and decoder tokens each
 through their own half of the model: 6 × the trained and 4 × the frozen (LoRA's base) matmul
 parameters a token passes through (forward and backward), the LM head only on the positions it
-runs on, plus attention. The worker's ``step`` events and the benchmark scripts use it.
+runs on, plus attention (``attention_flops``). The worker's ``step`` events and the benchmark scripts use it.
 """
 
 from __future__ import annotations
@@ -68,14 +68,27 @@ def mfu(rates: dict[str, float], fpt: TokenFlops, config: Any, peak: float | Non
 
     ``rates``: per second, ``samples``, the non-padding ``enc_tokens`` and ``dec_tokens``, and the
     ``trained_tokens`` (the positions the loss reads); ``fpt`` from ``flops_per_token``.
-    Attention adds 12 × layers × width per token, over a sample's average context (its tokens).
     """
     if not peak:
         return None
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", 0)
-    width = getattr(config, "hidden_size", None) or getattr(config, "d_model", 0)
-    tokens = rates["enc_tokens"] + rates["dec_tokens"]
-    attention = 12.0 * layers * width * (tokens / max(1e-9, rates["samples"]))
     head_tokens = rates["trained_tokens"] if fpt.head_on_trained else rates["dec_tokens"]
-    flops = fpt.enc * rates["enc_tokens"] + fpt.dec * rates["dec_tokens"] + fpt.head * head_tokens + attention * tokens
+    flops = (fpt.enc * rates["enc_tokens"] + fpt.dec * rates["dec_tokens"] + fpt.head * head_tokens
+             + attention_flops(rates, config))
     return round(flops / (peak * 1e12 * world), 4)
+
+
+def attention_flops(rates: dict[str, float], config: Any) -> float:
+    """Attention's FLOP/s: 12 × width per query token and key it attends to (scores and the
+    weighted sum, forward and backward), over a sample's average length on each side. A causal
+    LM's every layer attends over its sample; an encoder-decoder's encoder layers over the input,
+    its decoder layers over the target and, in the cross-attention, the input (counting both
+    sides as one context, as before 2026-12-02, overstated a T5's by about 1 % of its FLOPs)."""
+    width = getattr(config, "hidden_size", None) or getattr(config, "d_model", 0)
+    samples = max(1e-9, rates["samples"])
+    enc, dec = rates["enc_tokens"], rates["dec_tokens"]
+    if not enc:
+        layers = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", 0)
+        return 12.0 * width * layers * dec * dec / samples
+    enc_layers = getattr(config, "num_layers", None) or getattr(config, "encoder_layers", 0)
+    dec_layers = getattr(config, "num_decoder_layers", None) or getattr(config, "decoder_layers", None) or enc_layers
+    return 12.0 * width * (enc_layers * enc * enc + dec_layers * dec * (dec + enc)) / samples

@@ -355,10 +355,11 @@ def batch_width(cfg: RunConfig, seq2seq: bool, cuda: bool) -> int | None:
 
 
 def shapes_vary(cfg: RunConfig, seq2seq: bool, cuda: bool) -> bool:
-    """Whether this run's micro-batches come in many shapes (``compiling.resolve_mode``): a T5's
-    packed rows vary in count, padded rows not padded to ``--max-len`` in width; a causal LM's
-    packed row takes a few token buckets."""
-    return (cfg.packing and seq2seq) or (not cfg.packing and pad_width(cfg, cuda) is None)
+    """Whether this run's micro-batches come in many shapes (``compiling.resolve_mode``): rows not
+    padded to ``--max-len`` vary in width (a T5's packed ones in count too). A causal LM's packed
+    row takes a few token buckets (``batching.token_bucket``), a T5's packed rows of ``--max-len``
+    a few row counts (``batching.row_bucket``)."""
+    return pad_width(cfg, cuda) is None and not (cfg.packing and not seq2seq)
 
 
 def new_model(cfg: RunConfig, tok: Any, device: torch.device, lr: float) -> tuple[Any, torch.optim.Optimizer]:
@@ -411,9 +412,8 @@ def train_step(accelerator: Accelerator, model: Any, optimizer: Any, micros: lis
         torch.compiler.cudagraph_mark_step_begin()
     loss = torch.zeros((), device=device)
     for m, micro in enumerate(micros):
-        if decoder_start is None:
-            trained = trained_positions(micro["labels"])
-            micro = {**micro, "trained": trained.pin_memory() if device.type == "cuda" else trained}
+        trained = trained_positions(micro["labels"], shifted=decoder_start is None)
+        micro = {**micro, "trained": trained.pin_memory() if device.type == "cuda" else trained}
         micro = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                  for k, v in micro.items()}  # a packed micro-batch's max_seqlen is an int
         last = m == len(micros) - 1

@@ -3,8 +3,9 @@
 A causal LM's forward computes logits for every position — padding and prompt included — and
 the loss then copied them all to float32: at batch 16 × 512 × a 151,936-token vocabulary that is
 5 GB in float32 alone, plus its gradient, for a loss that only reads the response positions. Here
-the model runs up to its last hidden state; the head runs on the positions that are trained, a
-chunk at a time, so at most one chunk of logits is alive. The loss is the same sum.
+the model runs up to its last hidden state (a T5's decoder's, scaled as its own forward scales it
+before the head); the head runs on the positions that are trained, a chunk at a time, so at most
+one chunk of logits is alive. The loss is the same sum.
 
 Each chunk's gradient (softmax − one-hot, w.r.t. its logits) is taken in the forward, while its
 logits exist, and turned at once into the gradients of the hidden rows, the head weight and its
@@ -29,19 +30,35 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 CHUNK_BYTES = 512 * 1024**2  # float32 logits of one chunk
+# The head's rows (the vocabulary) are padded to a multiple of this for its matmuls: a logits row
+# of 29,298 (chatlm-mini's vocabulary) is 2-byte aligned, and cuBLAS then takes a slow kernel.
+VOCAB_ALIGN = 64
 
 
 def plain_head(model: Any) -> nn.Linear | None:
     """The model's output projection when its logits are that projection of the last hidden
-    state and nothing more (Llama, Qwen2/3, Mistral); None for models that scale or cap logits
-    (Gemma's soft-capping, Cohere's scale) or are not causal LMs: those keep their own forward."""
+    state and nothing more: Llama, Qwen2/3, Mistral, and the T5 family (its decoder's output
+    scaled first, ``decoder_scale``); None for models that scale or cap logits (Gemma's
+    soft-capping, Cohere's scale) or add a bias (BART's): those keep their own forward."""
+    from sftui.config import RELATIVE_POSITION_SEQ2SEQ
+
     config = model.config
-    if config.is_encoder_decoder or getattr(config, "final_logit_softcapping", None) \
-            or getattr(config, "logit_scale", None) not in (None, 1, 1.0):
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1, 1.0):
         return None
     head = model.get_output_embeddings()
-    base = getattr(model, model.base_model_prefix, None)
-    return head if isinstance(head, nn.Linear) and isinstance(base, nn.Module) else None
+    if config.is_encoder_decoder:
+        plain = config.model_type in RELATIVE_POSITION_SEQ2SEQ and getattr(head, "bias", None) is None
+    else:
+        plain = isinstance(getattr(model, model.base_model_prefix, None), nn.Module)
+    return head if isinstance(head, nn.Linear) and plain else None
+
+
+def decoder_scale(config: Any) -> float:
+    """What a T5's forward multiplies its decoder's output by before the head: d_model^-0.5 with
+    tied embeddings (transformers 5.24 names it ``scale_decoder_outputs``; 5.17 reads
+    ``tie_word_embeddings``), else 1."""
+    scaled = getattr(config, "scale_decoder_outputs", getattr(config, "tie_word_embeddings", True))
+    return config.d_model ** -0.5 if scaled else 1.0
 
 
 def chunk_rows(vocab: int) -> int:
@@ -65,12 +82,12 @@ def _head_loss(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: tor
     scripts/bench_head_loss.py, docs/BENCHMARKS.md)."""
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
-    hc, w = h.to(dtype), weight.to(dtype)  # cast once, not per chunk
-    b = None if bias is None else bias.to(dtype)
+    hc = h.to(dtype)  # cast once, not per chunk
+    w, b = _aligned(weight, bias, dtype)
     grad_h = torch.empty_like(h, dtype=torch.float32) if grads[0] else None
     grad_w = grad_b = None  # float32 sums begun by the first chunk (head_loss_sum: h has rows)
     total = h.new_zeros((), dtype=torch.float32)
-    step = chunk_rows(weight.shape[0])
+    step = chunk_rows(w.shape[0])
     for start in range(0, h.shape[0], step):
         rows, target = hc[start:start + step], y[start:start + step, None]
         logp = torch.log_softmax(F.linear(rows, w, b), -1, dtype=torch.float32)
@@ -86,7 +103,24 @@ def _head_loss(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: tor
             grad_h[start:start + step] = g @ w
         if grads[1]:
             grad_w = (g.T @ rows).float() if grad_w is None else grad_w.add_(g.T @ rows)
-    return total, grad_h, grad_w, grad_b
+    vocab = weight.shape[0]  # the aligned rows' gradients are zeros: cut off
+    return (total, grad_h, None if grad_w is None else grad_w[:vocab],
+            None if grad_b is None else grad_b[:vocab])
+
+
+def _aligned(weight: torch.Tensor, bias: torch.Tensor | None,
+             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The head's weight and bias in ``dtype``, their rows padded to a multiple of VOCAB_ALIGN:
+    zero weights and a bias of -inf, so that the padded logits are -inf, their probabilities 0,
+    and no loss or gradient changes. Both are cast per step anyway; the padding rides on that
+    copy. On an H200 the weight-gradient matmul of chatlm-mini's 29,298-token head took 7.9 ms
+    a step in a 2-byte-aligned cuBLAS kernel (batch 256 packed, 2026-12-02, docs/BENCHMARKS.md)."""
+    extra = -weight.shape[0] % VOCAB_ALIGN
+    b = None if bias is None else bias.to(dtype)
+    if not extra:
+        return weight.to(dtype), b
+    b = weight.new_zeros(weight.shape[0], dtype=dtype) if b is None else b
+    return F.pad(weight.to(dtype), (0, 0, 0, extra)), F.pad(b, (0, extra), value=float("-inf"))
 
 
 class _FusedHeadLoss(torch.autograd.Function):
@@ -140,11 +174,12 @@ def head_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Linear,
     return _head_loss(h, y, head.weight, head.bias, (False, False, False))[0]
 
 
-def trained_positions(labels: torch.Tensor) -> torch.Tensor:
-    """The flattened positions a causal LM is trained on (labels shifted by one), from labels
-    still on the host: the index travels with the batch, and the loss never waits for the GPU
-    to count them (at small batches the step is bound by the host launching kernels)."""
-    return (labels[:, 1:] != -100).reshape(-1).nonzero().squeeze(1)
+def trained_positions(labels: torch.Tensor, shifted: bool = True) -> torch.Tensor:
+    """The flattened positions a model is trained on (a causal LM's labels ``shifted`` by one,
+    an encoder-decoder's as they are), from labels still on the host: the index travels with the
+    batch, and the loss never waits for the GPU to count them (at small batches the step is
+    bound by the host launching kernels)."""
+    return ((labels[:, 1:] if shifted else labels) != -100).reshape(-1).nonzero().squeeze(1)
 
 
 class TrainingModel(nn.Module):
@@ -194,6 +229,20 @@ class TrainingModel(nn.Module):
                 logits, labels = logits[:, :-1], labels[:, 1:]
             return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                    ignore_index=-100, reduction="sum")
+        if decoder_input_ids is not None:
+            return head_loss_sum(self._decoded(inputs, decoder_input_ids), labels, self.head, trained)
         base = getattr(self.net, self.net.base_model_prefix)
         hidden = base(**inputs).last_hidden_state
         return head_loss_sum(hidden[:, :-1], labels[:, 1:], self.head, trained)
+
+    def _decoded(self, inputs: dict[str, Any], decoder_input_ids: torch.Tensor) -> torch.Tensor:
+        """A T5's decoder output as its forward hands it to the head (``decoder_scale``): the
+        encoder's run here unless ``inputs`` bring it (packed rows), whose ``attention_mask``
+        then masks the cross-attention alone, as in the model's own forward."""
+        encoded = inputs.get("encoder_outputs")
+        if encoded is None:
+            encoded = self.net.get_encoder()(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
+        decoded = self.net.get_decoder()(
+            input_ids=decoder_input_ids, attention_mask=inputs.get("decoder_attention_mask"),
+            encoder_hidden_states=encoded[0], encoder_attention_mask=inputs.get("attention_mask"), use_cache=False)
+        return decoded[0] * decoder_scale(self.net.config)
