@@ -149,26 +149,6 @@ def test_compiled_rows_share_one_graph_across_row_counts(setup) -> None:
     assert graphs.frame_count == first, (first, graphs.frame_count)
 
 
-def test_compiled_rows_come_in_a_few_counts_and_the_padding_rows_train_nothing(setup) -> None:
-    """--compile: the row count is rounded up (batching.row_bucket) with rows of padding alone,
-    never past the samples; the loss sum is the unrounded micro-batch's."""
-    assert [batching.row_bucket(r, 256) for r in (1, 2, 9, 16, 17, 31, 33, 140, 141, 255)] == \
-        [2, 2, 9, 16, 17, 31, 34, 144, 144, 256]
-    assert batching.row_bucket(140, 141) == 141 and batching.row_bucket(1, 1) == 2
-    counts = {batching.row_bucket(r, 10**6) for r in range(128, 256)}
-    assert counts == set(range(128, 257, 8))  # a few per doubling, each under 1/16 padding rows
-    assert all(batching.row_bucket(r, 10**6) - r < r / 16 for r in range(2, 10**4))
-    model_dir, tok, cache = setup
-    net = models.build_model(str(model_dir), tok, 0, MAX_LEN, "cpu", torch.float32)
-    form, start = loss.TrainingModel(net), net.config.decoder_start_token_id
-    ids = IDS[:1]  # one row: rounded up to two (this data's 48 samples never fill the 33 rows that round)
-    micro, loose = packer(tok, MAX_LEN)(cache, ids), packer(tok)(cache, ids)
-    assert micro["input_ids"].shape[0] == 2 and loose["input_ids"].shape[0] == 1
-    assert (micro["encoder_sample"][1:] == -1).all() and (micro["labels"][1:] == -100).all()
-    with torch.no_grad():
-        torch.testing.assert_close(loop.token_loss_sum(form, micro, start), loop.token_loss_sum(form, loose, start))
-
-
 def test_packed_rows_are_refused_for_an_attention_that_would_misread_their_masks(setup, monkeypatch) -> None:
     """transformers hands 4-D masks over as they are: T5's eager attention would add the booleans
     instead of masking. A model that loads with any attention but sdpa is refused, one line."""

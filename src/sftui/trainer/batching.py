@@ -156,10 +156,10 @@ class RowPacking:
     rows × width² tensor crosses from the host. ``decoder_input_ids`` are each sample's labels
     shifted right behind ``decoder_start``, as ``loop.token_loss_sum`` builds them for padded rows.
 
-    ``width`` (``--compile``: ``max_len``) fixes the columns, and the rows come in a few counts
-    (``row_bucket``: rows of padding after the last), so that CUDA graphs, recorded once per
-    shape, serve them. Else the columns are the fullest row's, rounded up to a ``multiple``, and
-    there are as many rows as the samples fill.
+    ``width`` (``--compile``: ``max_len``) fixes the columns, and then there are at least two rows
+    (a padding row beside a lone one): dynamo specialises a dimension of size 1, and a micro-batch
+    of one row would compile a second graph. Else the columns are the fullest row's, rounded up
+    to a ``multiple``.
     """
 
     pad_id: int
@@ -194,7 +194,7 @@ class RowPacking:
             raise ValueError("row packing is for encoder-decoder rows; a causal LM's are packed by Packing")
         lengths = _side_lengths(data, indices)
         rows = self._first_fit(*lengths)
-        count = row_bucket(len(rows), len(indices)) if self.width else len(rows)
+        count = max(len(rows), 2) if self.width else len(rows)
         width = [self.width or -(-max(int(side[row].sum()) for row in rows) // self.multiple) * self.multiple
                  for side in lengths]
         enc_ids = np.full((count, width[0]), self.pad_id, np.int64)
@@ -219,17 +219,6 @@ class RowPacking:
         return {"input_ids": torch.from_numpy(enc_ids), "decoder_input_ids": torch.from_numpy(dec_ids),
                 "labels": torch.from_numpy(labels), "encoder_sample": torch.from_numpy(enc_sample),
                 "decoder_sample": torch.from_numpy(dec_sample)}
-
-
-def row_bucket(rows: int, samples: int) -> int:
-    """The row count of compiled packed encoder-decoder rows (``RowPacking`` with ``width``):
-    ``rows`` rounded up to a sixteenth of the power of two at or below it (31 rows and fewer as
-    they are; 140 → 144: at most 1/16 of the rows padding), so that a run meets a few counts and
-    CUDA graphs record each once; never more than the ``samples`` (the memory probe's worst case
-    is batch rows), and at least two: dynamo specialises a dimension of size 1, and a micro-batch
-    of one row would compile a second graph."""
-    step = max(1, (1 << (max(1, rows).bit_length() - 1)) // 16)
-    return max(2, min(-(-rows // step) * step, samples))
 
 
 def _side_lengths(data: Tokenized, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

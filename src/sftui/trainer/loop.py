@@ -355,11 +355,10 @@ def batch_width(cfg: RunConfig, seq2seq: bool, cuda: bool) -> int | None:
 
 
 def shapes_vary(cfg: RunConfig, seq2seq: bool, cuda: bool) -> bool:
-    """Whether this run's micro-batches come in many shapes (``compiling.resolve_mode``): rows not
-    padded to ``--max-len`` vary in width (a T5's packed ones in count too). A causal LM's packed
-    row takes a few token buckets (``batching.token_bucket``), a T5's packed rows of ``--max-len``
-    a few row counts (``batching.row_bucket``)."""
-    return pad_width(cfg, cuda) is None and not (cfg.packing and not seq2seq)
+    """Whether this run's micro-batches come in many shapes (``compiling.resolve_mode``): a T5's
+    packed rows vary in count, padded rows not padded to ``--max-len`` in width; a causal LM's
+    packed row takes a few token buckets."""
+    return (cfg.packing and seq2seq) or (not cfg.packing and pad_width(cfg, cuda) is None)
 
 
 def new_model(cfg: RunConfig, tok: Any, device: torch.device, lr: float) -> tuple[Any, torch.optim.Optimizer]:
