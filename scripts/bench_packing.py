@@ -175,7 +175,7 @@ def train_step(form: Any, optimizer: Any, params: list[Any], item: dict[str, Any
     cuda = device.type == "cuda"
     total = torch.zeros((), device=device)
     for micro in item["micro"]:
-        trained = loss.trained_positions(micro["labels"])
+        trained = loss.trained_positions(micro["labels"], shifted=True)
         tensors = {k: v.to(device, non_blocking=True) for k, v in micro.items() if isinstance(v, torch.Tensor)}
         trained = trained.to(device, non_blocking=True)
         if packed:

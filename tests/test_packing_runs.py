@@ -233,7 +233,7 @@ def test_compiled_packed_steps_share_one_graph_across_token_buckets(tmp_path: Pa
     widths, first = set(), None
     for rows in (8, 16, 40, 64, 24):
         micro = packing(cache, np.arange(rows))
-        micro["trained"] = loss.trained_positions(micro["labels"])
+        micro["trained"] = loss.trained_positions(micro["labels"], shifted=True)
         widths.add(micro["input_ids"].shape[1])
         loop.token_loss_sum(compiled, micro, None).backward()
         first = first or graphs.frame_count

@@ -37,9 +37,10 @@ VOCAB_ALIGN = 64
 
 def plain_head(model: Any) -> nn.Linear | None:
     """The model's output projection when its logits are that projection of the last hidden
-    state and nothing more: Llama, Qwen2/3, Mistral, and the T5 family (its decoder's output
-    scaled first, ``decoder_scale``); None for models that scale or cap logits (Gemma's
-    soft-capping, Cohere's scale) or add a bias (BART's): those keep their own forward."""
+    state and nothing more: Llama, Qwen2/3, Mistral, and the T5 family (its decoder's output,
+    maybe scaled first: ``decoder_scale``); None for models that scale or cap logits (Gemma's
+    soft-capping, Cohere's scale) and for other encoder-decoders (BART adds a
+    ``final_logits_bias``): those keep their own forward."""
     from sftui.config import RELATIVE_POSITION_SEQ2SEQ
 
     config = model.config
@@ -47,18 +48,50 @@ def plain_head(model: Any) -> nn.Linear | None:
         return None
     head = model.get_output_embeddings()
     if config.is_encoder_decoder:
-        plain = config.model_type in RELATIVE_POSITION_SEQ2SEQ and getattr(head, "bias", None) is None
+        plain = config.model_type in RELATIVE_POSITION_SEQ2SEQ
     else:
         plain = isinstance(getattr(model, model.base_model_prefix, None), nn.Module)
     return head if isinstance(head, nn.Linear) and plain else None
 
 
-def decoder_scale(config: Any) -> float:
-    """What a T5's forward multiplies its decoder's output by before the head: d_model^-0.5 with
-    tied embeddings (transformers 5.24 names it ``scale_decoder_outputs``; 5.17 reads
-    ``tie_word_embeddings``), else 1."""
-    scaled = getattr(config, "scale_decoder_outputs", getattr(config, "tie_word_embeddings", True))
-    return config.d_model ** -0.5 if scaled else 1.0
+def decoder_states(model: Any, inputs: dict[str, Any], decoder_input_ids: torch.Tensor) -> torch.Tensor:
+    """An encoder-decoder's last decoder states, as its forward computes them before the head: the
+    encoder's run here unless ``inputs`` bring it (``encoder_outputs``: packed rows), and
+    ``inputs``' ``attention_mask`` masks the encoder (when it runs here) and the cross-attention."""
+    encoded = inputs.get("encoder_outputs")
+    if encoded is None:
+        encoded = model.get_encoder()(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
+    return model.get_decoder()(
+        input_ids=decoder_input_ids, attention_mask=inputs.get("decoder_attention_mask"),
+        encoder_hidden_states=encoded[0], encoder_attention_mask=inputs.get("attention_mask"), use_cache=False)[0]
+
+
+def decoder_scale(model: Any) -> float | None:
+    """What an encoder-decoder's own forward multiplies its decoder states by before the head,
+    found by running it once on two tokens (in eval mode, under no_grad: no dropout, no random
+    number drawn): d_model^-0.5 or 1. transformers' T5 scales with tied embeddings (5.x reads
+    ``scale_decoder_outputs``, 4.x ``tie_word_embeddings``) and its mT5 of 5.24 does not, whatever
+    its config says: a flag read here would be wrong for one of them. None when neither scale
+    gives the model's logits (or they are all zero): the model keeps its own forward."""
+    config = model.config
+    device = next(model.parameters()).device
+    ids = torch.tensor([[1, 2]], device=device)
+    start = torch.tensor([[getattr(config, "decoder_start_token_id", None) or 0]], device=device)
+    head = model.get_output_embeddings()
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            want = model(input_ids=ids, decoder_input_ids=start, use_cache=False).logits[0, -1].float()
+            states = decoder_states(model, {"input_ids": ids}, start)[0, -1]
+            bound = 0.02 * want.abs().max().item()
+            for scale in (config.d_model ** -0.5, 1.0):
+                got = F.linear(states * scale, head.weight, head.bias).float()  # as the chunked head computes
+                if bound > 0 and (got - want).abs().max().item() <= bound:
+                    return scale
+    finally:
+        model.train(training)
+    return None
 
 
 def chunk_rows(vocab: int) -> int:
@@ -87,14 +120,16 @@ def _head_loss(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: tor
     grad_h = torch.empty_like(h, dtype=torch.float32) if grads[0] else None
     grad_w = grad_b = None  # float32 sums begun by the first chunk (head_loss_sum: h has rows)
     total = h.new_zeros((), dtype=torch.float32)
-    step = chunk_rows(w.shape[0])
+    step, vocab = chunk_rows(w.shape[0]), weight.shape[0]
     for start in range(0, h.shape[0], step):
         rows, target = hc[start:start + step], y[start:start + step, None]
         logp = torch.log_softmax(F.linear(rows, w, b), -1, dtype=torch.float32)
-        total = total - logp.gather(1, target).sum()
+        # The labels index the real vocabulary (a label past it fails there, as without the padding).
+        total = total - logp[:, :vocab].gather(1, target).sum()
         if not any(grads):
             continue
-        probs = logp.exp_().scatter_add_(1, target, torch.full_like(target, -1.0, dtype=torch.float32))
+        probs = logp.exp_()
+        probs[:, :vocab].scatter_add_(1, target, torch.full_like(target, -1.0, dtype=torch.float32))
         if grads[2]:  # False without a bias
             grad_b = probs.sum(0) if grad_b is None else grad_b.add_(probs.sum(0))
         g = probs.to(dtype)
@@ -103,7 +138,7 @@ def _head_loss(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: tor
             grad_h[start:start + step] = g @ w
         if grads[1]:
             grad_w = (g.T @ rows).float() if grad_w is None else grad_w.add_(g.T @ rows)
-    vocab = weight.shape[0]  # the aligned rows' gradients are zeros: cut off
+    # The aligned rows' gradients are zeros: cut off.
     return (total, grad_h, None if grad_w is None else grad_w[:vocab],
             None if grad_b is None else grad_b[:vocab])
 
@@ -112,8 +147,9 @@ def _aligned(weight: torch.Tensor, bias: torch.Tensor | None,
              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The head's weight and bias in ``dtype``, their rows padded to a multiple of VOCAB_ALIGN:
     zero weights and a bias of -inf, so that the padded logits are -inf, their probabilities 0,
-    and no loss or gradient changes. Both are cast per step anyway; the padding rides on that
-    copy. On an H200 the weight-gradient matmul of chatlm-mini's 29,298-token head took 7.9 ms
+    and no loss or gradient changes. A float32 weight under autocast is cast per step anyway and
+    the padding rides on that copy; a weight already in ``dtype`` (a bf16 LoRA base) is copied
+    once more per step. On an H200 the weight-gradient matmul of chatlm-mini's 29,298-token head took 7.9 ms
     a step in a 2-byte-aligned cuBLAS kernel (batch 256 packed, 2026-12-02, docs/BENCHMARKS.md)."""
     extra = -weight.shape[0] % VOCAB_ALIGN
     b = None if bias is None else bias.to(dtype)
@@ -174,7 +210,7 @@ def head_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Linear,
     return _head_loss(h, y, head.weight, head.bias, (False, False, False))[0]
 
 
-def trained_positions(labels: torch.Tensor, shifted: bool = True) -> torch.Tensor:
+def trained_positions(labels: torch.Tensor, *, shifted: bool) -> torch.Tensor:
     """The flattened positions a model is trained on (a causal LM's labels ``shifted`` by one,
     an encoder-decoder's as they are), from labels still on the host: the index travels with the
     batch, and the loss never waits for the GPU to count them (at small batches the step is
@@ -199,7 +235,9 @@ class TrainingModel(nn.Module):
         # The Hugging Face model and its head are the bare model's own modules: kept out of this
         # wrapper's children, so that no weight is listed twice (state dicts, DDP's buckets).
         self.__dict__["net"] = inner(model)
-        self.__dict__["head"] = plain_head(self.net)
+        head = plain_head(self.net)
+        self.scale = decoder_scale(self.net) if head is not None and self.net.config.is_encoder_decoder else 1.0
+        self.__dict__["head"] = None if self.scale is None else head
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, decoder_input_ids: torch.Tensor | None = None,
@@ -230,19 +268,8 @@ class TrainingModel(nn.Module):
             return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                    ignore_index=-100, reduction="sum")
         if decoder_input_ids is not None:
-            return head_loss_sum(self._decoded(inputs, decoder_input_ids), labels, self.head, trained)
+            return head_loss_sum(decoder_states(self.net, inputs, decoder_input_ids) * self.scale, labels, self.head,
+                                 trained)
         base = getattr(self.net, self.net.base_model_prefix)
         hidden = base(**inputs).last_hidden_state
         return head_loss_sum(hidden[:, :-1], labels[:, 1:], self.head, trained)
-
-    def _decoded(self, inputs: dict[str, Any], decoder_input_ids: torch.Tensor) -> torch.Tensor:
-        """A T5's decoder output as its forward hands it to the head (``decoder_scale``): the
-        encoder's run here unless ``inputs`` bring it (packed rows), whose ``attention_mask``
-        then masks the cross-attention alone, as in the model's own forward."""
-        encoded = inputs.get("encoder_outputs")
-        if encoded is None:
-            encoded = self.net.get_encoder()(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
-        decoded = self.net.get_decoder()(
-            input_ids=decoder_input_ids, attention_mask=inputs.get("decoder_attention_mask"),
-            encoder_hidden_states=encoded[0], encoder_attention_mask=inputs.get("attention_mask"), use_cache=False)
-        return decoded[0] * decoder_scale(self.net.config)
