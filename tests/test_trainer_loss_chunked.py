@@ -273,3 +273,11 @@ def test_under_autocast_the_logits_are_in_the_autocast_dtype_as_with_the_plain_h
     for a, w in zip(got_grads, grads(hidden, head.weight, head.bias)):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, w, rtol=0, atol=2e-2 * w.abs().max())
+
+
+def test_a_label_past_the_vocabulary_fails_as_without_the_heads_padding():
+    """The head's matmuls pad the vocabulary (50 → 64 rows); a label in the padding is still an error."""
+    hidden, labels, head = head_case(torch.float32, bias=False)
+    labels[0, -1] = VOCAB
+    with pytest.raises((RuntimeError, IndexError)):
+        loss.head_loss_sum(hidden, labels, head)
