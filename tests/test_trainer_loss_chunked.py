@@ -69,29 +69,40 @@ def test_models_whose_logits_are_not_a_plain_head_keep_their_own_forward():
     assert torch.allclose(loss.TrainingModel(bart)(**b), want)
 
 
-def t5_family(kind: str, tied: bool) -> torch.nn.Module:
-    """A tiny t5, mt5 or umt5 (no dropout), its vocabulary one the head pads for its matmuls (300 → 320)."""
+def t5_family(kind: str, scaled: bool = True, separate_head: bool = False) -> torch.nn.Module:
+    """A tiny t5, mt5 or umt5 (no dropout), its vocabulary one the head pads for its matmuls (300 → 320).
+    ``scaled`` False: ``tie_word_embeddings=False``, which transformers 5.x turns into an unscaled
+    forward whose head is still the embedding; ``separate_head``: a head weight of its own."""
     import transformers
 
     cls, config = {"t5": ("T5ForConditionalGeneration", "T5Config"), "mt5": ("MT5ForConditionalGeneration", "MT5Config"),
                    "umt5": ("UMT5ForConditionalGeneration", "UMT5Config")}[kind]
     torch.manual_seed(0)
-    return getattr(transformers, cls)(getattr(transformers, config)(
-        vocab_size=300, d_model=16, d_ff=32, d_kv=4, num_layers=2, num_heads=2, tie_word_embeddings=tied,
+    net = getattr(transformers, cls)(getattr(transformers, config)(
+        vocab_size=300, d_model=16, d_ff=32, d_kv=4, num_layers=2, num_heads=2, tie_word_embeddings=scaled,
         dropout_rate=0.0))
+    if separate_head:
+        net.lm_head.weight = torch.nn.Parameter(net.shared.weight.detach() * 0.5 + 0.01)
+    return net
 
 
-@pytest.mark.parametrize("kind", ["t5", "mt5", "umt5"])
-@pytest.mark.parametrize("tied", [True, False])
-def test_the_t5_family_takes_the_chunked_head_with_its_own_loss_and_gradients(monkeypatch, kind, tied):
+# (model, scaled, separate head): transformers 5.24's t5 and umt5 scale by d_model^-0.5 unless told not to;
+# its mt5 never does; a head of its own has its own gradient.
+FAMILY = [("t5", True, False), ("t5", False, False), ("t5", True, True), ("umt5", True, False), ("mt5", True, False)]
+
+
+@pytest.mark.parametrize(("kind", "scaled", "separate"), FAMILY)
+def test_the_t5_family_takes_the_chunked_head_with_its_own_loss_and_gradients(monkeypatch, kind, scaled, separate):
     """The T5 family's decoder states, scaled as its own forward scales them (found by running it:
     transformers' t5 and mt5 disagree), through the chunked head: the loss and every gradient of the
     model's own forward with labels, over several chunks, and the trained positions counted on the
     host as the loop counts them."""
-    net = t5_family(kind, tied)
+    net = t5_family(kind, scaled, separate)
+    assert (net.lm_head.weight is net.shared.weight) != separate
     monkeypatch.setattr(loss, "chunk_rows", lambda vocab: 7)
     wrapped = loss.TrainingModel(net)
     assert wrapped.head is net.lm_head and net.training  # the scale's trial run left it in training mode
+    assert wrapped.scale == (16 ** -0.5 if scaled and kind != "mt5" else 1.0)
     b = batch(300)
     b["decoder_input_ids"] = b["input_ids"].roll(1, 1)
     got = wrapped(**b, trained=loss.trained_positions(b["labels"], shifted=False))
@@ -110,7 +121,7 @@ def test_the_t5_family_takes_the_chunked_head_with_its_own_loss_and_gradients(mo
 def test_a_t5_whose_forward_scales_otherwise_keeps_its_own_forward():
     """A forward that multiplies its logits by neither d_model^-0.5 nor 1 (here a hook on the head):
     no scale gives its logits, so the model's own forward and full loss stay."""
-    net = t5_family("t5", True)
+    net = t5_family("t5")
     net.lm_head.register_forward_hook(lambda module, args, out: out * 3.0)
     wrapped = loss.TrainingModel(net)
     assert loss.decoder_scale(net) is None and wrapped.head is None

@@ -268,8 +268,8 @@ class TrainingModel(nn.Module):
             return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                    ignore_index=-100, reduction="sum")
         if decoder_input_ids is not None:
-            return head_loss_sum(decoder_states(self.net, inputs, decoder_input_ids) * self.scale, labels, self.head,
-                                 trained)
+            states = decoder_states(self.net, inputs, decoder_input_ids)
+            return head_loss_sum(states if self.scale == 1.0 else states * self.scale, labels, self.head, trained)
         base = getattr(self.net, self.net.base_model_prefix)
         hidden = base(**inputs).last_hidden_state
         return head_loss_sum(hidden[:, :-1], labels[:, 1:], self.head, trained)
