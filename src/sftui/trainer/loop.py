@@ -31,7 +31,7 @@ from sftui.config import ConfigError, RunConfig, accumulates, default_lr, is_seq
 from sftui.rundir import EventLog, RunDir, read_json, write_json_atomic
 from sftui.runfile import RunFile, base_fingerprint
 from sftui.trainer import adapters, batching, checkpoint, data, flops, model as models, norms, rendezvous
-from sftui.trainer.loss import TrainingModel, plain_head, trained_positions
+from sftui.trainer.loss import TrainingModel, trained_positions
 from sftui.trainer.lifeline import Lifeline
 
 OOM_MARKERS = ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
@@ -129,7 +129,7 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
     fpt = flops.flops_per_token(net, seq2seq)
     decoder_start = net.config.decoder_start_token_id if seq2seq else None
     form = TrainingModel(net)
-    if seq2seq and form.head is None and plain_head(form.net) is not None and me.rank == 0:
+    if form.scale is None and me.rank == 0:  # a T5 whose decoder scale no trial found (loss.decoder_scale)
         log.emit("log", level="warning", message="the model's forward scales its decoder states by neither "
                  "d_model^-0.5 nor 1: it keeps its own forward and full logits (slower, more memory)")
     model, optimizer = accelerator.prepare(form, opt)

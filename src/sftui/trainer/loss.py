@@ -236,6 +236,7 @@ class TrainingModel(nn.Module):
         # wrapper's children, so that no weight is listed twice (state dicts, DDP's buckets).
         self.__dict__["net"] = inner(model)
         head = plain_head(self.net)
+        # None: a T5-family model whose forward scales by neither candidate keeps its own (loop warns).
         self.scale = decoder_scale(self.net) if head is not None and self.net.config.is_encoder_decoder else 1.0
         self.__dict__["head"] = None if self.scale is None else head
 
