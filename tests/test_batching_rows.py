@@ -138,7 +138,8 @@ def test_compiled_rows_share_one_graph_across_row_counts(setup) -> None:
     net = models.build_model(str(model_dir), tok, 0, MAX_LEN, "cpu", torch.float32)
     torch._dynamo.reset()
     graphs = CompileCounter()
-    compiled = torch.compile(loss.TrainingModel(net), backend=graphs)
+    compiled = loss.TrainingModel(net)
+    compiled.compile(backend=graphs)
     counts, first = set(), None
     for n in (6, 12, 30, 1, 20):  # 1: one sample, one row and its padding row
         micro = packer(tok, MAX_LEN)(cache, np.arange(n))

@@ -5,7 +5,6 @@ or the checkpoint's parameter names."""
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +94,7 @@ def _tiny_t5(vocab: int, pad: int, eos: int) -> T5ForConditionalGeneration:
     return T5ForConditionalGeneration(config)
 
 
-def test_regional_compilation_compiles_the_layers_in_place(tmp_path: Path, monkeypatch) -> None:
+def test_regional_compilation_compiles_the_layers_in_place(tmp_path: Path) -> None:
     cache, tok = _tokenized(tmp_path, 48, True)
     plan = data.Plan(cache.n, 0, cache.n, data.length_key(cache, MAX_LEN))
     curves, names = [], []
@@ -103,9 +102,8 @@ def test_regional_compilation_compiles_the_layers_in_place(tmp_path: Path, monke
         net = _tiny_t5(len(tok), tok.pad_token_id, tok.eos_token_id)
         if compiled:
             # The eager backend: the graphs dynamo captures run as they are (no code generation on CI).
-            monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
             torch._dynamo.reset()
-            what = compiling.compile_regions(net)
+            what = compiling.compile_regions(net, backend="eager")
             assert what == "6 layers (T5Block), dynamic shapes"
             assert all(layer._compiled_call_impl is not None for layer in compiling.repeated_layers(net))
             assert net.lm_head._compiled_call_impl is None  # everything else stays eager
@@ -149,6 +147,34 @@ def test_checkpoints_of_a_compiled_model_keep_the_parameter_names(monkeypatch) -
     assert list(loop.bare_model(accelerator, prepared).state_dict()) == names
 
 
+@pytest.mark.parametrize("seq2seq", [True, False])
+def test_the_compiled_form_traces_the_model_once(tmp_path: Path, seq2seq: bool) -> None:
+    """--compile compiles the training form's body in place, the head's loss left out: dynamo
+    traces the model once, with no graph break (compiled whole, the head's eager loss was a break,
+    and dynamo traced the model a second time to compile what came before it), and the
+    parameter names stay the model's own."""
+    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.utils import counters
+
+    train, tok = _tokenized(tmp_path, 12, seq2seq)
+    net = _tiny_t5(len(tok), tok.pad_token_id, tok.eos_token_id) if seq2seq else \
+        model.build_model("tiny", tok, 0, 64)
+    names = list(net.state_dict())
+    form = TrainingModel(net)
+    assert form.head is not None
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = CompileCounter()
+    compiled, what = compiling.compile_for_training(form, False, backend=graphs)
+    assert compiled is form and what == compiling.BUT_THE_HEAD
+    micro = data.collate(train, np.arange(4), tok.pad_token_id)
+    loop.token_loss_sum(form, micro, net.config.decoder_start_token_id if seq2seq else None).backward()
+    assert graphs.frame_count == 1
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert list(form.state_dict()) == ["bare." + name for name in names]  # no _orig_mod. in between
+    torch._dynamo.reset()
+
+
 def test_a_compiled_model_takes_new_widths_without_compiling_again() -> None:
     """Without --pad-to-max-len the width changes from batch to batch; the worker marks it dynamic
     from the start, so a compiled model's graphs serve every width and batch size (unmarked,
@@ -158,7 +184,8 @@ def test_a_compiled_model_takes_new_widths_without_compiling_again() -> None:
     torch._dynamo.reset()
     net = _tiny_t5(40, 0, 1)
     counter = CompileCounter()
-    compiled = torch.compile(TrainingModel(net), backend=counter)
+    compiled = TrainingModel(net)
+    compiled.compile(backend=counter)
     generator = torch.Generator().manual_seed(0)
     for batch, enc_width, dec_width in ((4, 24, 16), (4, 17, 9), (3, 30, 21), (6, 11, 5)):
         micro = {"input_ids": torch.randint(2, 40, (batch, enc_width), generator=generator),

@@ -1,7 +1,8 @@
 """``--compile``: torch.compile for the worker, set up so that its cost is paid once per run.
 
-- The whole model is compiled by default: at small batches the step is bound by launching
-  kernels, and one graph launches the fewest. ``--compile-layers`` compiles each repeated
+- The whole model is compiled by default, in place, all but the head's loss
+  (``loss.TrainingModel.compile``): at small batches the step is bound by launching kernels,
+  and one graph launches the fewest. ``--compile-layers`` compiles each repeated
   layer (a T5Block, a LlamaDecoderLayer) in place instead: the layers share their code, so a
   few graphs serve them all and the compile takes less time; the embeddings, the LM head and
   the loss stay eager, and parameter names do not change. Its shapes are dynamic, so a new
@@ -24,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 import torch.fx.experimental._config as fx_config
+from torch.nn.parallel import DistributedDataParallel
 
 from sftui.rundir import EventLog
 
@@ -103,23 +105,27 @@ def compile_model(model: Any, layers: bool, mode: str, run_path: Path, log: Even
     return model, FirstStep(Heartbeat(beat, interval), events)
 
 
-def compile_for_training(model: Any, layers: bool, mode: str = "default") -> tuple[Any, str]:
+def compile_for_training(model: Any, layers: bool, mode: str = "default",
+                         backend: Any = "inductor") -> tuple[Any, str]:
     """The model as training (and the memory probe) compile it: layer by layer with ``layers``
-    when it has repeated layers, else whole, in torch.compile's ``mode``; and what was
-    compiled, in words. Under CUDA graphs each step begins with
+    when it has repeated layers, else whole but for the head's loss, in place, in torch.compile's
+    ``mode`` (``backend``: another of torch.compile's backends, as the CPU tests take); and what
+    was compiled, in words. Under CUDA graphs each step begins with
     ``torch.compiler.cudagraph_mark_step_begin`` (``loop.train_step``): the graphs' outputs of
     the step before are dead by then, so the graphs replay without copying them out."""
     no_size_guards()
-    compiled = compile_regions(model, mode=mode) if layers else None
+    compiled = compile_regions(model, mode=mode, backend=backend) if layers else None
     if compiled:
         return model, compiled
-    # The batch dimension is marked dynamic by loop.token_loss_sum. "default" is passed as no mode:
-    # a backend other than inductor (the CPU tests' "eager") takes no mode at all.
-    return torch.compile(model, **_mode_kwargs(mode)), WHOLE_MODEL
+    # The batch dimension is marked dynamic by loop.token_loss_sum.
+    form = model.module if isinstance(model, DistributedDataParallel) else model
+    form.compile(**_compile_kwargs(mode, backend))  # in place: TrainingModel.compile, all but the head's loss
+    return model, WHOLE_MODEL if getattr(form, "head", None) is None else BUT_THE_HEAD
 
 
-def _mode_kwargs(mode: str) -> dict[str, str]:
-    return {} if mode == "default" else {"mode": mode}
+def _compile_kwargs(mode: str, backend: Any) -> dict[str, Any]:
+    """torch.compile's arguments, its defaults (inductor, mode "default") passed as nothing."""
+    return {**({} if backend == "inductor" else {"backend": backend}), **({} if mode == "default" else {"mode": mode})}
 
 
 def no_size_guards() -> None:
@@ -139,6 +145,7 @@ def no_size_guards() -> None:
 
 
 WHOLE_MODEL = "the whole model"
+BUT_THE_HEAD = "the whole model but its head's loss"
 # Graphs per layer code: encoder and decoder layers and the first layer of each (it computes
 # the position bias). torch's default limit of 8 would leave little room before eager.
 _RECOMPILE_LIMIT = 32
@@ -157,7 +164,8 @@ def repeated_layers(model: Any) -> list[torch.nn.Module]:
     return found
 
 
-def compile_regions(model: Any, dynamic: bool | None = True, mode: str = "default") -> str | None:
+def compile_regions(model: Any, dynamic: bool | None = True, mode: str = "default",
+                    backend: Any = "inductor") -> str | None:
     """Compiles each repeated layer of ``model`` in place (``Module.compile``: parameter names
     do not change) in torch.compile's ``mode``; says what it compiled, or None when there is no
     repeated layer."""
@@ -169,7 +177,7 @@ def compile_regions(model: Any, dynamic: bool | None = True, mode: str = "defaul
     # the default ladder) is taken for the same symbol, specialised, and recompiled later.
     fx_config.use_duck_shape = False
     for layer in layers:
-        layer.compile(dynamic=dynamic, **_mode_kwargs(mode))
+        layer.compile(dynamic=dynamic, **_compile_kwargs(mode, backend))
     kinds = ", ".join(sorted({type(layer).__name__ for layer in layers}))
     return f"{len(layers)} layers ({kinds}), {'dynamic' if dynamic else 'static'} shapes"
 
