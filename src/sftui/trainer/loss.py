@@ -293,8 +293,8 @@ class TrainingModel(nn.Module):
         loss runs its chunk loop a number of times that changes every step and stays eager. Compiled
         whole, the model met that loop as a graph break, and dynamo traced the model twice (its
         first pass stops at a break and starts over to compile what comes before it): 16.1 s of
-        tracing against 9.8 without the head, a small T5 on the CPU (2026-12-02); a compiled
-        chatlm-mini's first step after an OOM took 29.4 s from a warm cache, against 14.6 s with
-        the loss inside the graph (H200, docs/BENCHMARKS.md). Called inside DDP's forward, the body
+        tracing against 9.8 s with the loss inside the graph, a small T5 on the CPU (2026-12-02); a
+        compiled chatlm-mini's first step after an OOM took 29.4 s from a warm cache, against 10.1 s
+        for the body alone (H200, docs/BENCHMARKS.md). Called inside DDP's forward, the body
         still gets dynamo's DDP optimizer (it looks for the active DDP module)."""
         self.body = torch.compile(self.body, *args, **kwargs)
