@@ -369,17 +369,22 @@ def new_model(cfg: RunConfig, tok: Any, device: torch.device, lr: float) -> tupl
     """The model on the device and its AdamW, not yet prepared by accelerate (a checkpoint is
     loaded into both first): with ``--lora`` the base frozen and adapters on it (adapters.py), the
     optimizer over the adapters alone. With ``--packing`` the attention packed rows take
-    (batching.packed_attention). Shared with the memory probe."""
+    (batching.packed_attention; a T5's on a GPU, t5attention.packed_attention). Shared with the
+    memory probe."""
     net = models.build_model(cfg.model, tok, cfg.seed, cfg.max_len, device, adapters.base_dtype(cfg, device))
     seq2seq = net.config.is_encoder_decoder
-    attention = batching.packed_attention(device) if cfg.packing and not seq2seq else None
-    if attention is not None:
-        net.set_attn_implementation(attention)
     if cfg.packing and seq2seq and net.config._attn_implementation != "sdpa":
         # transformers hands 4-D masks to the attention as they are: sdpa takes them as booleans
         # (batching.row_masks), eager would add them, flex wants a block mask.
         raise ConfigError(f"--packing: {cfg.model} loads with {net.config._attn_implementation} attention; "
                           "packed encoder-decoder rows need sdpa")
+    attention = batching.packed_attention(device) if cfg.packing and not seq2seq else None
+    if cfg.packing and seq2seq and device.type == "cuda":
+        from sftui.trainer import t5attention  # triton, imported only where its kernels run
+
+        attention = t5attention.packed_attention(device)
+    if attention is not None:
+        net.set_attn_implementation(attention)
     models.fused_attention_bias(net)
     norms.fuse_rms_norms(net)
     if cfg.gradient_checkpointing:
