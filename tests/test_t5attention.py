@@ -300,6 +300,7 @@ def test_a_t5s_packed_rows_take_the_kernels_with_sdpa_s_loss_and_gradients() -> 
     kernels (counted), its cross-attentions sdpa."""
     from transformers import T5Config, T5ForConditionalGeneration
 
+    from sftui.trainer import model as models
     from sftui.trainer.loss import TrainingModel
 
     assert T.packed_attention(torch.device("cpu")) is None
@@ -317,7 +318,8 @@ def test_a_t5s_packed_rows_take_the_kernels_with_sdpa_s_loss_and_gradients() -> 
     for name in ("sdpa", T.NAME):
         net = T5ForConditionalGeneration(config)
         net.load_state_dict(results[0][2] if results else net.state_dict())
-        net.set_attn_implementation(name)
+        models.set_attention(net, name)
+        assert {m.config._attn_implementation for m in net.modules() if hasattr(m, "config")} == {name}
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             loss = TrainingModel(net)(ids, labels, decoder_input_ids=decoder_ids, encoder_sample=enc_sample,
                                       decoder_sample=dec_sample)

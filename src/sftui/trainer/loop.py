@@ -384,7 +384,7 @@ def new_model(cfg: RunConfig, tok: Any, device: torch.device, lr: float) -> tupl
 
         attention = t5attention.packed_attention(device)
     if attention is not None:
-        net.set_attn_implementation(attention)
+        models.set_attention(net, attention)
     models.fused_attention_bias(net)
     norms.fuse_rms_norms(net)
     if cfg.gradient_checkpointing:

@@ -129,6 +129,18 @@ def _preset(name: str, tok: "PreTrainedTokenizerBase", max_len: int) -> "PreTrai
     return T5ForConditionalGeneration(config)
 
 
+def set_attention(model: Any, name: str) -> None:
+    """``set_attn_implementation(name)`` on the model and on every model inside it: transformers
+    5.17 passes the name on only to inner models whose config is of another class, and a T5's
+    encoder and decoder stacks hold copies of its own config, so their attentions kept sdpa (seen
+    on an H200 with 5.17, 2026-12-02; 5.24 passes it on)."""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.set_attn_implementation(name)
+
+
 def fused_attention_bias(model: Any) -> int:
     """Shape T5-style relative position biases so that SDPA's fused kernels take the biased
     self-attentions; returns how many bias embeddings were hooked (0 without any).
