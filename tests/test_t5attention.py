@@ -293,11 +293,12 @@ def test_torch_compile_fullgraph():
     assert not torch.allclose(cg(q, k, v), cg(q, k, v))
 
 
-def test_a_t5s_packed_rows_take_the_kernels_with_sdpa_s_loss_and_gradients() -> None:
+def test_a_t5s_packed_rows_take_the_kernels_with_sdpa_s_loss_and_gradients(monkeypatch) -> None:
     """The attention a T5's packed rows take (``NAME``, registered by ``packed_attention``) gives
     the loss and every gradient sdpa gives, through the training form, over rows of several
     samples and a padding tail (dropout 0: the same computation); its self-attentions run the
-    kernels (counted), its cross-attentions sdpa."""
+    kernels (counted), its cross-attentions sdpa; a micro-batch under ``MIN_ROWS_X_HEADS`` rows ×
+    heads stays on sdpa (these 2 × 2 pass with the bar lowered)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
     from sftui.trainer import model as models
@@ -315,7 +316,8 @@ def test_a_t5s_packed_rows_take_the_kernels_with_sdpa_s_loss_and_gradients() -> 
     decoder_ids = torch.randint(2, 40, dec_sample.shape)
     calls = []
     results = []
-    for name in ("sdpa", T.NAME):
+    for name, bar in (("sdpa", T.MIN_ROWS_X_HEADS), (T.NAME, T.MIN_ROWS_X_HEADS), (T.NAME, 4)):
+        monkeypatch.setattr(T, "MIN_ROWS_X_HEADS", bar)
         net = T5ForConditionalGeneration(config)
         net.load_state_dict(results[0][2] if results else net.state_dict())
         models.set_attention(net, name)
@@ -327,8 +329,10 @@ def test_a_t5s_packed_rows_take_the_kernels_with_sdpa_s_loss_and_gradients() -> 
         calls.append(sum(e.count for e in prof.key_averages() if e.key == "sftui_t5attn::fwd"))
         results.append((loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters()},
                         {k: v.clone() for k, v in net.state_dict().items()}))
-    (loss0, grads0, _), (loss1, grads1, _) = results
-    assert calls == [0, 4]  # two encoder and two decoder self-attentions; the cross-attentions stay sdpa
-    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-5)
-    for n, g in grads0.items():
-        torch.testing.assert_close(grads1[n], g, rtol=1e-4, atol=1e-5, msg=n)
+    # two encoder and two decoder self-attentions once the bar is met; the cross-attentions stay sdpa
+    assert calls == [0, 0, 4]
+    loss0, grads0, _ = results[0]
+    for loss1, grads1, _ in results[1:]:
+        torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-5)
+        for n, g in grads0.items():
+            torch.testing.assert_close(grads1[n], g, rtol=1e-4, atol=1e-5, msg=n)

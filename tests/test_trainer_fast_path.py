@@ -137,8 +137,9 @@ def test_only_the_outermost_repeated_layers_are_compiled() -> None:
 
 
 def test_checkpoints_of_a_compiled_model_keep_the_parameter_names(monkeypatch) -> None:
-    """--compile wraps the whole model; a checkpoint written through that wrapper named every
-    weight ``_orig_mod.…`` and the next attempt refused it (seen on an H200 after an OOM)."""
+    """A model wrapped by torch.compile (as --compile once did; it now compiles in place) names every
+    weight ``_orig_mod.…``: a checkpoint written through that wrapper was refused by the next attempt
+    (seen on an H200 after an OOM), and ``bare_model`` still takes any such wrapper off."""
     net = _tiny_t5(40, 0, 1)
     names = list(net.state_dict())
     accelerator = Accelerator(cpu=True)

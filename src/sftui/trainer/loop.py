@@ -459,7 +459,7 @@ def _emergency_checkpoint(step: int, where: str, resume_step: int | None, save: 
 def token_loss_sum(model: Any, batch: dict[str, Any], decoder_start: int | None,
                    widths_vary: bool = False) -> torch.Tensor:
     """Sum (not mean) of the cross-entropy over the target tokens of a micro-batch, from the
-    model in its training form (TrainingModel, maybe wrapped by DDP or torch.compile).
+    model in its training form (TrainingModel, maybe wrapped by DDP; under --compile its body compiled).
 
     ``decoder_start`` is None for a causal LM (labels are the inputs, shifted by one) and the
     decoder's start token for an encoder-decoder model (labels feed the decoder, shifted right).

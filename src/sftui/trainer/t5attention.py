@@ -8,7 +8,8 @@ does all of that with the bias's gradient: sdpa's memory-efficient kernel does, 
 bias gradient; flex attention has no dropout. On an H200 (2026-12-02, batch 256, 12 heads, L 256,
 bf16, dropout 0.1, docs/BENCHMARKS.md) the kernels below took 3.15 ms forward and backward over
 packed documents against sdpa's 4.68 (1.48x), 2.76 against 4.67 over padded rows; at batch 16
-they are 3x slower than sdpa, so only packed rows at the best rungs take them.
+they are 3x slower than sdpa, so only packed rows take them, and only in micro-batches of at
+least ``MIN_ROWS_X_HEADS`` rows × heads.
 
 
     out = dropout(softmax(where(mask, scale * q @ k^T + bias, -inf))) @ v
@@ -743,23 +744,31 @@ def dropout_keep_mask(seed, B: int, H: int, Lq: int, Lk: int, p: float, device=N
 # transformers: the attention a T5's packed rows take
 # ----------------------------------------------------------------------------
 NAME = "sftui_t5"  # the attn_implementation name it is registered under
+# Below this many rows × heads a micro-batch stays on sdpa: 16 rows of 12 heads (192) ran 0.30x of sdpa
+# (H200, 2026-12-02); chatlm-mini's packed batch 256, about 140 rows of 12 heads (~1,680), ran faster
+# with the kernels. Between the two nothing was measured; this is a guess inside that gap.
+MIN_ROWS_X_HEADS = 1024
 
 
 def t5_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None, dropout: float = 0.0,
                  position_bias: Optional[torch.Tensor] = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention interface (T5Attention's call): a self-attention whose position
-    bias is trained (it requires grad) with a boolean mask runs ``attention``; everything else
+    bias is trained (it requires grad), with a boolean mask, over at least ``MIN_ROWS_X_HEADS``
+    rows × heads, with a head size the kernels take, runs ``attention``; everything else
     (cross-attentions, whose bias is zeros; evaluation; a decoder left to sdpa's ``is_causal``
-    without a mask) transformers' sdpa, as before."""
+    without a mask; small micro-batches) transformers' sdpa, as before."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    size = query.shape[-1]
     if (position_bias is None or not position_bias.requires_grad or attention_mask is None
-            or attention_mask.dtype != torch.bool or position_bias.shape[0] != 1):
+            or attention_mask.dtype != torch.bool or position_bias.shape[0] != 1
+            or query.shape[0] * query.shape[1] < MIN_ROWS_X_HEADS
+            or not 16 <= size <= 128 or size & (size - 1)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       position_bias=position_bias, **kwargs)
     out = attention(query, key, value, position_bias, attention_mask, dropout if module.training else 0.0,
-                    1.0 if scaling is None else scaling)
+                    size ** -0.5 if scaling is None else scaling)
     return out.transpose(1, 2), None
 
 
