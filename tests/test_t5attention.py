@@ -1,16 +1,12 @@
 """trainer/t5attention.py on the CPU, through Triton's interpreter (float32 inputs): the kernels
 against an eager float64 reference built with their exact dropout mask, and a T5's packed rows
-through them against sdpa. TRITON_INTERPRET is set before triton is first imported (no other test
-module imports it)."""
+through them against sdpa. TRITON_INTERPRET is set by conftest.py, before any test module imports
+triton."""
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from sftui.trainer import t5attention as T  # noqa: E402
+from sftui.trainer import t5attention as T
 
 BLOCK = T._INTERP_BLOCK
 
