@@ -7,6 +7,7 @@ compiled, rows of any count share one graph."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -46,12 +47,26 @@ def test_each_sample_lands_whole_in_one_row_within_max_len(setup) -> None:
     enc, dec = (np.diff(off)[IDS] for off in (cache.offsets, cache.label_offsets))
     assert all(enc[row].sum() <= MAX_LEN and dec[row].sum() <= MAX_LEN for row in rows)
     assert 1 < len(rows) < len(IDS)  # rows of several samples: fewer rows than samples
-    # first fit: a sample opens a new row only when no row before had room for it on both sides
+    # first fit decreasing: the samples in order of their longer side (ties in plan order), and a
+    # sample opens a new row only when no row before had room for it on both sides
+    rank = np.argsort(np.argsort(-np.maximum(enc, dec), kind="stable"))
     for r, row in enumerate(rows):
+        assert list(rank[row]) == sorted(rank[row])
         opener = row[0]
         for earlier in rows[:r]:
-            before = [k for k in earlier if k < opener]
+            before = [k for k in earlier if rank[k] < rank[opener]]
             assert enc[before].sum() + enc[opener] > MAX_LEN or dec[before].sum() + dec[opener] > MAX_LEN
+
+
+def test_the_longest_samples_are_placed_first() -> None:
+    """Three short samples then three long ones: in plan order the short ones share a row and each
+    long one needs a row of its own (4 rows); longest first, each short one fills a long one's
+    row (3 rows). The layout changes, not the samples."""
+    lengths = np.array([10, 10, 10, 38, 38, 38])
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    cache = SimpleNamespace(offsets=offsets, label_offsets=offsets)
+    rows = batching.RowPacking(0, 0, MAX_LEN).rows(cache, np.arange(6))
+    assert rows == [[3, 0], [4, 1], [5, 2]]
 
 
 def test_the_layout_and_the_masks(setup) -> None:

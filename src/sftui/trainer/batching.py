@@ -147,8 +147,12 @@ class RowPacking:
 
     One long row, as for a causal LM, would need T5's relative position bias for every pair of
     its positions: a (heads, T, T) tensor that grows with the square of the micro-batch. So the
-    samples go, first fit in their order, into rows of ``max_len`` columns on both sides: never
-    more rows than samples, nor wider than ``--max-len`` (rounded up to ``multiple``). Within a
+    samples go, first fit decreasing, into rows of ``max_len`` columns on both sides: never
+    more rows than samples, nor wider than ``--max-len`` (rounded up to ``multiple``). Taking the
+    samples longest side first (not in the plan's order) leaves the short ones to fill the gaps:
+    on the benchmark's rows (prompt 16–256, response 8–256) a batch of 384 fills 234.2 rows of 256
+    where first fit in plan order took 250.0, and every row costs a whole forward and backward. Which
+    samples a micro-batch trains does not change, only where each sits. Within a
     row the bias needs nothing new: it depends only on the distance between two positions, which
     is a sample's own wherever the sample sits. ``encoder_sample`` and ``decoder_sample`` (rows ×
     width, int32) say which sample of the micro-batch each position holds (-1: the padding at a
@@ -169,13 +173,15 @@ class RowPacking:
     multiple: int = 1
 
     def rows(self, data: Tokenized, indices: np.ndarray) -> list[list[int]]:
-        """Which of ``indices`` (positions in it) each row holds: first fit, both sides bounded by ``max_len``."""
+        """Which of ``indices`` (positions in it) each row holds: first fit decreasing (by a sample's
+        longer side; ties in plan order), both sides bounded by ``max_len``."""
         return self._first_fit(*_side_lengths(data, indices))
 
     def _first_fit(self, enc: np.ndarray, dec: np.ndarray) -> list[list[int]]:
         rows: list[list[int]] = []
         room: list[tuple[int, int]] = []
-        for k, (e, d) in enumerate(zip(enc.tolist(), dec.tolist())):
+        for k in np.argsort(-np.maximum(enc, dec), kind="stable").tolist():
+            e, d = int(enc[k]), int(dec[k])
             r = next((r for r, (re, rd) in enumerate(room) if e <= re and d <= rd), None)
             if r is None:
                 rows.append([])
