@@ -37,7 +37,8 @@ d. OOM recovery (OOM event -> the first step of attempt 2), compile off and on, 
    of attempt 2's events; and `standby_saved_s`, cold minus warm recovery per pair. The compiled
    runs share one compile cache, and the worker marks the batch dimension dynamic, so warm and
    cold attempt 2s should load the same graphs (compile_logs shows what each did). These runs take
-   the worker's default layout (padded for a T5).
+   the worker's default layout (padded for a T5; --oom-packed: --packing) and the ladder 16,12
+   (--oom-ladder).
 
 Timed window: steps W+1..W+K of each run (W = --warmup). Stages run in order of importance (the
 speed runs batch by batch, the issue's batch 16 first: compiled padded, compiled packed, eager
@@ -329,15 +330,17 @@ class Bench:
         """An injected OOM at --inject-at, --on-oom auto one rung down, three steps after it; ``cold``:
         SFTUI_STANDBY=0 in the supervisor's environment (the next attempt's ranks start from nothing).
         Figures: scripts/recovery.py."""
-        at = self.args.inject_at
-        extra = self.flags(16 if not self.args.smoke else 8, "16,12" if not self.args.smoke else "8,6", at + 3)
+        at, ladder = self.args.inject_at, self.args.oom_ladder
+        extra = self.flags(ladder[0], ",".join(map(str, ladder)), at + 3)
         extra += ["--on-oom", "auto", "--inject-oom-at-step", str(at), *more] + (["--compile"] if compile_ else [])
+        extra += ["--packing"] if self.args.oom_packed else []
         extra += self.mode_flags(compile_)
         run_dir, code, seconds = self.sftui(name, extra, {"SFTUI_STANDBY": "0"} if cold else None)
         evs = rundir.read_all(run_dir / "events.jsonl") if (run_dir / "events.jsonl").exists() else []
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         shutil.rmtree(run_dir / "final", ignore_errors=True)
-        res: dict[str, Any] = {"exit": code, "compile": compile_, "standby": "off" if cold else "on",
+        res: dict[str, Any] = {"exit": code, "compile": compile_, "standby": "off" if cold else "on", "ladder": ladder,
+                               "packing": self.args.oom_packed,
                                "flags": [*more, *self.mode_flags(compile_)],
                                "inject_at": at, "wall_s": round(seconds, 1)}
         try:
@@ -492,7 +495,8 @@ def markdown(report: dict[str, Any]) -> str:
         how = ("on, " + " ".join(r["flags"])) if r.get("flags") else ("on" if r["compile"] else "off")
         warm = {True: "warm: its ranks started ahead", False: "cold: its ranks started after the OOM"}.get(
             r.get("warm"), "warm: not in the events")
-        lines.append(f"- OOM recovery ({name}), compile {how}, standby {r.get('standby', 'on')}, OOM injected at step "
+        layout = f"ladder {','.join(map(str, r.get('ladder', (16, 12))))}{', packed' if r.get('packing') else ''}"
+        lines.append(f"- OOM recovery ({name}), {layout}, compile {how}, standby {r.get('standby', 'on')}, OOM injected at step "
                      f"{r.get('inject_at', 3)}, {g(r.get('oom_after_rank_start_s'))} s after attempt 1's rank_start: "
                      f"{g(r['recovery_s'])} s from the `oom` event to the first step of attempt 2 (attempt 2 {warm}; "
                      f"{g(r.get('oom_to_attempt_start_s'))} s to its start, {g(r.get('oom_to_rank_start_s'))} s to its "
@@ -595,6 +599,10 @@ def main() -> int:
                         "alone outlasts the imports. 3 is the earlier protocol (docs/BENCHMARKS.md's 20.7 / "
                         "33.3 s) and the standby's worst case; oom_after_rank_start_s in the report says how "
                         "much head start the standby had")
+    p.add_argument("--oom-ladder", default=None,
+                   help="the oom stages' ladder, the first rung their batch (default 16,12; 8,6 with --smoke)")
+    p.add_argument("--oom-packed", action="store_true",
+                   help="the oom stages with --packing (default: the model's own layout; a T5's is padded)")
     p.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
@@ -616,6 +624,12 @@ def main() -> int:
     args.inject_at = args.inject_at if args.inject_at is not None else (5 if args.smoke else 40)
     if args.inject_at < 1:
         p.error("--inject-at: a step >= 1")
+    try:
+        args.oom_ladder = [int(b) for b in (args.oom_ladder or ("8,6" if args.smoke else "16,12")).split(",")]
+    except ValueError:
+        p.error(f"--oom-ladder: {args.oom_ladder!r}: a comma list of batches, largest first")
+    if len(args.oom_ladder) < 2 or args.oom_ladder != sorted(args.oom_ladder, reverse=True) or args.oom_ladder[-1] < 1:
+        p.error(f"--oom-ladder: {args.oom_ladder}: two or more batches, largest first")
     modes = set(args.modes.split(","))
     if not modes <= {"compiled", "eager"}:
         p.error(f"--modes: {args.modes!r}: a comma list of compiled, eager")
@@ -630,8 +644,9 @@ def main() -> int:
     args.batches, args.hf_batches = rungs, hf_rungs
     args.out.mkdir(parents=True, exist_ok=True)
     args.data = args.out / "data.jsonl"
-    # enough rows for the timed window, and for the oom runs (batch 16, --inject-at + 3 steps) in one epoch
-    write_data(args.data, max((args.warmup + args.steps) * max(args.batches), (args.inject_at + 3) * 16) + 64)
+    # enough rows for the timed window, and for the oom runs (--inject-at + 3 steps of the ladder's top) in one epoch
+    write_data(args.data, max((args.warmup + args.steps) * max(args.batches),
+                              (args.inject_at + 3) * args.oom_ladder[0]) + 64)
     if args.model is None:
         args.model = str(smoke_t5(args.out / "smoke-t5", args.data))
     bench = Bench(args)

@@ -97,7 +97,9 @@ _DQ_CONFIGS = _configs([
 ])
 # Autotune key: power-of-two buckets of the lengths (LQ_KEY/LK_KEY, unused in the
 # kernels) and the compile-time variant -- never the batch size, and not every
-# new padded length either.
+# new padded length either. The timings are kept on disk (cache_results, in
+# triton's cache directory), so that a new process -- an OOM restart's rank --
+# does not time every configuration again.
 _TUNE_KEY = ["LQ_KEY", "LK_KEY", "HEAD_DIM", "HAS_BIAS", "HAS_MASK", "HAS_DROPOUT"]
 
 
@@ -180,7 +182,8 @@ def _scores_log2(q, k, Bias, bias_base, offs_m, offs_n, row_ok, col_ok, stride_b
 # ----------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune},
+                 cache_results=True)
 @triton.jit(do_not_specialize=["seed"])
 def _fwd_kernel(
     Q, K, V, Bias, Mask, Out, LSE,
@@ -300,7 +303,7 @@ def _bwd_tile(q, k, v, do, lse2, delta, Bias, bias_base, offs_m, offs_n, row_ok,
 
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY + ["DBIAS_MODE"],
-                 prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["DB"])
+                 prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["DB"], cache_results=True)
 @triton.jit(do_not_specialize=["seed"])
 def _bwd_dkdv_kernel(
     Q, K, V, Bias, Mask, DO, LSE, Delta, DK, DV, DB,
@@ -415,7 +418,8 @@ def _bwd_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune},
+                 cache_results=True)
 @triton.jit(do_not_specialize=["seed"])
 def _bwd_dq_kernel(
     Q, K, V, Bias, Mask, DO, LSE, Delta, DQ,
