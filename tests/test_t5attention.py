@@ -3,6 +3,8 @@ against an eager float64 reference built with their exact dropout mask, and a T5
 through them against sdpa. TRITON_INTERPRET is set by conftest.py, before any test module imports
 triton."""
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -281,12 +283,22 @@ def test_torch_compile_fullgraph():
     for g, e in zip(grads, e_grads):
         torch.testing.assert_close(g, e)
 
-    # seed=None inside a compiled graph: still a fresh seed each call
+    # seed=None inside a compiled graph: still a fresh seed each call, drawn by sftui's own op: a
+    # torch.randint on the CPU in a CUDA graph became a C++ kernel, whose loading made inductor
+    # probe the C++ compiler in every new process (44 s of a rank's first step on an H200 machine)
     def g(q, k, v):
         return T.attention(q, k, v, None, None, 0.5, 1.0)
 
-    cg = torch.compile(g, fullgraph=True, backend="aot_eager")
+    graphs = []
+
+    def recorded(gm: torch.fx.GraphModule, inputs: list) -> Any:
+        graphs.append(gm)
+        return gm.forward
+
+    cg = torch.compile(g, fullgraph=True, backend=recorded)
     assert not torch.allclose(cg(q, k, v), cg(q, k, v))
+    calls = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert torch.ops.sftui_t5attn.seed in calls and torch.randint not in calls, calls
 
 
 def test_a_t5s_packed_rows_take_the_kernels_with_sdpa_s_loss_and_gradients(monkeypatch) -> None:

@@ -575,6 +575,23 @@ def _out_like(q):
 # ----------------------------------------------------------------------------
 # custom ops
 # ----------------------------------------------------------------------------
+@torch.library.custom_op("sftui_t5attn::seed", mutates_args=(), tags=torch.Tag.nondeterministic_seeded)
+def _seed_op() -> torch.Tensor:
+    """A dropout seed from torch's CPU generator, as a 1-element int64 CPU tensor.
+
+    An op of its own, opaque to inductor: a ``torch.randint`` on the CPU inside a compiled CUDA
+    graph became a C++ kernel, and loading it, even from the compile cache, made inductor probe
+    the C++ compiler's vector extensions in every new process (44 s of a rank's first step on an
+    H200 machine). The tag keeps the compiler from merging two draws or redrawing one for the
+    backward."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+
+
+@_seed_op.register_fake
+def _seed_fake() -> torch.Tensor:
+    return torch.empty(1, dtype=torch.int64)
+
+
 @torch.library.custom_op("sftui_t5attn::fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
             mask: Optional[torch.Tensor], dropout_p: float, scale: float, seed: Optional[torch.Tensor],
@@ -719,7 +736,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
     if dropout_p > 0.0:
         if seed is None:
-            seed_t = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+            seed_t = torch.ops.sftui_t5attn.seed()
         elif isinstance(seed, torch.Tensor):
             seed_t = seed.reshape(1).to(torch.int64)
         else:
