@@ -304,9 +304,9 @@ def test_torch_compile_fullgraph():
 def test_a_t5s_packed_rows_take_the_kernels_with_sdpa_s_loss_and_gradients(monkeypatch) -> None:
     """The attention a T5's packed rows take (``NAME``, registered by ``packed_attention``) gives
     the loss and every gradient sdpa gives, through the training form, over rows of several
-    samples and a padding tail (dropout 0: the same computation); its self-attentions run the
-    kernels (counted), its cross-attentions sdpa; a micro-batch under ``MIN_ROWS_X_HEADS`` rows ×
-    heads stays on sdpa (these 2 × 2 pass with the bar lowered)."""
+    samples and a padding tail (dropout 0: the same computation); its self- and cross-attentions
+    run the kernels (counted); a micro-batch under ``MIN_ROWS_X_HEADS`` rows × heads stays on sdpa
+    (these 2 × 2 pass with the bar lowered)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
     from sftui.trainer import model as models
@@ -337,8 +337,8 @@ def test_a_t5s_packed_rows_take_the_kernels_with_sdpa_s_loss_and_gradients(monke
         calls.append(sum(e.count for e in prof.key_averages() if e.key == "sftui_t5attn::fwd"))
         results.append((loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters()},
                         {k: v.clone() for k, v in net.state_dict().items()}))
-    # two encoder and two decoder self-attentions once the bar is met; the cross-attentions stay sdpa
-    assert calls == [0, 0, 4]
+    # two encoder and two decoder self-attentions and two cross-attentions once the bar is met
+    assert calls == [0, 0, 6]
     loss0, grads0, _ = results[0]
     for loss1, grads1, _ in results[1:]:
         torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-5)

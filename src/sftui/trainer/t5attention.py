@@ -774,15 +774,15 @@ MIN_ROWS_X_HEADS = 1024
 def t5_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None, dropout: float = 0.0,
                  position_bias: Optional[torch.Tensor] = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' attention interface (T5Attention's call): a self-attention whose position
-    bias is trained (it requires grad), with a boolean mask, over at least ``MIN_ROWS_X_HEADS``
-    rows × heads, with a head size the kernels take, runs ``attention``; everything else
-    (cross-attentions, whose bias is zeros; evaluation; a decoder left to sdpa's ``is_causal``
-    without a mask; small micro-batches) transformers' sdpa, as before."""
+    """transformers' attention interface (T5Attention's call): an attention with a position bias
+    (a self-attention's relative bias, trained or frozen; a cross-attention's zeros) and a boolean
+    mask, over at least ``MIN_ROWS_X_HEADS`` rows × heads, with a head size the kernels take, runs
+    ``attention``, which skips the tiles a packed row's mask empties; everything else (a decoder
+    left to sdpa's ``is_causal`` without a mask; small micro-batches) transformers' sdpa."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     size = query.shape[-1]
-    if (position_bias is None or not position_bias.requires_grad or attention_mask is None
+    if (position_bias is None or attention_mask is None
             or attention_mask.dtype != torch.bool or position_bias.shape[0] != 1
             or query.shape[0] * query.shape[1] < MIN_ROWS_X_HEADS
             or not 16 <= size <= 128 or size & (size - 1)):
