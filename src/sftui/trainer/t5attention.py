@@ -575,7 +575,7 @@ def _out_like(q):
 # ----------------------------------------------------------------------------
 # custom ops
 # ----------------------------------------------------------------------------
-@torch.library.custom_op("sftui_t5attn::seed", mutates_args=(), tags=torch.Tag.nondeterministic_seeded)
+@torch.library.custom_op("sftui_t5attn::seed", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _seed_op() -> torch.Tensor:
     """A dropout seed from torch's CPU generator, as a 1-element int64 CPU tensor.
 
