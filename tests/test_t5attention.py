@@ -301,19 +301,22 @@ def test_torch_compile_fullgraph():
     assert torch.ops.sftui_t5attn.seed in calls and torch.randint not in calls, calls
 
 
-def test_a_t5s_packed_rows_take_the_kernels_with_sdpa_s_loss_and_gradients(monkeypatch) -> None:
+def test_a_t5s_packed_rows_take_the_kernels_with_sdpa_s_loss_and_gradients() -> None:
     """The attention a T5's packed rows take (``NAME``, registered by ``packed_attention``) gives
     the loss and every gradient sdpa gives, through the training form, over rows of several
     samples and a padding tail (dropout 0: the same computation); its self- and cross-attentions
-    run the kernels (counted); a micro-batch under ``MIN_ROWS_X_HEADS`` rows × heads stays on sdpa
-    (these 2 × 2 pass with the bar lowered)."""
+    run the kernels (counted). A run whose batch × heads is under ``MIN_SAMPLES_X_HEADS`` keeps
+    sdpa: decided once, so that no micro-batch's size is a compiled graph's guard."""
     from transformers import T5Config, T5ForConditionalGeneration
 
     from sftui.trainer import model as models
     from sftui.trainer.loss import TrainingModel
 
-    assert T.packed_attention(torch.device("cpu")) is None
-    assert T.packed_attention(torch.device("cuda")) == T.NAME  # registration only: no GPU is touched
+    heads = 12
+    bar = T.MIN_SAMPLES_X_HEADS // heads
+    assert T.packed_attention(torch.device("cpu"), 512, heads) is None
+    assert T.packed_attention(torch.device("cuda"), bar, heads) == T.NAME  # registration only: no GPU is touched
+    assert T.packed_attention(torch.device("cuda"), bar - 1, heads) is None
     torch.manual_seed(0)
     config = T5Config(vocab_size=40, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, dropout_rate=0.0,
                       feed_forward_proj="relu", pad_token_id=0, decoder_start_token_id=0)
@@ -324,8 +327,7 @@ def test_a_t5s_packed_rows_take_the_kernels_with_sdpa_s_loss_and_gradients(monke
     decoder_ids = torch.randint(2, 40, dec_sample.shape)
     calls = []
     results = []
-    for name, bar in (("sdpa", T.MIN_ROWS_X_HEADS), (T.NAME, T.MIN_ROWS_X_HEADS), (T.NAME, 4)):
-        monkeypatch.setattr(T, "MIN_ROWS_X_HEADS", bar)
+    for name in ("sdpa", T.NAME):
         net = T5ForConditionalGeneration(config)
         net.load_state_dict(results[0][2] if results else net.state_dict())
         models.set_attention(net, name)
@@ -337,8 +339,8 @@ def test_a_t5s_packed_rows_take_the_kernels_with_sdpa_s_loss_and_gradients(monke
         calls.append(sum(e.count for e in prof.key_averages() if e.key == "sftui_t5attn::fwd"))
         results.append((loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters()},
                         {k: v.clone() for k, v in net.state_dict().items()}))
-    # two encoder and two decoder self-attentions and two cross-attentions once the bar is met
-    assert calls == [0, 0, 6]
+    # two encoder and two decoder self-attentions and two cross-attentions
+    assert calls == [0, 6]
     loss0, grads0, _ = results[0]
     for loss1, grads1, _ in results[1:]:
         torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-5)

@@ -110,7 +110,7 @@ def train(run: RunDir, log: EventLog, me: Rank, lifeline: Lifeline | None = None
     # --- the model, the optimizer, and the state to resume from ---
     phase("loading_model")
     peak_lr = cfg.lr if cfg.lr is not None else default_lr(cfg.model)
-    net, opt = new_model(cfg, tok, device, peak_lr)
+    net, opt = new_model(cfg, tok, device, peak_lr, batch)
     if lead:
         trainable, total = adapters.parameter_counts(net)
         log.emit("model", trainable_params=trainable, total_params=total, lora=spec.lora)
@@ -365,12 +365,13 @@ def shapes_vary(cfg: RunConfig, seq2seq: bool, cuda: bool) -> bool:
     return (cfg.packing and seq2seq) or (not cfg.packing and pad_width(cfg, cuda) is None)
 
 
-def new_model(cfg: RunConfig, tok: Any, device: torch.device, lr: float) -> tuple[Any, torch.optim.Optimizer]:
+def new_model(cfg: RunConfig, tok: Any, device: torch.device, lr: float,
+              batch: int | None = None) -> tuple[Any, torch.optim.Optimizer]:
     """The model on the device and its AdamW, not yet prepared by accelerate (a checkpoint is
     loaded into both first): with ``--lora`` the base frozen and adapters on it (adapters.py), the
     optimizer over the adapters alone. With ``--packing`` the attention packed rows take
-    (batching.packed_attention; a T5's on a GPU, t5attention.packed_attention). Shared with the
-    memory probe."""
+    (batching.packed_attention; a T5's on a GPU at micro-batches of ``batch`` samples,
+    t5attention.packed_attention). Shared with the memory probe (no ``batch``: sdpa)."""
     net = models.build_model(cfg.model, tok, cfg.seed, cfg.max_len, device, adapters.base_dtype(cfg, device))
     seq2seq = net.config.is_encoder_decoder
     if cfg.packing and seq2seq and net.config._attn_implementation != "sdpa":
@@ -379,10 +380,10 @@ def new_model(cfg: RunConfig, tok: Any, device: torch.device, lr: float) -> tupl
         raise ConfigError(f"--packing: {cfg.model} loads with {net.config._attn_implementation} attention; "
                           "packed encoder-decoder rows need sdpa")
     attention = batching.packed_attention(device) if cfg.packing and not seq2seq else None
-    if cfg.packing and seq2seq and device.type == "cuda":
+    if cfg.packing and seq2seq and device.type == "cuda" and batch is not None:
         from sftui.trainer import t5attention  # triton, imported only where its kernels run
 
-        attention = t5attention.packed_attention(device)
+        attention = t5attention.packed_attention(device, batch, net.config.num_heads)
     if attention is not None:
         models.set_attention(net, attention)
     models.fused_attention_bias(net)

@@ -765,10 +765,12 @@ def dropout_keep_mask(seed, B: int, H: int, Lq: int, Lk: int, p: float, device=N
 # transformers: the attention a T5's packed rows take
 # ----------------------------------------------------------------------------
 NAME = "sftui_t5"  # the attn_implementation name it is registered under
-# Below this many rows × heads a micro-batch stays on sdpa: 16 rows of 12 heads (192) ran 0.30x of sdpa
-# (H200, 2026-12-02); chatlm-mini's packed batch 256, about 140 rows of 12 heads (~1,680), ran faster
-# with the kernels. Between the two nothing was measured; this is a guess inside that gap.
-MIN_ROWS_X_HEADS = 1024
+# A run whose micro-batches hold fewer samples × heads stays on sdpa: 16 rows of 12 heads ran 0.30x of
+# sdpa (H200, 2026-12-02); chatlm-mini's packed batch of 256 samples (about 160 rows) of 12 heads ran
+# faster with the kernels. Between the two nothing was measured; this is a guess inside that gap. It is
+# decided once per rank from the attempt's batch, not per micro-batch: under --compile a size test is a
+# guard, and a short last step under it compiled a second graph (over a minute, H200, 2026-12-02).
+MIN_SAMPLES_X_HEADS = 1536
 
 
 def t5_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -776,15 +778,14 @@ def t5_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
                  position_bias: Optional[torch.Tensor] = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention interface (T5Attention's call): an attention with a position bias
     (a self-attention's relative bias, trained or frozen; a cross-attention's zeros) and a boolean
-    mask, over at least ``MIN_ROWS_X_HEADS`` rows × heads, with a head size the kernels take, runs
-    ``attention``, which skips the tiles a packed row's mask empties; everything else (a decoder
-    left to sdpa's ``is_causal`` without a mask; small micro-batches) transformers' sdpa."""
+    mask, with a head size the kernels take, runs ``attention``, which skips the tiles a packed
+    row's mask empties; everything else (a decoder left to sdpa's ``is_causal`` without a mask)
+    transformers' sdpa. Nothing here depends on the micro-batch's size (``packed_attention``)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     size = query.shape[-1]
     if (position_bias is None or attention_mask is None
             or attention_mask.dtype != torch.bool or position_bias.shape[0] != 1
-            or query.shape[0] * query.shape[1] < MIN_ROWS_X_HEADS
             or not 16 <= size <= 128 or size & (size - 1)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       position_bias=position_bias, **kwargs)
@@ -793,10 +794,11 @@ def t5_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
     return out.transpose(1, 2), None
 
 
-def packed_attention(device: torch.device) -> Optional[str]:
-    """``NAME`` on a GPU, registered with transformers (sdpa's mask builder: the same boolean
-    masks), for a T5's packed rows; None elsewhere (the model keeps sdpa)."""
-    if device.type != "cuda":
+def packed_attention(device: torch.device, batch: int, heads: int) -> Optional[str]:
+    """``NAME`` on a GPU for micro-batches of ``batch`` samples of a model of ``heads`` heads, at
+    least ``MIN_SAMPLES_X_HEADS`` of them, registered with transformers (sdpa's mask builder: the
+    same boolean masks), for a T5's packed rows; None elsewhere (the model keeps sdpa)."""
+    if device.type != "cuda" or batch * heads < MIN_SAMPLES_X_HEADS:
         return None
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
