@@ -346,3 +346,38 @@ def test_a_t5s_packed_rows_take_the_kernels_with_sdpa_s_loss_and_gradients() -> 
         torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-5)
         for n, g in grads0.items():
             torch.testing.assert_close(grads1[n], g, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_compiled_packed_rows_of_any_count_share_one_graph() -> None:
+    """Packed micro-batches of 2, 5 and 3 rows through ``sftui_t5``, compiled: one graph. The
+    attention's choice depends on nothing of the micro-batch's size (a size test was a guard: the
+    short last step of a packed run on an H200 compiled a second graph)."""
+    from torch._dynamo.testing import CompileCounter
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from sftui.trainer import loop, model as models
+    from sftui.trainer.loss import TrainingModel
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=40, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2, dropout_rate=0.1,
+                      feed_forward_proj="relu", pad_token_id=0, decoder_start_token_id=0)
+    net = T5ForConditionalGeneration(config)
+    assert T.packed_attention(torch.device("cuda"), T.MIN_SAMPLES_X_HEADS, 1) == T.NAME  # registers it; no GPU
+    models.set_attention(net, T.NAME)
+    form = TrainingModel(net)
+    torch._dynamo.reset()
+    graphs = CompileCounter()
+    form.compile(backend=graphs)
+    enc_row, dec_row = [0] * 9 + [1] * 7, [0] * 5 + [1] * 6 + [-2] * 5
+    for rows in (2, 5, 3):
+        enc_sample = torch.tensor([[s + 2 * r if s >= 0 else s for s in enc_row] for r in range(rows)])
+        dec_sample = torch.tensor([[s + 2 * r if s >= 0 else s for s in dec_row] for r in range(rows)])
+        micro = {"input_ids": torch.randint(2, 40, enc_sample.shape),
+                 "labels": torch.randint(2, 40, dec_sample.shape).masked_fill(dec_sample < 0, -100),
+                 "decoder_input_ids": torch.randint(2, 40, dec_sample.shape),
+                 "encoder_sample": enc_sample, "decoder_sample": dec_sample}
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            loop.token_loss_sum(form, micro, 0).backward()
+        assert any(e.key == "sftui_t5attn::fwd" for e in prof.key_averages())  # every count ran the kernels
+    assert graphs.frame_count == 1
+    torch._dynamo.reset()
