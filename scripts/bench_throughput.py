@@ -15,7 +15,7 @@ b. sftui: the real command line, `sftui run --headless`, eager (`eager-B`) and w
    the warm-up steps, peak memory from `rank_stats`. MFU for both sides by sftui's own definition
    (flops.mfu: real tokens only, so packed and padded count the same work). With --packing both
    (the default) or only, the same runs with `--packing` (`eager-B-packed`, `compiled-B-packed`: a
-   T5 micro-batch in rows of --max-len, first fit, 4-D masks keeping each sample to itself; issue
+   T5 micro-batch in rows of --max-len, first fit decreasing, 4-D masks keeping each sample to itself; issue
    17), each right after its padded twin, with the same figures. `batches` in each run's result is
    its `data` event's ("padded" / "packed": what the worker did, not what was asked). JSON
    `packing.vs_padded` (and the markdown's packing table): per batch and mode, packed ÷ padded
@@ -94,6 +94,7 @@ LOSS_TOLERANCE = 0.03
 OOM_STAGES = {"oom-eager": (False, (), False), "oom-eager-cold": (False, (), True),
               "oom-compiled": (True, (), False), "oom-compiled-cold": (True, (), True),
               "oom-layers": (True, ("--compile-layers",), False), "oom-layers-cold": (True, ("--compile-layers",), True)}
+OOM_LADDER = {False: "16,12", True: "8,6"}  # the oom stages' default ladder, by --smoke
 STARTED = time.monotonic()
 
 
@@ -495,7 +496,8 @@ def markdown(report: dict[str, Any]) -> str:
         how = ("on, " + " ".join(r["flags"])) if r.get("flags") else ("on" if r["compile"] else "off")
         warm = {True: "warm: its ranks started ahead", False: "cold: its ranks started after the OOM"}.get(
             r.get("warm"), "warm: not in the events")
-        layout = f"ladder {','.join(map(str, r.get('ladder', (16, 12))))}{', packed' if r.get('packing') else ''}"
+        layout = f"ladder {','.join(map(str, r.get('ladder', OOM_LADDER[False].split(','))))}" \
+                 f"{', packed' if r.get('packing') else ''}"
         lines.append(f"- OOM recovery ({name}), {layout}, compile {how}, standby {r.get('standby', 'on')}, OOM injected at step "
                      f"{r.get('inject_at', 3)}, {g(r.get('oom_after_rank_start_s'))} s after attempt 1's rank_start: "
                      f"{g(r['recovery_s'])} s from the `oom` event to the first step of attempt 2 (attempt 2 {warm}; "
@@ -518,7 +520,7 @@ def packing_markdown(report: dict[str, Any], g: Any) -> list[str]:
     if not pk:
         return []
     runs, pct = report["sftui"], (lambda x: g(x, 0.01, "{:.1f} %"))
-    how = ("an encoder-decoder's micro-batch in rows of --max-len, first fit, masks keeping each sample to itself"
+    how = ("an encoder-decoder's micro-batch in rows of --max-len, first fit decreasing, masks keeping each sample to itself"
            if report.get("seq2seq") else "a causal LM's micro-batch in one row, each sample attending to itself")
     lines = ["", f"Packed (`--packing`: {how}) against padded (`--no-packing`), same seed, rows and steps; the loss "
                  "gap is the largest "
@@ -600,7 +602,8 @@ def main() -> int:
                         "33.3 s) and the standby's worst case; oom_after_rank_start_s in the report says how "
                         "much head start the standby had")
     p.add_argument("--oom-ladder", default=None,
-                   help="the oom stages' ladder, the first rung their batch (default 16,12; 8,6 with --smoke)")
+                   help=f"the oom stages' ladder, the first rung their batch (default {OOM_LADDER[False]}; "
+                        f"{OOM_LADDER[True]} with --smoke)")
     p.add_argument("--oom-packed", action="store_true",
                    help="the oom stages with --packing (default: the model's own layout; a T5's is padded)")
     p.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
@@ -625,11 +628,12 @@ def main() -> int:
     if args.inject_at < 1:
         p.error("--inject-at: a step >= 1")
     try:
-        args.oom_ladder = [int(b) for b in (args.oom_ladder or ("8,6" if args.smoke else "16,12")).split(",")]
+        args.oom_ladder = [int(b) for b in (args.oom_ladder or OOM_LADDER[args.smoke]).split(",")]
     except ValueError:
         p.error(f"--oom-ladder: {args.oom_ladder!r}: a comma list of batches, largest first")
-    if len(args.oom_ladder) < 2 or args.oom_ladder != sorted(args.oom_ladder, reverse=True) or args.oom_ladder[-1] < 1:
-        p.error(f"--oom-ladder: {args.oom_ladder}: two or more batches, largest first")
+    ladder = args.oom_ladder
+    if len(ladder) < 2 or ladder[-1] < 1 or any(a <= b for a, b in zip(ladder, ladder[1:])):
+        p.error(f"--oom-ladder: {ladder}: two or more batches, each smaller than the one before")
     modes = set(args.modes.split(","))
     if not modes <= {"compiled", "eager"}:
         p.error(f"--modes: {args.modes!r}: a comma list of compiled, eager")

@@ -146,7 +146,7 @@ def run_variant(args: argparse.Namespace, name: str, tok: Any, tokenized: Any, a
     cfg = RunConfig(model=args.model, max_len=args.max_len, seed=SEED, batch=batch, ladder=[batch], packing=packed,
                     compile=mode.startswith("compiled"),
                     pad_to_max_len=None if packed else padded)  # packed: the worker's own width (pad_width)
-    net, opt = loop.new_model(cfg, tok, device, default_lr(args.model))
+    net, opt = loop.new_model(cfg, tok, device, default_lr(args.model), batch)
     if "-stockbias" in suffixes:
         for module_name, module in net.named_modules():
             if module_name.endswith("relative_attention_bias"):

@@ -1,15 +1,16 @@
 """T5-style attention in Triton: forward + backward, FlashAttention-2 style, and the attention
 implementation (``NAME``) that a T5's packed rows take on a GPU (``packed_attention``).
 
-Why a kernel of our own: a T5 self-attention adds a trained position bias, masks (padding,
-causality, a packed row's documents) and drops out attention probabilities. No kernel torch ships
+Why a kernel of our own: a T5 self-attention adds a trained position bias (a cross-attention a
+bias of zeros), masks (padding, causality, a packed row's documents) and drops out attention
+probabilities. No kernel torch ships
 does all of that with the bias's gradient: sdpa's memory-efficient kernel does, slowly, on a
 (batch, heads, L, L) bias that transformers materialises per layer; cuDNN's backward returns no
 bias gradient; flex attention has no dropout. On an H200 (2026-12-02, batch 256, 12 heads, L 256,
 bf16, dropout 0.1, docs/BENCHMARKS.md) the kernels below took 3.15 ms forward and backward over
 packed documents against sdpa's 4.68 (1.48x), 2.76 against 4.67 over padded rows; at batch 16
-they are 3x slower than sdpa, so only packed rows take them, and only in micro-batches of at
-least ``MIN_ROWS_X_HEADS`` rows × heads.
+they are 3x slower than sdpa, so only packed rows take them, and only in runs whose micro-batches
+hold at least ``MIN_SAMPLES_X_HEADS`` samples × heads.
 
 
     out = dropout(softmax(where(mask, scale * q @ k^T + bias, -inf))) @ v
@@ -576,20 +577,25 @@ def _out_like(q):
 # custom ops
 # ----------------------------------------------------------------------------
 @torch.library.custom_op("sftui_t5attn::seed", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def _seed_op() -> torch.Tensor:
-    """A dropout seed from torch's CPU generator, as a 1-element int64 CPU tensor.
+def _seed_op(on: torch.Tensor) -> torch.Tensor:
+    """A dropout seed from the generator of ``on``'s device (``_ON_THE_CPU``: torch's CPU
+    generator), as a 1-element int64 tensor there.
 
     An op of its own, opaque to inductor: a ``torch.randint`` on the CPU inside a compiled CUDA
     graph became a C++ kernel, and loading it, even from the compile cache, made inductor probe
     the C++ compiler's vector extensions in every new process (44 s of a rank's first step on an
     H200 machine). The tag keeps the compiler from merging two draws or redrawing one for the
-    backward."""
-    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+    backward; ``on`` tells a compiled activation checkpoint which generator's state to keep for
+    its recompute (with no tensor argument it fails: "Backend not supported for None")."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=on.device)
 
 
 @_seed_op.register_fake
-def _seed_fake() -> torch.Tensor:
-    return torch.empty(1, dtype=torch.int64)
+def _seed_fake(on: torch.Tensor) -> torch.Tensor:
+    return torch.empty(1, dtype=torch.int64, device=on.device)
+
+
+_ON_THE_CPU = torch.empty(0)  # the seed op's device: the CPU, so that no device sync reads the seed
 
 
 @torch.library.custom_op("sftui_t5attn::fwd", mutates_args=())
@@ -736,7 +742,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
     if dropout_p > 0.0:
         if seed is None:
-            seed_t = torch.ops.sftui_t5attn.seed()
+            seed_t = torch.ops.sftui_t5attn.seed(_ON_THE_CPU)
         elif isinstance(seed, torch.Tensor):
             seed_t = seed.reshape(1).to(torch.int64)
         else:
@@ -780,7 +786,8 @@ def t5_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
     (a self-attention's relative bias, trained or frozen; a cross-attention's zeros) and a boolean
     mask, with a head size the kernels take, runs ``attention``, which skips the tiles a packed
     row's mask empties; everything else (a decoder left to sdpa's ``is_causal`` without a mask)
-    transformers' sdpa. Nothing here depends on the micro-batch's size (``packed_attention``)."""
+    transformers' sdpa. Evaluation's batches take it too, without dropout. Nothing here depends on
+    the micro-batch's size (``packed_attention``)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     size = query.shape[-1]
