@@ -328,11 +328,13 @@ def main() -> int:
                    help="hf-flat: the HF Trainer padding-free (DataCollatorWithFlattening), once per --hf-flat-attn; "
                         "also: padded (eager batch 16 with --no-packing), alternate (eager batch 16 with "
                         "expandable segments on, off, off, on), auto (--batch auto on the default ladder), "
-                        "compiled (--compile at batch 16), compiled-nographs (the same without CUDA graphs), "
+                        "compiled (--compile at each --compiled-batches), compiled-nographs (the same without CUDA graphs), "
                         "compiled-recommended (--compile at the probe's recommended rung; needs probe)")
     p.add_argument("--alternate-steps", type=int, default=120)
     p.add_argument("--eager-batches", type=lambda s: [int(b) for b in s.split(",")], default=[16],
                    help="the batches of the eager and padded stages (default: 16)")
+    p.add_argument("--compiled-batches", type=lambda s: [int(b) for b in s.split(",")], default=[16],
+                   help="the batches of the compiled stage (default: 16; the best rung, e.g. 16,128)")
     p.add_argument("--hf-flat-attn", default="flex_attention",
                    help="the attn_implementation of the hf-flat stage, a comma list runs each (e.g. flex_attention,sdpa)")
     p.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
@@ -380,7 +382,8 @@ def main() -> int:
     if "auto" in stages:
         auto(bench)
     if "compiled" in stages:
-        bench.run("compiled-16", 16 if not args.smoke else 4, "--compile")
+        for batch in (args.compiled_batches if not args.smoke else [4]):
+            bench.run(f"compiled-{batch}", batch, "--compile")
     if "compiled-nographs" in stages:  # the same without CUDA graphs: what they are worth, in one run
         bench.run("compiled-nographs-16", 16 if not args.smoke else 4, "--compile", "--compile-mode", "default")
     bench.report["ratios"] = ratios(bench.report)
