@@ -313,6 +313,11 @@ class Bench:
         return result
 
 
+def batch_list(text: str) -> list[int]:
+    """A comma list of batch sizes (``--eager-batches``, ``--compiled-batches``)."""
+    return [int(b) for b in text.split(",")]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
@@ -331,9 +336,9 @@ def main() -> int:
                         "compiled (--compile at each --compiled-batches), compiled-nographs (the same without CUDA graphs), "
                         "compiled-recommended (--compile at the probe's recommended rung; needs probe)")
     p.add_argument("--alternate-steps", type=int, default=120)
-    p.add_argument("--eager-batches", type=lambda s: [int(b) for b in s.split(",")], default=[16],
+    p.add_argument("--eager-batches", type=batch_list, default=[16],
                    help="the batches of the eager and padded stages (default: 16)")
-    p.add_argument("--compiled-batches", type=lambda s: [int(b) for b in s.split(",")], default=[16],
+    p.add_argument("--compiled-batches", type=batch_list, default=[16],
                    help="the batches of the compiled stage (default: 16; the best rung, e.g. 16,128)")
     p.add_argument("--hf-flat-attn", default="flex_attention",
                    help="the attn_implementation of the hf-flat stage, a comma list runs each (e.g. flex_attention,sdpa)")
@@ -351,6 +356,7 @@ def main() -> int:
     if args.smoke:
         args.steps, args.warmup, args.hf_steps, args.rows, args.probe_ladder = 12, 2, 4, 200, "8,4"
         args.alternate_steps = 6
+        args.eager_batches = args.compiled_batches = [4]
     if args.hf_worker:
         return hf_worker(args)
     stages = args.stages.split(",")
@@ -364,7 +370,7 @@ def main() -> int:
     if "hf-flat" in stages:
         for attn in args.hf_flat_attn.split(","):
             hf(bench, f"hf-flat-{attn}", "--flatten", "--attn", attn)
-    for batch in (args.eager_batches if not args.smoke else [4]):
+    for batch in args.eager_batches:
         if "eager" in stages:
             bench.run(f"eager-{batch}", batch)
         if "padded" in stages:
@@ -382,7 +388,7 @@ def main() -> int:
     if "auto" in stages:
         auto(bench)
     if "compiled" in stages:
-        for batch in (args.compiled_batches if not args.smoke else [4]):
+        for batch in args.compiled_batches:
             bench.run(f"compiled-{batch}", batch, "--compile")
     if "compiled-nographs" in stages:  # the same without CUDA graphs: what they are worth, in one run
         bench.run("compiled-nographs-16", 16 if not args.smoke else 4, "--compile", "--compile-mode", "default")
